@@ -1,0 +1,60 @@
+//! Errors of the block store.
+
+use std::io;
+
+/// Everything the block store can fail with. Mapped to NBD errnos and gRPC codes at the
+/// boundaries (evs-target), nowhere else.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("volume {0:?} not found")]
+    VolumeNotFound(String),
+    #[error("volume {0:?} already exists")]
+    VolumeExists(String),
+    #[error("invalid volume name {name:?}: {why}")]
+    InvalidName { name: String, why: &'static str },
+    #[error("invalid size {size}: {why}")]
+    InvalidSize { size: u64, why: String },
+    #[error("range {offset}+{len} is past the end of the volume ({size} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("no space left on the device holding the volume's data")]
+    NoSpace,
+    #[error("corrupt {what}: {why}")]
+    Corrupt { what: String, why: String },
+    #[error("catalog: {0}")]
+    Catalog(String),
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl StoreError {
+    /// The errno an NBD reply carries for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            StoreError::OutOfRange { .. } | StoreError::InvalidSize { .. } => libc::EINVAL,
+            StoreError::NoSpace => libc::ENOSPC,
+            StoreError::Io(e) => match e.raw_os_error() {
+                Some(libc::ENOSPC) | Some(libc::EDQUOT) => libc::ENOSPC,
+                Some(libc::EINVAL) => libc::EINVAL,
+                _ => libc::EIO,
+            },
+            _ => libc::EIO,
+        }
+    }
+}
+
+/// redb has one error type per operation; they all mean "the catalog failed".
+macro_rules! catalog_error {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self { StoreError::Catalog(e.to_string()) }
+        }
+    )*};
+}
+catalog_error!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);

@@ -1,0 +1,49 @@
+//! A fault-injecting engine for tests: wraps a real engine and fails the ops a rule picks,
+//! without executing them (as a disk returning EIO or ENOSPC would).
+
+use std::io;
+use std::sync::Arc;
+
+use super::{Completion, EngineKind, IoEngine, Op};
+
+/// Decides, per op, whether it fails and with which errno.
+pub type FaultRule = Arc<dyn Fn(&Op) -> Option<i32> + Send + Sync>;
+
+pub struct FaultyEngine {
+    inner: Box<dyn IoEngine>,
+    rule: FaultRule,
+    failed: Vec<Completion>,
+}
+
+impl FaultyEngine {
+    pub fn new(inner: Box<dyn IoEngine>, rule: FaultRule) -> FaultyEngine {
+        FaultyEngine { inner, rule, failed: Vec::new() }
+    }
+}
+
+impl IoEngine for FaultyEngine {
+    fn push(&mut self, tag: u64, op: Op) {
+        match (self.rule)(&op) {
+            Some(errno) => self.failed.push(Completion { tag, result: Err(io::Error::from_raw_os_error(errno)), op }),
+            None => self.inner.push(tag, op),
+        }
+    }
+
+    fn wait(&mut self, min_complete: usize) -> io::Result<()> {
+        let min = min_complete.saturating_sub(self.failed.len());
+        self.inner.wait(min)
+    }
+
+    fn drain(&mut self, out: &mut Vec<Completion>) {
+        out.append(&mut self.failed);
+        self.inner.drain(out);
+    }
+
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight() + self.failed.len()
+    }
+
+    fn kind(&self) -> EngineKind {
+        self.inner.kind()
+    }
+}

@@ -1,0 +1,143 @@
+//! I/O engines: where reads, writes and syncs of layer files (and the NBD server's socket
+//! traffic) are executed.
+//!
+//! An engine is owned by one thread (one NBD connection, say). Callers queue [`Op`]s with a
+//! tag, then [`IoEngine::wait`]; each finished op comes back whole in a [`Completion`], so the
+//! buffers an op carries stay owned by the engine while the kernel may touch them.
+//!
+//! * [`uring::UringEngine`]: one io_uring per engine; an op with several segments becomes
+//!   several SQEs and completes when all of them have.
+//! * [`portable::PortableEngine`]: pread/pwrite/fdatasync/recv/send executed synchronously, for
+//!   kernels or sandboxes that refuse `io_uring_setup`.
+//! * [`faulty::FaultyEngine`]: wraps another engine and fails chosen ops (tests).
+
+pub mod faulty;
+pub mod portable;
+pub mod uring;
+
+use std::io;
+use std::os::fd::RawFd;
+
+use crate::aligned_buf::AlignedBuf;
+
+/// One contiguous transfer between `buf[buf_offset..buf_offset + len]` and a file or socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub fd: RawFd,
+    /// File offset (ignored for sockets).
+    pub offset: u64,
+    pub buf_offset: usize,
+    pub len: usize,
+}
+
+/// An operation and the buffer it owns until it completes.
+#[derive(Debug)]
+pub enum Op {
+    /// Read every segment into `buf`. Completes with the total length, or the first error
+    /// (a short read of a file is an error: layer files are never shorter than the volume).
+    Read { buf: AlignedBuf, segs: Vec<Segment> },
+    /// Write every segment from `buf`; same completion rule as `Read`.
+    Write { buf: AlignedBuf, segs: Vec<Segment> },
+    /// fdatasync (or fsync) of one file.
+    Sync { fd: RawFd, datasync: bool },
+    /// One recv from a socket into `buf[buf_offset..buf_offset+len]`; completes with the
+    /// number of bytes received (0 = peer closed).
+    Recv { buf: AlignedBuf, seg: Segment },
+    /// One send of `bufs` (in order, as a gather list) to a socket; completes with the number
+    /// of bytes sent, which may be short.
+    Send { fd: RawFd, bufs: Vec<SendBuf> },
+}
+
+/// A piece of a gather-send: `data[start..]`.
+#[derive(Debug)]
+pub struct SendBuf {
+    pub data: AlignedBuf,
+    pub start: usize,
+    pub end: usize,
+}
+
+/// A finished op with its result: bytes transferred, or the error.
+#[derive(Debug)]
+pub struct Completion {
+    pub tag: u64,
+    pub result: io::Result<usize>,
+    pub op: Op,
+}
+
+/// The engine interface. Not `Sync`: one engine per thread.
+pub trait IoEngine: Send {
+    /// Queues an op. Nothing is guaranteed to start before the next `wait`.
+    fn push(&mut self, tag: u64, op: Op);
+    /// Starts everything queued and blocks until at least `min_complete` ops have completed
+    /// since the last `drain` (0: do not block), then returns.
+    fn wait(&mut self, min_complete: usize) -> io::Result<()>;
+    /// Moves the completed ops into `out`.
+    fn drain(&mut self, out: &mut Vec<Completion>);
+    /// Ops pushed and not yet drained.
+    fn in_flight(&self) -> usize;
+    fn kind(&self) -> EngineKind;
+}
+
+/// Which engine to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    Uring,
+    Portable,
+}
+
+impl EngineKind {
+    /// Parses `--io-backend`: `uring`, `portable` or `auto`. `auto` probes io_uring.
+    pub fn parse(s: &str) -> Result<EngineKind, String> {
+        match s {
+            "uring" | "io_uring" | "io-uring" => Ok(EngineKind::Uring),
+            "portable" => Ok(EngineKind::Portable),
+            "auto" => Ok(EngineKind::detect()),
+            other => Err(format!("unknown I/O backend {other:?} (expected uring, portable or auto)")),
+        }
+    }
+
+    /// io_uring when `io_uring_setup` succeeds here, else the portable engine.
+    pub fn detect() -> EngineKind {
+        if uring::UringEngine::probe().is_ok() {
+            EngineKind::Uring
+        } else {
+            EngineKind::Portable
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Uring => "uring",
+            EngineKind::Portable => "portable",
+        }
+    }
+
+    /// A new engine of this kind able to hold `depth` ops in flight.
+    pub fn build(self, depth: u32) -> io::Result<Box<dyn IoEngine>> {
+        Ok(match self {
+            EngineKind::Uring => Box::new(uring::UringEngine::new(depth)?),
+            EngineKind::Portable => Box::new(portable::PortableEngine::new()),
+        })
+    }
+}
+
+/// Runs one op to completion on `engine` (for synchronous callers such as tests and the
+/// read-modify-write path). Returns the op (with its buffer) and its result.
+pub fn run_one(engine: &mut dyn IoEngine, op: Op) -> (Op, io::Result<usize>) {
+    const TAG: u64 = u64::MAX;
+    engine.push(TAG, op);
+    let mut out = Vec::with_capacity(1);
+    loop {
+        if let Err(e) = engine.wait(1) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            panic!("I/O engine failed: {e}");
+        }
+        engine.drain(&mut out);
+        if let Some(c) = out.pop() {
+            debug_assert_eq!(c.tag, TAG);
+            return (c.op, c.result);
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! The io_uring engine: one ring per engine (per connection thread).
+//!
+//! Each op lives in a slot until every SQE it generated has completed; the slot index and the
+//! segment index travel in `user_data`. File segments that complete short (rare: a signal, a
+//! partial O_DIRECT write) are resubmitted for the rest, so callers see whole transfers or an
+//! error. A send owns its iovec array and msghdr in the slot, so the addresses the kernel
+//! holds stay valid until its completion.
+
+use std::collections::VecDeque;
+use std::io;
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use super::{Completion, EngineKind, IoEngine, Op};
+
+const SEG_BITS: u32 = 24;
+const SEG_MASK: u64 = (1 << SEG_BITS) - 1;
+
+/// The kernel-visible parts of a send, boxed so their addresses are stable.
+struct SendHeader {
+    iov: Vec<libc::iovec>,
+    msg: libc::msghdr,
+}
+
+// SAFETY: the raw pointers in iovec/msghdr point into buffers owned by the same slot; the
+// header moves between threads only together with them.
+unsafe impl Send for SendHeader {}
+
+struct Slot {
+    tag: u64,
+    op: Op,
+    /// Bytes moved per segment (reads/writes), to resubmit the rest of a short transfer.
+    progress: Vec<usize>,
+    /// SQEs of this op still in the kernel or waiting to be pushed.
+    outstanding: usize,
+    result: io::Result<usize>,
+    send: Option<Box<SendHeader>>,
+}
+
+pub struct UringEngine {
+    ring: IoUring,
+    slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    /// SQEs that did not fit in the submission queue yet.
+    backlog: VecDeque<squeue::Entry>,
+    done: Vec<Completion>,
+    live: usize,
+}
+
+impl UringEngine {
+    /// Whether io_uring can be set up here (sandboxes may refuse `io_uring_setup`).
+    pub fn probe() -> io::Result<()> {
+        let ring = IoUring::new(4)?;
+        let mut probe = io_uring::Probe::new();
+        ring.submitter().register_probe(&mut probe)?;
+        for code in [opcode::Read::CODE, opcode::Write::CODE, opcode::Fsync::CODE, opcode::Recv::CODE, opcode::SendMsg::CODE] {
+            if !probe.is_supported(code) {
+                return Err(io::Error::new(io::ErrorKind::Unsupported, format!("io_uring opcode {code} unsupported")));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn new(depth: u32) -> io::Result<UringEngine> {
+        let entries = depth.clamp(8, 4096).next_power_of_two();
+        let ring = IoUring::builder().setup_cqsize(entries * 4).build(entries)?;
+        Ok(UringEngine { ring, slots: Vec::new(), free: Vec::new(), backlog: VecDeque::new(), done: Vec::new(), live: 0 })
+    }
+
+    fn alloc_slot(&mut self, slot: Slot) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(slot);
+                i
+            }
+            None => {
+                self.slots.push(Some(slot));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    /// The SQE for segment `seg` of slot `idx`, from its current progress.
+    fn segment_sqe(slot: &mut Slot, idx: usize, seg: usize) -> squeue::Entry {
+        let ud = ((idx as u64) << SEG_BITS) | seg as u64;
+        let done = slot.progress.get(seg).copied().unwrap_or(0);
+        match &mut slot.op {
+            Op::Read { buf, segs } => {
+                let s = segs[seg];
+                assert!(s.buf_offset + s.len <= buf.len(), "read segment outside its buffer");
+                // SAFETY: in bounds (asserted); the buffer is owned by the slot until completion.
+                let ptr = unsafe { buf.as_mut_ptr().add(s.buf_offset + done) };
+                opcode::Read::new(types::Fd(s.fd), ptr, (s.len - done) as u32).offset(s.offset + done as u64).build().user_data(ud)
+            }
+            Op::Write { buf, segs } => {
+                let s = segs[seg];
+                assert!(s.buf_offset + s.len <= buf.len(), "write segment outside its buffer");
+                // SAFETY: as above.
+                let ptr = unsafe { buf.as_ptr().add(s.buf_offset + done) };
+                opcode::Write::new(types::Fd(s.fd), ptr, (s.len - done) as u32).offset(s.offset + done as u64).build().user_data(ud)
+            }
+            Op::Sync { fd, datasync } => {
+                let flags = if *datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
+                opcode::Fsync::new(types::Fd(*fd)).flags(flags).build().user_data(ud)
+            }
+            Op::Recv { buf, seg: s } => {
+                assert!(s.buf_offset + s.len <= buf.len(), "recv segment outside its buffer");
+                // SAFETY: as above.
+                let ptr = unsafe { buf.as_mut_ptr().add(s.buf_offset) };
+                opcode::Recv::new(types::Fd(s.fd), ptr, s.len as u32).build().user_data(ud)
+            }
+            Op::Send { fd, .. } => {
+                let hdr = slot.send.as_mut().expect("send header built at push");
+                opcode::SendMsg::new(types::Fd(*fd), &hdr.msg).flags(libc::MSG_NOSIGNAL as u32).build().user_data(ud)
+            }
+        }
+    }
+
+    /// Moves backlog SQEs into the submission queue while it has room.
+    fn fill_sq(&mut self) {
+        let mut sq = self.ring.submission();
+        while let Some(e) = self.backlog.front() {
+            // SAFETY: every entry's buffers are owned by a live slot until its completion.
+            if unsafe { sq.push(e) }.is_err() {
+                break;
+            }
+            self.backlog.pop_front();
+        }
+    }
+
+    fn reap(&mut self) {
+        let mut resubmit = Vec::new();
+        for cqe in self.ring.completion() {
+            resubmit.extend(Self::on_cqe(&mut self.slots, &cqe));
+        }
+        for (idx, seg) in resubmit {
+            let slot = self.slots[idx].as_mut().expect("live slot");
+            let e = Self::segment_sqe(slot, idx, seg);
+            self.backlog.push_back(e);
+        }
+        // Finished slots become completions.
+        for idx in 0..self.slots.len() {
+            if matches!(&self.slots[idx], Some(s) if s.outstanding == 0) {
+                let s = self.slots[idx].take().expect("checked");
+                self.free.push(idx);
+                self.live -= 1;
+                self.done.push(Completion { tag: s.tag, result: s.result, op: s.op });
+            }
+        }
+    }
+
+    /// Accounts one CQE; returns a segment to resubmit after a short file transfer.
+    fn on_cqe(slots: &mut [Option<Slot>], cqe: &cqueue::Entry) -> Option<(usize, usize)> {
+        let idx = (cqe.user_data() >> SEG_BITS) as usize;
+        let seg = (cqe.user_data() & SEG_MASK) as usize;
+        let slot = slots.get_mut(idx)?.as_mut()?;
+        let res = cqe.result();
+        let file_seg_len = match &slot.op {
+            Op::Read { segs, .. } | Op::Write { segs, .. } => Some(segs[seg].len),
+            _ => None,
+        };
+        if res < 0 {
+            let err = io::Error::from_raw_os_error(-res);
+            if let Some(len) = file_seg_len {
+                if err.kind() == io::ErrorKind::Interrupted {
+                    let _ = len;
+                    return Some((idx, seg));
+                }
+            }
+            slot.outstanding -= 1;
+            if slot.result.is_ok() {
+                slot.result = Err(err);
+            }
+            return None;
+        }
+        let n = res as usize;
+        match file_seg_len {
+            Some(len) => {
+                slot.progress[seg] += n;
+                if n == 0 && slot.progress[seg] < len {
+                    slot.outstanding -= 1;
+                    if slot.result.is_ok() {
+                        slot.result = Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short transfer at end of file"));
+                    }
+                    return None;
+                }
+                if slot.progress[seg] < len {
+                    return Some((idx, seg));
+                }
+                slot.outstanding -= 1;
+                if let Ok(t) = &mut slot.result {
+                    *t += len;
+                }
+            }
+            None => {
+                slot.outstanding -= 1;
+                if let Ok(t) = &mut slot.result {
+                    *t += n;
+                }
+            }
+        }
+        None
+    }
+}
+
+impl IoEngine for UringEngine {
+    fn push(&mut self, tag: u64, op: Op) {
+        let nsegs = match &op {
+            Op::Read { segs, .. } | Op::Write { segs, .. } => segs.len(),
+            _ => 1,
+        };
+        assert!((nsegs as u64) < SEG_MASK, "op with too many segments");
+        let send = match &op {
+            Op::Send { bufs, .. } => {
+                let iov: Vec<libc::iovec> = bufs
+                    .iter()
+                    .map(|b| libc::iovec {
+                        iov_base: b.data.as_ptr().wrapping_add(b.start) as *mut libc::c_void,
+                        iov_len: b.end - b.start,
+                    })
+                    .collect();
+                // SAFETY: an all-zero msghdr is valid (no name, no control data).
+                let msg: libc::msghdr = unsafe { std::mem::zeroed() };
+                let mut h = Box::new(SendHeader { iov, msg });
+                h.msg.msg_iov = h.iov.as_mut_ptr();
+                h.msg.msg_iovlen = h.iov.len() as _;
+                Some(h)
+            }
+            _ => None,
+        };
+        let slot = Slot { tag, op, progress: vec![0; nsegs], outstanding: nsegs, result: Ok(0), send };
+        let idx = self.alloc_slot(slot);
+        self.live += 1;
+        if nsegs == 0 {
+            return; // completes at the next reap
+        }
+        for seg in 0..nsegs {
+            let slot = self.slots[idx].as_mut().expect("just stored");
+            let e = Self::segment_sqe(slot, idx, seg);
+            self.backlog.push_back(e);
+        }
+    }
+
+    fn wait(&mut self, min_complete: usize) -> io::Result<()> {
+        loop {
+            self.fill_sq();
+            let want = if self.done.len() >= min_complete || self.live == 0 { 0 } else { 1 };
+            match self.ring.submit_and_wait(want) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // EBUSY: the completion queue is full; reaping below makes room.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => return Err(e),
+            }
+            self.reap();
+            if self.done.len() >= min_complete || self.live == 0 {
+                self.fill_sq();
+                if !self.backlog.is_empty() || !self.ring.submission().is_empty() {
+                    self.ring.submit()?;
+                }
+                return Ok(());
+            }
+        }
+    }
+
+    fn drain(&mut self, out: &mut Vec<Completion>) {
+        out.append(&mut self.done);
+    }
+
+    fn in_flight(&self) -> usize {
+        self.live + self.done.len()
+    }
+
+    fn kind(&self) -> EngineKind {
+        EngineKind::Uring
+    }
+}
+
+impl Drop for UringEngine {
+    fn drop(&mut self) {
+        // Buffers of ops still in the kernel must outlive them: wait for every one.
+        while self.live > 0 {
+            self.fill_sq();
+            if self.ring.submit_and_wait(1).is_err() {
+                break;
+            }
+            self.reap();
+        }
+    }
+}

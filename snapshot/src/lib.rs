@@ -1,0 +1,31 @@
+//! The EVS block store.
+//!
+//! A volume is a writable *head* layer on top of a chain of read-only parent layers (the
+//! snapshot issue adds parents; the on-disk format and the read path already handle them).
+//! A layer is a sparse data file plus an allocation map at 4 KiB granularity
+//! ([`alloc_map`]). Writes go to the head at the same offset; reads take each block from the
+//! top-most layer that has it; a block no layer has reads as zeros.
+//!
+//! Data moves through an [`io_engine::IoEngine`]: io_uring where the kernel allows it, a
+//! portable pread/pwrite engine otherwise. The catalog of volumes and layers is a redb
+//! database ([`catalog`]).
+
+pub mod aligned_buf;
+pub mod alloc_map;
+pub mod catalog;
+pub mod error;
+pub mod io_engine;
+pub mod layer;
+pub mod store;
+pub mod volume;
+
+pub use aligned_buf::AlignedBuf;
+pub use error::StoreError;
+pub use io_engine::{Completion, EngineKind, IoEngine, Op, Segment};
+pub use store::{BlockStore, StoreOptions, VolumeInfo};
+pub use volume::{Extent, Volume, WritePlan};
+
+/// Granularity of allocation maps, copy-on-write and O_DIRECT writes.
+pub const BLOCK_SIZE: u64 = 4096;
+/// Largest volume the store accepts (32 TiB, the service description's limit).
+pub const MAX_VOLUME_SIZE: u64 = 32 << 40;

@@ -1,0 +1,368 @@
+//! A volume: a writable head layer over read-only parents, shared by every connection that
+//! serves it.
+//!
+//! Reads resolve each 4 KiB block to the top-most layer that holds it (a block no layer holds
+//! reads as zeros). Aligned writes go to the head at the same offset in one op, O_DIRECT when
+//! small; unaligned writes read-modify-write whole blocks under a per-volume lock, because two
+//! writes to different bytes of one block must both survive.
+
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::aligned_buf::AlignedBuf;
+use crate::alloc_map::BlockState;
+use crate::error::StoreError;
+use crate::io_engine::{Op, Segment};
+use crate::layer::Layer;
+use crate::BLOCK_SIZE;
+
+/// `Segment::fd` of a piece that reads as zeros.
+pub const ZERO_FD: i32 = -1;
+
+/// A run of blocks with one allocation state, for NBD `base:allocation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u64,
+    /// No layer holds data here: reads as zeros and takes no space.
+    pub hole: bool,
+    /// Reads as zeros (always true for holes).
+    pub zero: bool,
+}
+
+/// A write whose data op is in flight; hand it back to [`Volume::commit_write`].
+#[derive(Debug)]
+pub struct PendingWrite {
+    layer: Arc<Layer>,
+    blocks: Range<u64>,
+}
+
+impl std::fmt::Debug for Layer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Layer({:016x})", self.id)
+    }
+}
+
+/// What the caller must do to complete a write.
+#[derive(Debug)]
+pub enum WritePlan {
+    /// Submit `op` on an engine; when it completes successfully call
+    /// [`Volume::commit_write`] with `pending`, then reply.
+    Submit { op: Op, pending: PendingWrite },
+    /// The write was done synchronously (an unaligned write, read-modify-write).
+    Done,
+}
+
+/// The layers of a volume, head first.
+pub struct Chain {
+    pub layers: Vec<Arc<Layer>>,
+}
+
+impl Chain {
+    fn head(&self) -> &Arc<Layer> {
+        &self.layers[0]
+    }
+}
+
+/// Where the bytes of a block range come from.
+enum Piece<'a> {
+    Layer(&'a Arc<Layer>, Range<u64>),
+    Zero(Range<u64>),
+}
+
+pub struct Volume {
+    id: u64,
+    size: AtomicU64,
+    chain: RwLock<Arc<Chain>>,
+    rmw: Mutex<()>,
+    direct_write_max: usize,
+}
+
+impl Volume {
+    pub(crate) fn new(id: u64, size: u64, chain: Chain, direct_write_max: usize) -> Volume {
+        Volume { id, size: AtomicU64::new(size), chain: RwLock::new(Arc::new(chain)), rmw: Mutex::new(()), direct_write_max }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Current size in bytes (grows online with extend).
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    pub fn chain(&self) -> Arc<Chain> {
+        self.chain.read().clone()
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        let size = self.size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(StoreError::OutOfRange { offset, len, size }),
+        }
+    }
+
+    /// Resolves blocks `range` to pieces, top-most layer first.
+    fn resolve<'a>(chain: &'a Chain, depth: usize, range: Range<u64>, out: &mut Vec<Piece<'a>>) {
+        let Some(layer) = chain.layers.get(depth) else {
+            out.push(Piece::Zero(range));
+            return;
+        };
+        let mut runs = Vec::new();
+        layer.map.runs(range.clone(), &mut runs);
+        // Blocks past the layer's map (a layer of a smaller, older size) are absent.
+        let covered = runs.last().map(|(r, _)| r.end).unwrap_or(range.start);
+        if covered < range.end {
+            runs.push((covered..range.end, BlockState::Absent));
+        }
+        for (r, state) in runs {
+            match state {
+                BlockState::Data => out.push(Piece::Layer(layer, r)),
+                BlockState::Zeroed => out.push(Piece::Zero(r)),
+                BlockState::Absent => Self::resolve(chain, depth + 1, r, out),
+            }
+        }
+    }
+
+    /// Appends to `out` the segments that make up `offset..offset+len`, with buffer offsets
+    /// from `buf_base`. Segments with `fd == ZERO_FD` read as zeros; the others are reads of
+    /// layer data files at the same offset.
+    pub fn read_segments(&self, offset: u64, len: u64, buf_base: usize, out: &mut Vec<Segment>) -> Result<(), StoreError> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let chain = self.chain();
+        let mut pieces = Vec::new();
+        Self::resolve(&chain, 0, offset / BLOCK_SIZE..(offset + len).div_ceil(BLOCK_SIZE), &mut pieces);
+        let end = offset + len;
+        for p in pieces {
+            let (fd, r) = match p {
+                Piece::Layer(l, r) => (l.data_fd(), r),
+                Piece::Zero(r) => (ZERO_FD, r),
+            };
+            let s = (r.start * BLOCK_SIZE).max(offset);
+            let e = (r.end * BLOCK_SIZE).min(end);
+            let seg = Segment { fd, offset: s, buf_offset: buf_base + (s - offset) as usize, len: (e - s) as usize };
+            match out.last_mut() {
+                Some(last) if last.fd == fd && last.offset + last.len as u64 == s => last.len += seg.len,
+                _ => out.push(seg),
+            }
+        }
+        Ok(())
+    }
+
+    /// Plans a write of `data` at `offset`.
+    pub fn plan_write(&self, offset: u64, data: &[u8]) -> Result<WritePlan, StoreError> {
+        let len = data.len() as u64;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(WritePlan::Done);
+        }
+        let end = offset + len;
+        let aligned_end = end % BLOCK_SIZE == 0 || end == self.size();
+        if offset % BLOCK_SIZE != 0 || !aligned_end {
+            self.write_unaligned(offset, data)?;
+            return Ok(WritePlan::Done);
+        }
+        let padded = len.next_multiple_of(BLOCK_SIZE) as usize;
+        let mut buf = AlignedBuf::zeroed(padded);
+        buf[..data.len()].copy_from_slice(data);
+        let chain = self.chain();
+        let head = chain.head().clone();
+        let fd = match head.direct_fd() {
+            Some(fd) if padded <= self.direct_write_max => fd,
+            _ => head.data_fd(),
+        };
+        let blocks = offset / BLOCK_SIZE..offset / BLOCK_SIZE + padded as u64 / BLOCK_SIZE;
+        let op = Op::Write { buf, segs: vec![Segment { fd, offset, buf_offset: 0, len: padded }] };
+        Ok(WritePlan::Submit { op, pending: PendingWrite { layer: head, blocks } })
+    }
+
+    /// Records that the blocks of a completed write now live in its layer.
+    pub fn commit_write(&self, pending: PendingWrite) {
+        pending.layer.map.set_data(pending.blocks);
+        pending.layer.mark_changed();
+    }
+
+    /// Read-modify-write of the whole blocks under `offset..offset+data.len()`.
+    fn write_unaligned(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        let _g = self.rmw.lock();
+        let first = offset / BLOCK_SIZE * BLOCK_SIZE;
+        let last = (offset + data.len() as u64).div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+        let span = (last.min(self.size().next_multiple_of(BLOCK_SIZE)) - first) as usize;
+        let mut buf = vec![0u8; span];
+        let readable = (self.size() - first).min(span as u64) as usize;
+        self.read_at(first, &mut buf[..readable])?;
+        let at = (offset - first) as usize;
+        buf[at..at + data.len()].copy_from_slice(data);
+        self.write_blocks(first, &buf)
+    }
+
+    /// Writes whole blocks synchronously through the page cache and commits them.
+    fn write_blocks(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        debug_assert!(offset % BLOCK_SIZE == 0);
+        let chain = self.chain();
+        let head = chain.head();
+        head.data_file().write_all_at(data, offset)?;
+        head.map.set_data(offset / BLOCK_SIZE..(offset + data.len() as u64).div_ceil(BLOCK_SIZE));
+        head.mark_changed();
+        Ok(())
+    }
+
+    /// The whole blocks inside `offset..offset+len` (the partial last block of the volume
+    /// counts as whole when the range reaches the end).
+    fn inner_blocks(&self, offset: u64, len: u64) -> Range<u64> {
+        let end = offset + len;
+        let first = offset.div_ceil(BLOCK_SIZE);
+        let last = if end == self.size() { end.div_ceil(BLOCK_SIZE) } else { end / BLOCK_SIZE };
+        first..last.max(first)
+    }
+
+    /// Discards whole blocks inside the range (space is given back); partial blocks at the
+    /// edges are left as they are (NBD TRIM is advisory).
+    pub fn trim(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        self.check_range(offset, len)?;
+        let blocks = self.inner_blocks(offset, len);
+        self.discard_blocks(blocks)
+    }
+
+    fn discard_blocks(&self, blocks: Range<u64>) -> Result<(), StoreError> {
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        let chain = self.chain();
+        let head = chain.head();
+        // Over parents, "zeroed" hides their data; alone, absent already reads as zeros.
+        head.map.clear(blocks.clone(), chain.layers.len() > 1);
+        head.mark_changed();
+        head.punch_hole(blocks.start * BLOCK_SIZE, (blocks.end - blocks.start) * BLOCK_SIZE)
+    }
+
+    /// Makes the range read as zeros; with `no_hole` the blocks stay allocated.
+    pub fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool) -> Result<(), StoreError> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let blocks = self.inner_blocks(offset, len);
+        let end = offset + len;
+        // Partial blocks at the edges: read-modify-write zeros.
+        let head_part = offset..(blocks.start * BLOCK_SIZE).min(end);
+        if !head_part.is_empty() {
+            self.write_unaligned(head_part.start, &vec![0u8; (head_part.end - head_part.start) as usize])?;
+        }
+        let tail_start = (blocks.end * BLOCK_SIZE).max(head_part.end);
+        if tail_start < end {
+            self.write_unaligned(tail_start, &vec![0u8; (end - tail_start) as usize])?;
+        }
+        if blocks.is_empty() {
+            return Ok(());
+        }
+        if no_hole {
+            let chain = self.chain();
+            let head = chain.head();
+            head.zero_range(blocks.start * BLOCK_SIZE, (blocks.end - blocks.start) * BLOCK_SIZE)?;
+            head.map.set_data(blocks);
+            head.mark_changed();
+            Ok(())
+        } else {
+            self.discard_blocks(blocks)
+        }
+    }
+
+    /// Makes every completed write durable (data first, then the allocation map).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.chain().head().flush()
+    }
+
+    /// Allocation extents covering `offset..offset+len` (merged runs).
+    pub fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, StoreError> {
+        self.check_range(offset, len)?;
+        let mut segs = Vec::new();
+        self.read_segments(offset, len, 0, &mut segs)?;
+        let mut out: Vec<Extent> = Vec::new();
+        for s in segs {
+            let hole = s.fd == ZERO_FD;
+            match out.last_mut() {
+                Some(e) if e.hole == hole => e.len += s.len as u64,
+                _ => out.push(Extent { offset: s.offset, len: s.len as u64, hole, zero: hole }),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Hints that the range will be read soon (NBD CACHE).
+    pub fn prefetch(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        self.check_range(offset, len)?;
+        let chain = self.chain();
+        let mut pieces = Vec::new();
+        Self::resolve(&chain, 0, offset / BLOCK_SIZE..(offset + len).div_ceil(BLOCK_SIZE), &mut pieces);
+        for p in pieces {
+            if let Piece::Layer(l, r) = p {
+                l.prefetch(r.start * BLOCK_SIZE, (r.end - r.start) * BLOCK_SIZE);
+            }
+        }
+        Ok(())
+    }
+
+    /// Synchronous read.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        let len = buf.len() as u64;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let chain = self.chain();
+        let mut pieces = Vec::new();
+        Self::resolve(&chain, 0, offset / BLOCK_SIZE..(offset + len).div_ceil(BLOCK_SIZE), &mut pieces);
+        let end = offset + len;
+        for p in pieces {
+            let r = match &p {
+                Piece::Layer(_, r) | Piece::Zero(r) => r.clone(),
+            };
+            let s = (r.start * BLOCK_SIZE).max(offset);
+            let e = (r.end * BLOCK_SIZE).min(end);
+            let dst = &mut buf[(s - offset) as usize..(e - offset) as usize];
+            match p {
+                Piece::Layer(l, _) => l.data_file().read_exact_at(dst, s)?,
+                Piece::Zero(_) => dst.fill(0),
+            }
+        }
+        Ok(())
+    }
+
+    /// Synchronous write.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        self.check_range(offset, data.len() as u64)?;
+        let end = offset + data.len() as u64;
+        if offset % BLOCK_SIZE == 0 && (end % BLOCK_SIZE == 0 || end == self.size()) {
+            if data.is_empty() {
+                return Ok(());
+            }
+            self.write_blocks(offset, data)
+        } else {
+            self.write_unaligned(offset, data)
+        }
+    }
+
+    /// Bytes allocated in the head layer.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.chain().head().map.allocated_blocks() * BLOCK_SIZE
+    }
+
+    /// Grows the volume to `size` bytes (the caller records it in the catalog after).
+    pub(crate) fn grow(&self, size: u64) -> Result<(), StoreError> {
+        self.chain().head().grow(size)
+    }
+
+    pub(crate) fn set_size(&self, size: u64) {
+        self.size.store(size, Ordering::Release);
+    }
+}
