@@ -1,0 +1,95 @@
+//! Attach tokens → volumes: what the NBD server may serve, and to whom.
+//!
+//! An attach token is the NBD export name: 32 random bytes, hex, bound to one volume. The
+//! control API persists attachments in the catalog and mirrors them here; detach removes the
+//! entry and closes the connections that used it.
+
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use evs_snapshot::Volume;
+use parking_lot::Mutex;
+
+/// One attached volume as the NBD server sees it.
+#[derive(Clone)]
+pub struct Export {
+    pub volume_id: u64,
+    pub volume: Arc<Volume>,
+    pub read_only: bool,
+}
+
+#[derive(Default)]
+struct Inner {
+    exports: HashMap<String, Export>,
+    /// Live connection sockets per token, shut down on revoke.
+    conns: HashMap<String, Vec<RawFd>>,
+}
+
+/// The registry shared by the API (which adds and revokes) and the NBD server (which looks up).
+#[derive(Default)]
+pub struct ExportRegistry {
+    inner: Mutex<Inner>,
+}
+
+impl ExportRegistry {
+    pub fn new() -> Arc<ExportRegistry> {
+        Arc::new(ExportRegistry::default())
+    }
+
+    /// A fresh unguessable token (256 bits from the OS RNG, hex).
+    pub fn new_token() -> String {
+        let mut b = [0u8; 32];
+        getrandom::fill(&mut b).expect("OS random number generator");
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    pub fn insert(&self, token: String, export: Export) {
+        self.inner.lock().exports.insert(token, export);
+    }
+
+    /// The export for `token`, if attached.
+    pub fn lookup(&self, token: &str) -> Option<Export> {
+        self.inner.lock().exports.get(token).cloned()
+    }
+
+    /// Whether any token serves `volume_id`.
+    pub fn is_attached(&self, volume_id: u64) -> bool {
+        self.inner.lock().exports.values().any(|e| e.volume_id == volume_id)
+    }
+
+    /// Removes `token` and shuts down the connections that use it. Returns whether it existed.
+    pub fn revoke(&self, token: &str) -> bool {
+        let mut g = self.inner.lock();
+        let existed = g.exports.remove(token).is_some();
+        if let Some(fds) = g.conns.remove(token) {
+            for fd in fds {
+                // SAFETY: shutdown(2) on a descriptor number has no memory effects; the fd is
+                // registered by a live connection, which unregisters it before closing it.
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            }
+        }
+        existed
+    }
+
+    /// Records a live connection on `token` (so revoke can close it). False if the token was
+    /// revoked in the meantime.
+    pub fn register_conn(&self, token: &str, fd: RawFd) -> bool {
+        let mut g = self.inner.lock();
+        if !g.exports.contains_key(token) {
+            return false;
+        }
+        g.conns.entry(token.to_string()).or_default().push(fd);
+        true
+    }
+
+    pub fn unregister_conn(&self, token: &str, fd: RawFd) {
+        let mut g = self.inner.lock();
+        if let Some(v) = g.conns.get_mut(token) {
+            v.retain(|&f| f != fd);
+            if v.is_empty() {
+                g.conns.remove(token);
+            }
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! The EVS volume server: NBD front end, control API and the daemon that wires them to the
+//! block store. The binary (`main.rs`) is a thin clap shell over [`daemon`].
+
+pub mod api;
+pub mod config;
+pub mod daemon;
+pub mod exports;
+pub mod nbd;

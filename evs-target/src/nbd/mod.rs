@@ -1,0 +1,9 @@
+//! The NBD front end.
+//!
+//! * [`proto`]: the wire protocol as plain types, parsers and encoders; no I/O (fuzzed).
+//! * [`handshake`]: the fixed-newstyle option haggling, over any `Read + Write`.
+//! * [`server`]: listeners and the transmission phase on an I/O engine.
+
+pub mod handshake;
+pub mod proto;
+pub mod server;

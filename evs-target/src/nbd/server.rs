@@ -1,0 +1,643 @@
+//! NBD listeners and the transmission phase.
+//!
+//! Each connection gets a thread that runs the handshake with blocking I/O, then drives the
+//! transmission phase on its own I/O engine (an io_uring per connection, or the portable
+//! engine): one recv always in flight, requests parsed as soon as they arrive, reads and
+//! aligned writes submitted as engine ops, replies gathered into one send. Socket and file
+//! operations share the ring, so the thread has one place to wait.
+//!
+//! Synchronous commands (FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS, CACHE, unaligned writes)
+//! run inline. A FLUSH covers every write this server has replied to, on any connection,
+//! because a write's allocation bits are set before its reply and the flush persists the
+//! volume's shared map: so CAN_MULTI_CONN holds.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use evs_snapshot::io_engine::SendBuf;
+use evs_snapshot::volume::{PendingWrite, ZERO_FD};
+use evs_snapshot::{AlignedBuf, Completion, EngineKind, IoEngine, Op, Segment, StoreError, Volume, WritePlan};
+use parking_lot::{Condvar, Mutex};
+
+use super::handshake::{self, ExportInfo, Negotiated, MAX_REQUEST_LEN};
+use super::proto::{self, Command, MetaContext, Request};
+use crate::exports::{Export, ExportRegistry};
+
+/// How long a client may take to finish the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Requests in flight per connection before we stop reading new ones (back-pressure).
+const MAX_IN_FLIGHT: usize = 256;
+/// Bytes of read/write payload in flight per connection before we stop reading.
+const MAX_BYTES_IN_FLIGHT: usize = 128 << 20;
+/// Receive buffer size; grows for a larger write payload.
+const RECV_BUF: usize = 256 << 10;
+/// Buffers kept for reuse per connection (avoids page faults on fresh large buffers).
+const POOL_MAX: usize = 64;
+
+const TAG_RECV: u64 = u64::MAX - 1;
+const TAG_SEND: u64 = u64::MAX - 2;
+
+/// The NBD server: accepts connections and serves the exports of the registry.
+pub struct NbdServer {
+    exports: Arc<ExportRegistry>,
+    engine: EngineKind,
+    shutting_down: AtomicBool,
+    next_conn: AtomicU64,
+    conns: Mutex<HashMap<u64, RawFd>>,
+    idle: Condvar,
+}
+
+impl NbdServer {
+    pub fn new(exports: Arc<ExportRegistry>, engine: EngineKind) -> Arc<NbdServer> {
+        Arc::new(NbdServer {
+            exports,
+            engine,
+            shutting_down: AtomicBool::new(false),
+            next_conn: AtomicU64::new(1),
+            conns: Mutex::new(HashMap::new()),
+            idle: Condvar::new(),
+        })
+    }
+
+    /// Accepts TCP connections until the task is dropped or the server shuts down.
+    pub async fn serve_tcp(self: Arc<Self>, l: tokio::net::TcpListener) {
+        loop {
+            match l.accept().await {
+                Ok((s, peer)) => {
+                    let Ok(s) = s.into_std() else { continue };
+                    let _ = s.set_nodelay(true);
+                    self.spawn_conn(s, peer.to_string());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "NBD accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            if self.shutting_down.load(Ordering::Acquire) {
+                return;
+            }
+        }
+    }
+
+    /// Accepts unix-socket connections until the task is dropped or the server shuts down.
+    pub async fn serve_unix(self: Arc<Self>, l: tokio::net::UnixListener) {
+        loop {
+            match l.accept().await {
+                Ok((s, _)) => {
+                    let Ok(s) = s.into_std() else { continue };
+                    self.spawn_conn(s, "unix".to_string());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "NBD accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            if self.shutting_down.load(Ordering::Acquire) {
+                return;
+            }
+        }
+    }
+
+    fn spawn_conn<S: Stream>(self: &Arc<Self>, s: S, peer: String) {
+        if self.shutting_down.load(Ordering::Acquire) {
+            return;
+        }
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        self.conns.lock().insert(id, s.as_raw_fd());
+        let server = self.clone();
+        let spawned = std::thread::Builder::new().name(format!("nbd-{id}")).spawn(move || {
+            let mut s = s;
+            if let Err(e) = server.run_conn(&mut s) {
+                tracing::debug!(peer, error = %e, "NBD connection ended with an error");
+            }
+            s.close();
+            let mut conns = server.conns.lock();
+            conns.remove(&id);
+            if conns.is_empty() {
+                server.idle.notify_all();
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start an NBD connection thread");
+            self.conns.lock().remove(&id);
+        }
+    }
+
+    /// Stops accepting and ends every connection once its in-flight requests are answered.
+    pub fn shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+        for fd in self.conns.lock().values() {
+            // SAFETY: shutdown(2) on a descriptor number; the connection thread removes its
+            // entry (under this lock) before closing the descriptor, so it is still open.
+            unsafe { libc::shutdown(*fd, libc::SHUT_RD) };
+        }
+    }
+
+    /// Blocks until every connection thread has ended.
+    pub fn wait_idle(&self) {
+        let mut conns = self.conns.lock();
+        while !conns.is_empty() {
+            self.idle.wait_for(&mut conns, Duration::from_millis(200));
+        }
+    }
+
+    /// Live connections.
+    pub fn connections(&self) -> usize {
+        self.conns.lock().len()
+    }
+
+    fn run_conn<S: Stream>(&self, s: &mut S) -> io::Result<()> {
+        s.set_timeouts(Some(HANDSHAKE_TIMEOUT))?;
+        let exports = &self.exports;
+        let neg = handshake::handshake(s, |name: &str| {
+            exports.lookup(name).map(|e: Export| {
+                let info = ExportInfo { size: e.volume.size(), read_only: e.read_only };
+                (e, info)
+            })
+        });
+        let neg = match neg {
+            Ok(Some(n)) => n,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(io::Error::other(e.to_string())),
+        };
+        s.set_timeouts(None)?;
+        let fd = s.as_raw_fd();
+        if !self.exports.register_conn(&neg.name, fd) {
+            return Ok(()); // detached while we negotiated
+        }
+        let engine = self.engine.build(MAX_IN_FLIGHT as u32 + 8);
+        let res = engine.and_then(|engine| Transmission::new(fd, &neg, engine).run());
+        self.exports.unregister_conn(&neg.name, fd);
+        res
+    }
+}
+
+/// What a connection thread needs of its socket.
+pub trait Stream: io::Read + io::Write + AsRawFd + Send + 'static {
+    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()>;
+    fn close(&self);
+}
+
+impl Stream for std::net::TcpStream {
+    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(t)
+    }
+    fn close(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Stream for std::os::unix::net::UnixStream {
+    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(t)
+    }
+    fn close(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// A request whose engine op is in flight.
+enum InFlight {
+    Read { cookie: u64, offset: u64, len: usize, hdr: usize },
+    Write { cookie: u64, pending: PendingWrite, fua: bool, len: usize },
+}
+
+/// The transmission phase of one connection.
+struct Transmission<'a> {
+    fd: RawFd,
+    volume: Arc<Volume>,
+    read_only: bool,
+    structured: bool,
+    meta: Vec<(u32, MetaContext)>,
+    flags: proto::NegotiatedFlags,
+    engine: Box<dyn IoEngine>,
+    _neg: std::marker::PhantomData<&'a ()>,
+
+    /// Receive buffer, absent while the recv op owns it.
+    rbuf: Option<AlignedBuf>,
+    /// Unparsed bytes are rbuf[rpos..rend].
+    rpos: usize,
+    rend: usize,
+    recv_in_flight: bool,
+    /// The client sent DISC, closed its side, or broke the protocol: read nothing more.
+    closing: bool,
+
+    slots: Vec<Option<InFlight>>,
+    free_slots: Vec<usize>,
+    in_flight: usize,
+    bytes_in_flight: usize,
+
+    /// Small replies, sent as one buffer.
+    small: Vec<u8>,
+    /// Large replies (read data), sent in order after `small`.
+    big: Vec<SendBuf>,
+    send_in_flight: bool,
+    /// The socket failed: stop sending.
+    broken: bool,
+
+    pool: Vec<AlignedBuf>,
+    segs: Vec<Segment>,
+}
+
+impl<'a> Transmission<'a> {
+    fn new(fd: RawFd, neg: &'a Negotiated<Export>, engine: Box<dyn IoEngine>) -> Transmission<'a> {
+        Transmission {
+            fd,
+            volume: neg.export.volume.clone(),
+            read_only: neg.read_only,
+            structured: neg.structured_replies,
+            meta: neg.meta_contexts.clone(),
+            flags: neg.flags(),
+            engine,
+            _neg: std::marker::PhantomData,
+            rbuf: Some(AlignedBuf::zeroed(RECV_BUF)),
+            rpos: 0,
+            rend: 0,
+            recv_in_flight: false,
+            closing: false,
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            in_flight: 0,
+            bytes_in_flight: 0,
+            small: Vec::with_capacity(4096),
+            big: Vec::new(),
+            send_in_flight: false,
+            broken: false,
+            pool: Vec::new(),
+            segs: Vec::new(),
+        }
+    }
+
+    fn run(mut self) -> io::Result<()> {
+        let mut done = Vec::new();
+        loop {
+            if !self.closing && !self.recv_in_flight && self.in_flight < MAX_IN_FLIGHT && self.bytes_in_flight < MAX_BYTES_IN_FLIGHT {
+                self.parse_and_dispatch();
+                if !self.closing && self.in_flight < MAX_IN_FLIGHT && self.bytes_in_flight < MAX_BYTES_IN_FLIGHT {
+                    self.submit_recv();
+                }
+            }
+            self.submit_send();
+            if !self.recv_in_flight && !self.send_in_flight && self.in_flight == 0 && (self.closing || self.broken) {
+                if self.broken || (self.small.is_empty() && self.big.is_empty()) {
+                    return Ok(());
+                }
+                continue;
+            }
+            if let Err(e) = self.engine.wait(1) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            self.engine.drain(&mut done);
+            for c in done.drain(..) {
+                self.complete(c);
+            }
+        }
+    }
+
+    fn complete(&mut self, c: Completion) {
+        match c.tag {
+            TAG_RECV => {
+                self.recv_in_flight = false;
+                let Op::Recv { buf, .. } = c.op else { unreachable!("recv tag on another op") };
+                self.rbuf = Some(buf);
+                match c.result {
+                    Ok(0) => self.closing = true,
+                    Ok(n) => self.rend += n,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "NBD recv failed");
+                        self.closing = true;
+                    }
+                }
+            }
+            TAG_SEND => {
+                self.send_in_flight = false;
+                let Op::Send { bufs, .. } = c.op else { unreachable!("send tag on another op") };
+                match c.result {
+                    Ok(n) => self.sent(bufs, n),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "NBD send failed");
+                        self.broken = true;
+                        self.closing = true;
+                    }
+                }
+            }
+            slot => self.request_done(slot as usize, c),
+        }
+    }
+
+    /// Accounts a (possibly short) send; the unsent rest goes out before anything newer.
+    fn sent(&mut self, bufs: Vec<SendBuf>, mut n: usize) {
+        let mut rest = Vec::new();
+        for mut b in bufs {
+            let len = b.end - b.start;
+            if n >= len {
+                n -= len;
+                self.recycle(b.data);
+            } else {
+                b.start += n;
+                n = 0;
+                rest.push(b);
+            }
+        }
+        if !rest.is_empty() {
+            // The unsent rest goes first; replies queued meanwhile follow it.
+            rest.append(&mut self.big);
+            self.big = rest;
+        }
+    }
+
+    fn submit_send(&mut self) {
+        if self.send_in_flight || self.broken || (self.small.is_empty() && self.big.is_empty()) {
+            return;
+        }
+        let mut bufs = Vec::with_capacity(self.big.len() + 1);
+        bufs.append(&mut self.big);
+        if !self.small.is_empty() {
+            let mut b = self.take_buf(self.small.len());
+            b.as_mut_slice().copy_from_slice(&self.small);
+            let len = self.small.len();
+            bufs.push(SendBuf { data: b, start: 0, end: len });
+            self.small.clear();
+        }
+        // Linux takes at most 1024 iovecs per sendmsg.
+        if bufs.len() > 1024 {
+            let tail = bufs.split_off(1024);
+            self.big = tail;
+        }
+        self.engine.push(TAG_SEND, Op::Send { fd: self.fd, bufs });
+        self.send_in_flight = true;
+    }
+
+    fn submit_recv(&mut self) {
+        let Some(mut buf) = self.rbuf.take() else { return };
+        // Keep unparsed bytes at the front; make room for at least a request header.
+        if self.rpos > 0 {
+            buf.as_mut_slice().copy_within(self.rpos..self.rend, 0);
+            self.rend -= self.rpos;
+            self.rpos = 0;
+        }
+        let len = buf.len() - self.rend;
+        let seg = Segment { fd: self.fd, offset: 0, buf_offset: self.rend, len };
+        self.engine.push(TAG_RECV, Op::Recv { buf, seg });
+        self.recv_in_flight = true;
+    }
+
+    /// Parses every complete request in the receive buffer and starts it.
+    fn parse_and_dispatch(&mut self) {
+        let Some(mut rbuf) = self.rbuf.take() else { return };
+        while !self.closing && self.in_flight < MAX_IN_FLIGHT && self.bytes_in_flight < MAX_BYTES_IN_FLIGHT {
+            let avail = &rbuf[self.rpos..self.rend];
+            let req = match proto::parse_request(avail) {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "bad NBD request; closing the connection");
+                    self.closing = true;
+                    break;
+                }
+            };
+            let payload = if req.cmd == Command::Write { req.len as usize } else { 0 };
+            if payload > MAX_REQUEST_LEN as usize {
+                // We will not buffer it: answer, then close (the stream cannot be resynced).
+                self.reply_error(req.cookie, proto::NBD_EINVAL, "write payload larger than the maximum request size");
+                self.closing = true;
+                break;
+            }
+            let need = proto::REQUEST_LEN + payload;
+            if avail.len() < need {
+                if rbuf.len() < need {
+                    let mut bigger = AlignedBuf::zeroed(need.next_multiple_of(RECV_BUF));
+                    bigger[..avail.len()].copy_from_slice(avail);
+                    self.rend -= self.rpos;
+                    self.rpos = 0;
+                    rbuf = bigger;
+                }
+                break;
+            }
+            let start = self.rpos + proto::REQUEST_LEN;
+            self.rpos += need;
+            self.dispatch(req, &rbuf[start..start + payload]);
+        }
+        if self.rpos == self.rend {
+            self.rpos = 0;
+            self.rend = 0;
+            if rbuf.len() > RECV_BUF {
+                rbuf = AlignedBuf::zeroed(RECV_BUF);
+            }
+        }
+        self.rbuf = Some(rbuf);
+    }
+
+    fn dispatch(&mut self, req: Request, payload: &[u8]) {
+        if let Err(errno) = proto::validate_request(&req, self.volume.size(), MAX_REQUEST_LEN, self.read_only, &self.flags) {
+            self.reply_error(req.cookie, errno, "invalid request");
+            return;
+        }
+        let fua = req.flags & proto::NBD_CMD_FLAG_FUA != 0;
+        let r: Result<(), StoreError> = match req.cmd {
+            Command::Read => return self.start_read(req),
+            Command::Write => match self.volume.plan_write(req.offset, payload) {
+                Ok(WritePlan::Submit { op, pending }) => {
+                    let slot = self.alloc_slot(InFlight::Write { cookie: req.cookie, pending, fua, len: payload.len() });
+                    self.bytes_in_flight += payload.len();
+                    self.engine.push(slot as u64, op);
+                    return;
+                }
+                Ok(WritePlan::Done) => self.flush_if(fua),
+                Err(e) => Err(e),
+            },
+            Command::Flush => self.volume.flush(),
+            Command::Trim => self.volume.trim(req.offset, req.len as u64).and_then(|()| self.flush_if(fua)),
+            Command::WriteZeroes => {
+                let no_hole = req.flags & proto::NBD_CMD_FLAG_NO_HOLE != 0;
+                self.volume.write_zeroes(req.offset, req.len as u64, no_hole).and_then(|()| self.flush_if(fua))
+            }
+            Command::Cache => self.volume.prefetch(req.offset, req.len as u64),
+            Command::BlockStatus => return self.block_status(req),
+            Command::Disc => {
+                self.closing = true;
+                return;
+            }
+            Command::Unknown(_) => Err(StoreError::Io(io::Error::from_raw_os_error(libc::EINVAL))),
+        };
+        match r {
+            Ok(()) => self.reply_ok(req.cookie),
+            Err(e) => self.reply_store_error(req.cookie, &e),
+        }
+    }
+
+    fn flush_if(&self, fua: bool) -> Result<(), StoreError> {
+        if fua {
+            self.volume.flush()
+        } else {
+            Ok(())
+        }
+    }
+
+    fn start_read(&mut self, req: Request) {
+        let len = req.len as usize;
+        if len == 0 {
+            self.reply_ok(req.cookie);
+            return;
+        }
+        let hdr = if self.structured { proto::OFFSET_DATA_HEADER_LEN } else { proto::SIMPLE_REPLY_LEN };
+        let mut buf = self.take_buf(hdr + len);
+        self.segs.clear();
+        if let Err(e) = self.volume.read_segments(req.offset, len as u64, hdr, &mut self.segs) {
+            self.recycle(buf);
+            self.reply_store_error(req.cookie, &e);
+            return;
+        }
+        // Holes are filled here; only data segments go to the engine.
+        let mut segs = Vec::with_capacity(self.segs.len());
+        for s in &self.segs {
+            if s.fd == ZERO_FD {
+                buf[s.buf_offset..s.buf_offset + s.len].fill(0);
+            } else {
+                segs.push(*s);
+            }
+        }
+        let slot = self.alloc_slot(InFlight::Read { cookie: req.cookie, offset: req.offset, len, hdr });
+        self.bytes_in_flight += len;
+        self.engine.push(slot as u64, Op::Read { buf, segs });
+    }
+
+    fn request_done(&mut self, slot: usize, c: Completion) {
+        let Some(state) = self.slots.get_mut(slot).and_then(Option::take) else {
+            tracing::error!(slot, "completion for an unknown request slot");
+            return;
+        };
+        self.free_slots.push(slot);
+        self.in_flight -= 1;
+        match state {
+            InFlight::Read { cookie, offset, len, hdr } => {
+                self.bytes_in_flight -= len;
+                let Op::Read { mut buf, .. } = c.op else { unreachable!("read slot on another op") };
+                match c.result {
+                    Ok(_) => {
+                        if self.structured {
+                            proto::write_offset_data_header(&mut buf[..hdr], true, cookie, offset, len as u32);
+                        } else {
+                            proto::write_simple_reply(&mut buf[..hdr], 0, cookie);
+                        }
+                        self.big.push(SendBuf { data: buf, start: 0, end: hdr + len });
+                    }
+                    Err(e) => {
+                        self.recycle(buf);
+                        self.reply_io_error(cookie, &e);
+                    }
+                }
+            }
+            InFlight::Write { cookie, pending, fua, len } => {
+                self.bytes_in_flight -= len;
+                let Op::Write { buf, .. } = c.op else { unreachable!("write slot on another op") };
+                drop(buf);
+                match c.result {
+                    Ok(_) => {
+                        self.volume.commit_write(pending);
+                        match self.flush_if(fua) {
+                            Ok(()) => self.reply_ok(cookie),
+                            Err(e) => self.reply_store_error(cookie, &e),
+                        }
+                    }
+                    Err(e) => self.reply_io_error(cookie, &e),
+                }
+            }
+        }
+    }
+
+    fn block_status(&mut self, req: Request) {
+        let extents = match self.volume.extents(req.offset, req.len as u64) {
+            Ok(e) => e,
+            Err(e) => return self.reply_store_error(req.cookie, &e),
+        };
+        let req_one = req.flags & proto::NBD_CMD_FLAG_REQ_ONE != 0;
+        let mut descs: Vec<proto::Extent> = Vec::new();
+        for e in extents {
+            let flags = if e.hole { proto::NBD_STATE_HOLE } else { 0 } | if e.zero { proto::NBD_STATE_ZERO } else { 0 };
+            let mut left = e.len;
+            while left > 0 {
+                // Descriptor lengths are 32-bit; stay block-aligned when splitting.
+                let n = left.min(u32::MAX as u64 / 4096 * 4096);
+                descs.push(proto::Extent { length: n as u32, flags });
+                left -= n;
+            }
+        }
+        if req_one {
+            descs.truncate(1);
+        }
+        let contexts: Vec<u32> = self.meta.iter().filter(|(_, m)| *m == MetaContext::BaseAllocation).map(|(id, _)| *id).collect();
+        let n = contexts.len();
+        for (i, id) in contexts.into_iter().enumerate() {
+            proto::push_block_status_chunk(&mut self.small, i + 1 == n, req.cookie, id, &descs);
+        }
+    }
+
+    fn alloc_slot(&mut self, s: InFlight) -> usize {
+        self.in_flight += 1;
+        match self.free_slots.pop() {
+            Some(i) => {
+                self.slots[i] = Some(s);
+                i
+            }
+            None => {
+                self.slots.push(Some(s));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    fn take_buf(&mut self, len: usize) -> AlignedBuf {
+        if let Some(i) = self.pool.iter().position(|b| b.capacity() >= len && b.capacity() <= len * 2 + 8192) {
+            let mut b = self.pool.swap_remove(i);
+            b.set_len(len);
+            return b;
+        }
+        AlignedBuf::zeroed(len)
+    }
+
+    fn recycle(&mut self, b: AlignedBuf) {
+        if self.pool.len() < POOL_MAX && b.capacity() <= 4 << 20 {
+            self.pool.push(b);
+        }
+    }
+
+    fn reply_ok(&mut self, cookie: u64) {
+        if self.structured {
+            proto::push_none_done(&mut self.small, cookie);
+        } else {
+            proto::push_simple_reply(&mut self.small, 0, cookie);
+        }
+    }
+
+    fn reply_error(&mut self, cookie: u64, errno: u32, msg: &str) {
+        if self.structured {
+            proto::push_error_chunk(&mut self.small, true, cookie, errno, msg);
+        } else {
+            proto::push_simple_reply(&mut self.small, errno, cookie);
+        }
+    }
+
+    fn reply_store_error(&mut self, cookie: u64, e: &StoreError) {
+        tracing::debug!(error = %e, "NBD request failed");
+        self.reply_error(cookie, proto::nbd_errno(e.errno()), &e.to_string());
+    }
+
+    fn reply_io_error(&mut self, cookie: u64, e: &io::Error) {
+        tracing::debug!(error = %e, "NBD request failed");
+        let errno = match e.raw_os_error() {
+            Some(libc::EDQUOT) => libc::ENOSPC,
+            Some(n) => n,
+            None => libc::EIO,
+        };
+        self.reply_error(cookie, proto::nbd_errno(errno), &e.to_string());
+    }
+}
