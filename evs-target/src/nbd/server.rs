@@ -68,7 +68,8 @@ impl NbdServer {
         loop {
             match l.accept().await {
                 Ok((s, peer)) => {
-                    let Ok(s) = s.into_std() else { continue };
+                    // tokio hands over a non-blocking socket; the handshake uses blocking I/O.
+                    let Ok(s) = s.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s)) else { continue };
                     let _ = s.set_nodelay(true);
                     self.spawn_conn(s, peer.to_string());
                 }
@@ -88,7 +89,7 @@ impl NbdServer {
         loop {
             match l.accept().await {
                 Ok((s, _)) => {
-                    let Ok(s) = s.into_std() else { continue };
+                    let Ok(s) = s.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s)) else { continue };
                     self.spawn_conn(s, "unix".to_string());
                 }
                 Err(e) => {
