@@ -1,0 +1,121 @@
+//! The errors of the control API and the one place they become gRPC statuses.
+
+use evs_snapshot::StoreError;
+use tonic::{Code, Status};
+
+use super::auth::AuthError;
+use super::validate::{HumanBytes, ValidationError};
+
+/// Everything a volume call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    #[error("volume {0:?} not found")]
+    VolumeNotFound(String),
+    #[error("volume {0:?} already exists")]
+    VolumeExists(String),
+    #[error("volume {0:?} is attached; detach it first")]
+    Attached(String),
+    #[error(
+        "cannot shrink volume {name:?} from {} ({current} bytes) to {} ({requested} bytes): volumes only grow",
+        HumanBytes(*current),
+        HumanBytes(*requested)
+    )]
+    Shrink { name: String, current: u64, requested: u64 },
+    #[error("tier \"unlimited\" is reserved for the admin tenant")]
+    TierDenied,
+    #[error("this daemon serves NBD on no unix socket (start evs-target with --nbd-socket PATH)")]
+    NoUnixSocket,
+    #[error("{0} is not supported yet")]
+    Unsupported(&'static str),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        let code = match &e {
+            ApiError::Auth(_) => Code::Unauthenticated,
+            ApiError::Invalid(_) | ApiError::Shrink { .. } => Code::InvalidArgument,
+            ApiError::VolumeNotFound(_) => Code::NotFound,
+            ApiError::VolumeExists(_) => Code::AlreadyExists,
+            ApiError::Attached(_) | ApiError::NoUnixSocket => Code::FailedPrecondition,
+            ApiError::TierDenied => Code::PermissionDenied,
+            ApiError::Unsupported(_) => Code::Unimplemented,
+            ApiError::Store(s) => store_code(s),
+            ApiError::Internal(_) => Code::Internal,
+        };
+        if code == Code::Internal {
+            // The client gets the message too (a single-node service: the operator is the
+            // user), but the log keeps it with the daemon's context.
+            tracing::error!(error = %e, "request failed");
+        }
+        Status::new(code, e.to_string())
+    }
+}
+
+/// The gRPC code for a block-store error.
+pub fn store_code(e: &StoreError) -> Code {
+    match e {
+        StoreError::VolumeNotFound(_) => Code::NotFound,
+        StoreError::VolumeExists(_) => Code::AlreadyExists,
+        StoreError::InvalidName { .. } | StoreError::InvalidSize { .. } | StoreError::OutOfRange { .. } => {
+            Code::InvalidArgument
+        }
+        StoreError::NoSpace => Code::ResourceExhausted,
+        StoreError::Io(io) if matches!(io.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) => {
+            Code::ResourceExhausted
+        }
+        StoreError::Corrupt { .. } | StoreError::Catalog(_) | StoreError::Io(_) => Code::Internal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(e: impl Into<ApiError>) -> Status {
+        Status::from(e.into())
+    }
+
+    #[test]
+    fn store_errors_map_to_codes_with_their_message() {
+        let s = status(StoreError::VolumeNotFound("db".into()));
+        assert_eq!(s.code(), Code::NotFound);
+        assert!(s.message().contains("\"db\""), "{}", s.message());
+        assert_eq!(status(StoreError::VolumeExists("db".into())).code(), Code::AlreadyExists);
+        let s = status(StoreError::InvalidName { name: "a b".into(), why: "space" });
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("a b"));
+        assert_eq!(status(StoreError::InvalidSize { size: 3, why: "odd".into() }).code(), Code::InvalidArgument);
+        assert_eq!(status(StoreError::OutOfRange { offset: 0, len: 1, size: 0 }).code(), Code::InvalidArgument);
+        assert_eq!(status(StoreError::NoSpace).code(), Code::ResourceExhausted);
+        let enospc = std::io::Error::from_raw_os_error(libc::ENOSPC);
+        assert_eq!(status(StoreError::Io(enospc)).code(), Code::ResourceExhausted);
+        assert_eq!(status(StoreError::Catalog("boom".into())).code(), Code::Internal);
+        let eio = std::io::Error::from_raw_os_error(libc::EIO);
+        assert_eq!(status(StoreError::Io(eio)).code(), Code::Internal);
+        assert_eq!(status(StoreError::Corrupt { what: "map".into(), why: "crc".into() }).code(), Code::Internal);
+    }
+
+    #[test]
+    fn api_errors_map_to_codes() {
+        assert_eq!(status(AuthError::Missing).code(), Code::Unauthenticated);
+        assert_eq!(status(ValidationError::Tier("x".into())).code(), Code::InvalidArgument);
+        let s = status(ApiError::Attached("db".into()));
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert_eq!(s.message(), "volume \"db\" is attached; detach it first");
+        let s = status(ApiError::Shrink { name: "db".into(), current: 2 << 30, requested: 1 << 30 });
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("2 GiB") && s.message().contains("1 GiB"), "{}", s.message());
+        assert_eq!(status(ApiError::TierDenied).code(), Code::PermissionDenied);
+        assert_eq!(status(ApiError::NoUnixSocket).code(), Code::FailedPrecondition);
+        assert_eq!(status(ApiError::Unsupported("x")).code(), Code::Unimplemented);
+        assert_eq!(status(ApiError::VolumeNotFound("v".into())).code(), Code::NotFound);
+    }
+}

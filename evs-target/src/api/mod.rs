@@ -1,0 +1,654 @@
+//! The control API: the gRPC `VolumeService` over the block store and the export registry.
+//!
+//! * [`ControlPlane`] holds the state and does the work synchronously (the block store and
+//!   the catalog block), so it is testable without a network;
+//! * [`VolumeApi`] is the tonic service: it authenticates, validates, and runs the work on
+//!   tokio's blocking pool.
+//!
+//! Besides the store's own tables, the control plane keeps two tables in the catalog:
+//! `attachments` (attach token → volume id, reloaded into the [`ExportRegistry`] at start)
+//! and `volume_tiers` (volume id → tier name), plus the `tenants` table of [`auth`].
+
+pub mod auth;
+pub mod error;
+pub mod validate;
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use evs_proto::v1 as pb;
+use evs_proto::v1::volume_service_server::VolumeService;
+use evs_snapshot::{BlockStore, StoreError, VolumeInfo};
+use parking_lot::Mutex;
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use tonic::{Request, Response, Status};
+
+use crate::exports::{Export, ExportRegistry};
+pub use auth::{Tenants, ADMIN_TENANT, ADMIN_TOKEN_FILE};
+pub use error::ApiError;
+use validate::{validate_tier, validate_volume_name, validate_volume_size, ValidationError, UNLIMITED_TIER};
+
+/// Attach token (the NBD export name) → volume id.
+const ATTACHMENTS: TableDefinition<&str, u64> = TableDefinition::new("attachments");
+/// Volume id → tier name. A volume without a row has the default tier.
+const VOLUME_TIERS: TableDefinition<u64, &str> = TableDefinition::new("volume_tiers");
+
+/// Where NBD clients reach this daemon, for the URIs that attach returns.
+#[derive(Debug, Clone)]
+pub struct NbdEndpoints {
+    /// The bound TCP address of the NBD listener.
+    pub tcp: SocketAddr,
+    /// The NBD unix socket (absolute), if the daemon listens on one.
+    pub unix: Option<PathBuf>,
+}
+
+/// Figures for the metrics endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gauges {
+    pub volumes: u64,
+    pub attached_volumes: u64,
+}
+
+/// What an attach hands to the caller.
+#[derive(Debug, Clone)]
+pub struct Attachment {
+    pub token: String,
+    pub volume: pb::Volume,
+}
+
+/// The control plane's state and synchronous operations. Every method may block.
+pub struct ControlPlane {
+    store: Arc<BlockStore>,
+    exports: Arc<ExportRegistry>,
+    tenants: Tenants,
+    endpoints: NbdEndpoints,
+    /// Serialises the operations that check then change (attach mints a token only if none
+    /// exists; delete proceeds only if not attached): without it two concurrent calls could
+    /// both pass the check.
+    mutations: Mutex<()>,
+}
+
+/// What [`ControlPlane::open`] did, for the start-up log.
+#[derive(Debug, Clone, Default)]
+pub struct OpenReport {
+    /// Where the admin token was written, when the admin tenant was created by this start.
+    pub admin_token_created: Option<PathBuf>,
+    /// Attachments reloaded into the export registry.
+    pub attachments_loaded: usize,
+    /// Attachments dropped because their volume no longer exists.
+    pub attachments_dropped: usize,
+}
+
+/// Failures of [`ControlPlane::open`].
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Catalog(#[from] StoreError),
+    #[error(transparent)]
+    Bootstrap(#[from] auth::BootstrapError),
+}
+
+impl ControlPlane {
+    /// Creates the control plane's tables if needed, creates the admin tenant on first start
+    /// (token in `<data_dir>/admin.token`) and reloads the persisted attachments into
+    /// `exports`.
+    pub fn open(
+        store: Arc<BlockStore>,
+        exports: Arc<ExportRegistry>,
+        data_dir: &Path,
+        endpoints: NbdEndpoints,
+    ) -> Result<(Arc<ControlPlane>, OpenReport), OpenError> {
+        let db = store.catalog();
+        let w = db.begin_write().map_err(StoreError::from)?;
+        w.open_table(ATTACHMENTS).map_err(StoreError::from)?;
+        w.open_table(VOLUME_TIERS).map_err(StoreError::from)?;
+        w.commit().map_err(StoreError::from)?;
+
+        let tenants = Tenants::load(db)?;
+        let mut report =
+            OpenReport { admin_token_created: tenants.bootstrap_admin(db, data_dir)?, ..Default::default() };
+        let cp = ControlPlane { store, exports, tenants, endpoints, mutations: Mutex::new(()) };
+        (report.attachments_loaded, report.attachments_dropped) = cp.load_attachments()?;
+        Ok((Arc::new(cp), report))
+    }
+
+    /// Mirrors the `attachments` table into the export registry. Rows whose volume is gone
+    /// (deleted by a tool working on the catalog directly, say) are removed.
+    fn load_attachments(&self) -> Result<(usize, usize), StoreError> {
+        let rows = self.attachment_rows()?;
+        let mut stale = Vec::new();
+        let mut loaded = 0;
+        for (token, volume_id) in rows {
+            match self.store.open_volume(volume_id) {
+                Ok(volume) => {
+                    self.exports.insert(token, Export { volume_id, volume, read_only: false });
+                    loaded += 1;
+                }
+                Err(StoreError::VolumeNotFound(_)) => {
+                    tracing::warn!(volume_id, "dropping the attachment of a volume that no longer exists");
+                    stale.push(token);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if !stale.is_empty() {
+            let w = self.store.catalog().begin_write()?;
+            {
+                let mut t = w.open_table(ATTACHMENTS)?;
+                for token in &stale {
+                    t.remove(token.as_str())?;
+                }
+            }
+            w.commit()?;
+        }
+        Ok((loaded, stale.len()))
+    }
+
+    /// Every (token, volume id) of the `attachments` table.
+    fn attachment_rows(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let r = self.store.catalog().begin_read()?;
+        let t = r.open_table(ATTACHMENTS)?;
+        let mut rows = Vec::new();
+        for row in t.iter()? {
+            let (token, id) = row?;
+            rows.push((token.value().to_string(), id.value()));
+        }
+        Ok(rows)
+    }
+
+    /// The tokens attaching `volume_id` (normally at most one).
+    fn tokens_of(&self, volume_id: u64) -> Result<Vec<String>, StoreError> {
+        Ok(self.attachment_rows()?.into_iter().filter(|(_, id)| *id == volume_id).map(|(t, _)| t).collect())
+    }
+
+    pub fn tenants(&self) -> &Tenants {
+        &self.tenants
+    }
+
+    pub fn store(&self) -> &Arc<BlockStore> {
+        &self.store
+    }
+
+    /// The tenant that a call's metadata authenticates.
+    pub fn authenticate(&self, metadata: &tonic::metadata::MetadataMap) -> Result<String, ApiError> {
+        Ok(self.tenants.authenticate(metadata)?)
+    }
+
+    fn find(&self, owner: &str, name: &str) -> Result<VolumeInfo, ApiError> {
+        match self.store.find_volume(owner, name) {
+            Err(StoreError::VolumeNotFound(_)) => Err(ApiError::VolumeNotFound(name.to_string())),
+            other => Ok(other?),
+        }
+    }
+
+    fn tier_of(&self, volume_id: u64) -> Result<String, StoreError> {
+        let r = self.store.catalog().begin_read()?;
+        let t = r.open_table(VOLUME_TIERS)?;
+        Ok(t.get(volume_id)?.map(|g| g.value().to_string()).unwrap_or_else(|| validate::DEFAULT_TIER.to_string()))
+    }
+
+    fn set_tier_row(&self, volume_id: u64, tier: &str) -> Result<(), StoreError> {
+        let w = self.store.catalog().begin_write()?;
+        w.open_table(VOLUME_TIERS)?.insert(volume_id, tier)?;
+        w.commit()?;
+        Ok(())
+    }
+
+    fn describe(&self, info: &VolumeInfo, tier: String) -> pb::Volume {
+        pb::Volume {
+            name: info.name.clone(),
+            id: info.id,
+            size_bytes: info.size,
+            allocated_bytes: info.allocated,
+            created_unix: info.created,
+            tier,
+            attached: self.exports.is_attached(info.id),
+        }
+    }
+
+    /// Creates an empty volume of `tier` ("" = default) for `owner`.
+    pub fn create_volume(&self, owner: &str, name: &str, size: u64, tier: &str) -> Result<pb::Volume, ApiError> {
+        validate_volume_name(name)?;
+        validate_volume_size(size)?;
+        let tier = validate_tier(tier)?;
+        if tier == UNLIMITED_TIER && owner != ADMIN_TENANT {
+            return Err(ApiError::TierDenied);
+        }
+        let _g = self.mutations.lock();
+        let info = match self.store.create_volume(owner, name, size) {
+            Err(StoreError::VolumeExists(_)) => return Err(ApiError::VolumeExists(name.to_string())),
+            other => other?,
+        };
+        if let Err(e) = self.set_tier_row(info.id, tier) {
+            // Nothing half-done: a volume whose tier could not be recorded is removed again.
+            if let Err(e2) = self.store.delete_volume(info.id) {
+                tracing::error!(volume = name, error = %e2, "cannot remove a half-created volume");
+            }
+            return Err(e.into());
+        }
+        tracing::info!(owner, volume = name, id = info.id, size, tier, "volume created");
+        Ok(self.describe(&info, tier.to_string()))
+    }
+
+    /// The volumes of `owner`, by name.
+    pub fn list_volumes(&self, owner: &str) -> Result<Vec<pb::Volume>, ApiError> {
+        let infos = self.store.list_volumes(Some(owner))?;
+        let r = self.store.catalog().begin_read().map_err(StoreError::from)?;
+        let t = r.open_table(VOLUME_TIERS).map_err(StoreError::from)?;
+        let mut out = Vec::with_capacity(infos.len());
+        for info in &infos {
+            let tier = t.get(info.id).map_err(StoreError::from)?.map(|g| g.value().to_string());
+            out.push(self.describe(info, tier.unwrap_or_else(|| validate::DEFAULT_TIER.to_string())));
+        }
+        Ok(out)
+    }
+
+    pub fn get_volume(&self, owner: &str, name: &str) -> Result<pb::Volume, ApiError> {
+        validate_volume_name(name)?;
+        let info = self.find(owner, name)?;
+        Ok(self.describe(&info, self.tier_of(info.id)?))
+    }
+
+    /// Deletes a detached volume and its data.
+    pub fn delete_volume(&self, owner: &str, name: &str) -> Result<(), ApiError> {
+        validate_volume_name(name)?;
+        let _g = self.mutations.lock();
+        let info = self.find(owner, name)?;
+        if self.exports.is_attached(info.id) || !self.tokens_of(info.id)?.is_empty() {
+            return Err(ApiError::Attached(name.to_string()));
+        }
+        self.store.delete_volume(info.id)?;
+        // The volume is gone; a leftover tier row would only be noise (ids are not reused).
+        let w = self.store.catalog().begin_write().map_err(StoreError::from)?;
+        w.open_table(VOLUME_TIERS).map_err(StoreError::from)?.remove(info.id).map_err(StoreError::from)?;
+        w.commit().map_err(StoreError::from)?;
+        tracing::info!(owner, volume = name, id = info.id, "volume deleted");
+        Ok(())
+    }
+
+    /// Grows a volume; the same size is a no-op, a smaller one an error.
+    pub fn extend_volume(&self, owner: &str, name: &str, size: u64) -> Result<pb::Volume, ApiError> {
+        validate_volume_name(name)?;
+        validate_volume_size(size)?;
+        let _g = self.mutations.lock();
+        let info = self.find(owner, name)?;
+        if size < info.size {
+            return Err(ApiError::Shrink { name: name.to_string(), current: info.size, requested: size });
+        }
+        let info = if size == info.size { info } else { self.store.extend_volume(info.id, size)? };
+        tracing::info!(owner, volume = name, id = info.id, size, "volume extended");
+        Ok(self.describe(&info, self.tier_of(info.id)?))
+    }
+
+    /// Records a volume's tier (QoS enforcement reads it; see the QoS issue).
+    pub fn set_volume_tier(&self, owner: &str, name: &str, tier: &str) -> Result<pb::Volume, ApiError> {
+        validate_volume_name(name)?;
+        if tier.is_empty() {
+            return Err(ValidationError::Tier(String::new()).into());
+        }
+        let tier = validate_tier(tier)?;
+        if tier == UNLIMITED_TIER && owner != ADMIN_TENANT {
+            return Err(ApiError::TierDenied);
+        }
+        let _g = self.mutations.lock();
+        let info = self.find(owner, name)?;
+        self.set_tier_row(info.id, tier)?;
+        tracing::info!(owner, volume = name, id = info.id, tier, "volume tier set");
+        Ok(self.describe(&info, tier.to_string()))
+    }
+
+    /// Exports a volume over NBD; returns its existing token if it is already attached.
+    /// With `require_unix`, a daemon without a unix socket refuses before attaching anything.
+    pub fn attach_volume(&self, owner: &str, name: &str, require_unix: bool) -> Result<Attachment, ApiError> {
+        validate_volume_name(name)?;
+        if require_unix && self.endpoints.unix.is_none() {
+            return Err(ApiError::NoUnixSocket);
+        }
+        let _g = self.mutations.lock();
+        let info = self.find(owner, name)?;
+        let token = match self.tokens_of(info.id)?.into_iter().next() {
+            Some(token) => {
+                if self.exports.lookup(&token).is_none() {
+                    // Persisted but not in the registry (cannot happen after a normal start,
+                    // but make the table the truth either way).
+                    let volume = self.store.open_volume(info.id)?;
+                    self.exports.insert(token.clone(), Export { volume_id: info.id, volume, read_only: false });
+                }
+                token
+            }
+            None => {
+                let token = ExportRegistry::new_token();
+                let volume = self.store.open_volume(info.id)?;
+                // Persist first: the registry only ever serves what a restart would serve.
+                let w = self.store.catalog().begin_write().map_err(StoreError::from)?;
+                w.open_table(ATTACHMENTS)
+                    .map_err(StoreError::from)?
+                    .insert(token.as_str(), info.id)
+                    .map_err(StoreError::from)?;
+                w.commit().map_err(StoreError::from)?;
+                self.exports.insert(token.clone(), Export { volume_id: info.id, volume, read_only: false });
+                tracing::info!(owner, volume = name, id = info.id, "volume attached");
+                token
+            }
+        };
+        Ok(Attachment { token, volume: self.describe(&info, self.tier_of(info.id)?) })
+    }
+
+    /// Revokes a volume's attach tokens and closes their connections. Returns whether it was
+    /// attached.
+    pub fn detach_volume(&self, owner: &str, name: &str) -> Result<bool, ApiError> {
+        validate_volume_name(name)?;
+        let _g = self.mutations.lock();
+        let info = self.find(owner, name)?;
+        let tokens = self.tokens_of(info.id)?;
+        if !tokens.is_empty() {
+            let w = self.store.catalog().begin_write().map_err(StoreError::from)?;
+            {
+                let mut t = w.open_table(ATTACHMENTS).map_err(StoreError::from)?;
+                for token in &tokens {
+                    t.remove(token.as_str()).map_err(StoreError::from)?;
+                }
+            }
+            w.commit().map_err(StoreError::from)?;
+        }
+        let mut was_attached = !tokens.is_empty();
+        for token in &tokens {
+            was_attached |= self.exports.revoke(token);
+        }
+        if was_attached {
+            tracing::info!(owner, volume = name, id = info.id, "volume detached");
+        }
+        Ok(was_attached)
+    }
+
+    /// Counts for the metrics endpoint.
+    pub fn gauges(&self) -> Result<Gauges, StoreError> {
+        let volumes = self.store.list_volumes(None)?.len() as u64;
+        let attached: BTreeSet<u64> = self.attachment_rows()?.into_iter().map(|(_, id)| id).collect();
+        Ok(Gauges { volumes, attached_volumes: attached.len() as u64 })
+    }
+
+    /// `nbd://HOST:PORT/TOKEN`. When the listener is bound to a wildcard address, HOST is the
+    /// local address the API call came in on: the client reached us there, so the NBD client
+    /// (usually on the same host as the API client) most likely can too.
+    pub fn tcp_uri(&self, token: &str, api_local: Option<SocketAddr>) -> String {
+        nbd_tcp_uri(self.endpoints.tcp, api_local, token)
+    }
+
+    /// `nbd+unix:///TOKEN?socket=PATH`, if the daemon has a unix socket.
+    pub fn unix_uri(&self, token: &str) -> Option<String> {
+        self.endpoints.unix.as_deref().map(|p| nbd_unix_uri(p, token))
+    }
+}
+
+/// See [`ControlPlane::tcp_uri`].
+pub fn nbd_tcp_uri(listen: SocketAddr, api_local: Option<SocketAddr>, token: &str) -> String {
+    let mut ip = listen.ip();
+    if ip.is_unspecified() {
+        ip = api_local.map(|a| a.ip()).filter(|ip| !ip.is_unspecified()).unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+    // An IPv4-mapped IPv6 address (a dual-stack API listener) is an IPv4 client's view.
+    if let IpAddr::V6(v6) = ip {
+        if let Some(v4) = v6.to_ipv4_mapped() {
+            ip = IpAddr::V4(v4);
+        }
+    }
+    match ip {
+        IpAddr::V4(v4) => format!("nbd://{v4}:{}/{token}", listen.port()),
+        IpAddr::V6(v6) => format!("nbd://[{v6}]:{}/{token}", listen.port()),
+    }
+}
+
+/// See [`ControlPlane::unix_uri`]. The socket path is percent-encoded as a query value.
+pub fn nbd_unix_uri(socket: &Path, token: &str) -> String {
+    let mut enc = String::new();
+    for b in socket.as_os_str().as_encoded_bytes() {
+        match *b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => enc.push(*b as char),
+            other => enc.push_str(&format!("%{other:02X}")),
+        }
+    }
+    format!("nbd+unix:///{token}?socket={enc}")
+}
+
+/// The tonic service over a [`ControlPlane`].
+#[derive(Clone)]
+pub struct VolumeApi {
+    cp: Arc<ControlPlane>,
+}
+
+impl VolumeApi {
+    pub fn new(cp: Arc<ControlPlane>) -> VolumeApi {
+        VolumeApi { cp }
+    }
+
+    /// Authenticates the call, then runs `f` with the tenant on the blocking pool (the store
+    /// and the catalog do synchronous disk I/O).
+    async fn run<Q, T>(
+        &self,
+        req: &Request<Q>,
+        f: impl FnOnce(&ControlPlane, &str) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, Status>
+    where
+        T: Send + 'static,
+    {
+        let tenant = self.cp.authenticate(req.metadata())?;
+        let cp = self.cp.clone();
+        tokio::task::spawn_blocking(move || f(&cp, &tenant))
+            .await
+            .map_err(|e| ApiError::Internal(format!("the operation did not complete: {e}")))?
+            .map_err(Status::from)
+    }
+}
+
+#[tonic::async_trait]
+impl VolumeService for VolumeApi {
+    async fn create_volume(
+        &self,
+        req: Request<pb::CreateVolumeRequest>,
+    ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
+        let m = req.get_ref().clone();
+        let volume = self
+            .run(&req, move |cp, owner| {
+                if !m.from_snapshot.is_empty() {
+                    return Err(ApiError::Unsupported("creating a volume from a snapshot (from_snapshot)"));
+                }
+                if !m.from_backup.is_empty() {
+                    return Err(ApiError::Unsupported("creating a volume from a backup (from_backup)"));
+                }
+                cp.create_volume(owner, &m.name, m.size_bytes, &m.tier)
+            })
+            .await?;
+        Ok(Response::new(pb::CreateVolumeResponse { volume: Some(volume) }))
+    }
+
+    async fn list_volumes(
+        &self,
+        req: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        let volumes = self.run(&req, |cp, owner| cp.list_volumes(owner)).await?;
+        Ok(Response::new(pb::ListVolumesResponse { volumes }))
+    }
+
+    async fn get_volume(&self, req: Request<pb::GetVolumeRequest>) -> Result<Response<pb::GetVolumeResponse>, Status> {
+        let name = req.get_ref().name.clone();
+        let volume = self.run(&req, move |cp, owner| cp.get_volume(owner, &name)).await?;
+        Ok(Response::new(pb::GetVolumeResponse { volume: Some(volume) }))
+    }
+
+    async fn delete_volume(
+        &self,
+        req: Request<pb::DeleteVolumeRequest>,
+    ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        let name = req.get_ref().name.clone();
+        self.run(&req, move |cp, owner| cp.delete_volume(owner, &name)).await?;
+        Ok(Response::new(pb::DeleteVolumeResponse {}))
+    }
+
+    async fn extend_volume(
+        &self,
+        req: Request<pb::ExtendVolumeRequest>,
+    ) -> Result<Response<pb::ExtendVolumeResponse>, Status> {
+        let pb::ExtendVolumeRequest { name, size_bytes } = req.get_ref().clone();
+        let volume = self.run(&req, move |cp, owner| cp.extend_volume(owner, &name, size_bytes)).await?;
+        Ok(Response::new(pb::ExtendVolumeResponse { volume: Some(volume) }))
+    }
+
+    async fn set_volume_tier(
+        &self,
+        req: Request<pb::SetVolumeTierRequest>,
+    ) -> Result<Response<pb::SetVolumeTierResponse>, Status> {
+        let pb::SetVolumeTierRequest { name, tier } = req.get_ref().clone();
+        let volume = self.run(&req, move |cp, owner| cp.set_volume_tier(owner, &name, &tier)).await?;
+        Ok(Response::new(pb::SetVolumeTierResponse { volume: Some(volume) }))
+    }
+
+    async fn attach_volume(
+        &self,
+        req: Request<pb::AttachVolumeRequest>,
+    ) -> Result<Response<pb::AttachVolumeResponse>, Status> {
+        let pb::AttachVolumeRequest { name, require_unix } = req.get_ref().clone();
+        let api_local = req.local_addr();
+        let (a, uri, unix_uri) = self
+            .run(&req, move |cp, owner| {
+                let a = cp.attach_volume(owner, &name, require_unix)?;
+                let uri = cp.tcp_uri(&a.token, api_local);
+                let unix_uri = cp.unix_uri(&a.token).unwrap_or_default();
+                Ok((a, uri, unix_uri))
+            })
+            .await?;
+        Ok(Response::new(pb::AttachVolumeResponse { uri, unix_uri, export_name: a.token, volume: Some(a.volume) }))
+    }
+
+    async fn detach_volume(
+        &self,
+        req: Request<pb::DetachVolumeRequest>,
+    ) -> Result<Response<pb::DetachVolumeResponse>, Status> {
+        let name = req.get_ref().name.clone();
+        let was_attached = self.run(&req, move |cp, owner| cp.detach_volume(owner, &name)).await?;
+        Ok(Response::new(pb::DetachVolumeResponse { was_attached }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv6Addr;
+
+    #[test]
+    fn tcp_uri_uses_the_bound_address() {
+        let l: SocketAddr = "127.0.0.1:10809".parse().unwrap();
+        assert_eq!(nbd_tcp_uri(l, None, "abc"), "nbd://127.0.0.1:10809/abc");
+        let l: SocketAddr = "[::1]:10809".parse().unwrap();
+        assert_eq!(nbd_tcp_uri(l, None, "abc"), "nbd://[::1]:10809/abc");
+    }
+
+    #[test]
+    fn tcp_uri_of_a_wildcard_listener_uses_the_api_connection() {
+        let l: SocketAddr = "0.0.0.0:10809".parse().unwrap();
+        let api: SocketAddr = "10.1.2.3:10810".parse().unwrap();
+        assert_eq!(nbd_tcp_uri(l, Some(api), "t"), "nbd://10.1.2.3:10809/t");
+        assert_eq!(nbd_tcp_uri(l, None, "t"), "nbd://127.0.0.1:10809/t");
+        let mapped = SocketAddr::new(IpAddr::V6(Ipv4Addr::new(10, 0, 0, 9).to_ipv6_mapped()), 1);
+        let l6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 10809);
+        assert_eq!(nbd_tcp_uri(l6, Some(mapped), "t"), "nbd://10.0.0.9:10809/t");
+    }
+
+    #[test]
+    fn unix_uri_encodes_the_socket_path() {
+        assert_eq!(nbd_unix_uri(Path::new("/run/evs/nbd.sock"), "t"), "nbd+unix:///t?socket=/run/evs/nbd.sock");
+        assert_eq!(nbd_unix_uri(Path::new("/tmp/a b&c"), "t"), "nbd+unix:///t?socket=/tmp/a%20b%26c");
+    }
+}
+
+/// The control plane over a real block store in a temporary directory.
+#[cfg(test)]
+mod control_tests {
+    use super::*;
+    use evs_snapshot::{EngineKind, StoreOptions};
+
+    fn open(dir: &Path, unix: Option<PathBuf>) -> (Arc<ControlPlane>, OpenReport, Arc<ExportRegistry>) {
+        let opts = StoreOptions { engine: EngineKind::Portable, direct_writes: false, direct_write_max: 0 };
+        let store = BlockStore::open(dir, opts).unwrap();
+        let exports = ExportRegistry::new();
+        let endpoints = NbdEndpoints { tcp: "127.0.0.1:10809".parse().unwrap(), unix };
+        let (cp, report) = ControlPlane::open(store, exports.clone(), dir, endpoints).unwrap();
+        (cp, report, exports)
+    }
+
+    const A: &str = ADMIN_TENANT;
+
+    #[test]
+    fn volume_lifecycle() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cp, report, exports) = open(dir.path(), None);
+        assert_eq!(report.admin_token_created, Some(dir.path().join(ADMIN_TOKEN_FILE)));
+
+        // Bad input changes nothing.
+        assert!(matches!(cp.create_volume(A, "a b", 1 << 20, ""), Err(ApiError::Invalid(_))));
+        assert!(matches!(cp.create_volume(A, "v", 1000, ""), Err(ApiError::Invalid(_))));
+        assert!(matches!(cp.create_volume(A, "v", 1 << 20, "fast"), Err(ApiError::Invalid(_))));
+        assert!(cp.list_volumes(A).unwrap().is_empty());
+
+        let v = cp.create_volume(A, "v", 1 << 20, "").unwrap();
+        assert_eq!((v.name.as_str(), v.size_bytes, v.tier.as_str(), v.attached), ("v", 1 << 20, "gpssd", false));
+        assert!(matches!(cp.create_volume(A, "v", 1 << 20, ""), Err(ApiError::VolumeExists(_))));
+        assert!(matches!(cp.get_volume(A, "w"), Err(ApiError::VolumeNotFound(_))));
+        // Another tenant does not see it.
+        assert!(cp.list_volumes("other").unwrap().is_empty());
+        assert!(matches!(cp.get_volume("other", "v"), Err(ApiError::VolumeNotFound(_))));
+
+        // Extend: never shrinks, same size is a no-op.
+        assert!(matches!(cp.extend_volume(A, "v", 512 << 10), Err(ApiError::Shrink { .. })));
+        assert_eq!(cp.extend_volume(A, "v", 1 << 20).unwrap().size_bytes, 1 << 20);
+        assert_eq!(cp.extend_volume(A, "v", 2 << 20).unwrap().size_bytes, 2 << 20);
+        assert_eq!(cp.get_volume(A, "v").unwrap().size_bytes, 2 << 20);
+
+        // Tiers.
+        assert_eq!(cp.set_volume_tier(A, "v", "essd").unwrap().tier, "essd");
+        assert_eq!(cp.list_volumes(A).unwrap()[0].tier, "essd");
+        assert!(matches!(cp.set_volume_tier(A, "v", ""), Err(ApiError::Invalid(_))));
+        assert!(matches!(cp.create_volume("other", "u", 1 << 20, "unlimited"), Err(ApiError::TierDenied)));
+
+        // Attach is idempotent; the volume cannot be deleted while attached.
+        assert!(matches!(cp.attach_volume(A, "v", true), Err(ApiError::NoUnixSocket)));
+        assert!(!cp.get_volume(A, "v").unwrap().attached, "a refused attach attaches nothing");
+        let a1 = cp.attach_volume(A, "v", false).unwrap();
+        let a2 = cp.attach_volume(A, "v", false).unwrap();
+        assert_eq!(a1.token, a2.token);
+        assert!(a1.volume.attached);
+        assert_eq!(exports.lookup(&a1.token).map(|e| e.volume_id), Some(v.id));
+        assert_eq!(cp.gauges().unwrap(), Gauges { volumes: 1, attached_volumes: 1 });
+        assert!(matches!(cp.delete_volume(A, "v"), Err(ApiError::Attached(_))));
+
+        // Detach revokes; a second detach is a no-op.
+        assert!(cp.detach_volume(A, "v").unwrap());
+        assert!(exports.lookup(&a1.token).is_none());
+        assert!(!cp.detach_volume(A, "v").unwrap());
+        cp.delete_volume(A, "v").unwrap();
+        assert!(matches!(cp.get_volume(A, "v"), Err(ApiError::VolumeNotFound(_))));
+        assert_eq!(cp.gauges().unwrap(), Gauges { volumes: 0, attached_volumes: 0 });
+    }
+
+    #[test]
+    fn attachments_and_tiers_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("nbd.sock");
+        let token = {
+            let (cp, _, _) = open(dir.path(), Some(sock.clone()));
+            cp.create_volume(A, "v", 1 << 20, "high").unwrap();
+            let a = cp.attach_volume(A, "v", true).unwrap();
+            assert_eq!(cp.unix_uri(&a.token), Some(nbd_unix_uri(&sock, &a.token)));
+            a.token
+        };
+        let (cp, report, exports) = open(dir.path(), Some(sock));
+        assert_eq!(report.admin_token_created, None);
+        assert_eq!((report.attachments_loaded, report.attachments_dropped), (1, 0));
+        assert!(exports.lookup(&token).is_some());
+        assert_eq!(cp.attach_volume(A, "v", false).unwrap().token, token);
+        let v = cp.get_volume(A, "v").unwrap();
+        assert_eq!((v.tier.as_str(), v.attached), ("high", true));
+    }
+}

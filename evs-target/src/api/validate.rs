@@ -1,0 +1,163 @@
+//! Checks of API input, as pure functions: run before anything is touched, so bad input
+//! changes nothing.
+
+use std::fmt;
+
+use evs_snapshot::MAX_VOLUME_SIZE;
+
+/// The performance tiers of the service description, in the order of the SPEC's table.
+pub const TIERS: [&str; 6] = ["common", "high", "gpssd", "ultra-high", "essd", "unlimited"];
+/// The tier of a volume created without `--tier`.
+pub const DEFAULT_TIER: &str = "gpssd";
+/// The tier without QoS, reserved for the admin tenant (benchmarks, infrastructure volumes).
+pub const UNLIMITED_TIER: &str = "unlimited";
+/// Longest volume name (fits a DNS label, so names can appear in host names and URIs).
+pub const MAX_NAME_LEN: usize = 63;
+/// Volume sizes are whole 512-byte sectors: the smallest block NBD clients address.
+pub const SECTOR: u64 = 512;
+
+/// Why an input was refused. The message names the offending value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValidationError {
+    #[error("invalid volume name {name:?}: {why}")]
+    Name { name: String, why: &'static str },
+    #[error("invalid size {size} bytes: {why}")]
+    Size { size: u64, why: String },
+    #[error("unknown tier {0:?} (expected one of: common, high, gpssd, ultra-high, essd, unlimited)")]
+    Tier(String),
+}
+
+/// A volume name: 1 to 63 characters of `[A-Za-z0-9._-]`, starting with a letter or a digit.
+/// `@` (snapshot separator in `VOLUME@SNAP`) and `/` (path separator) are thereby excluded.
+pub fn validate_volume_name(name: &str) -> Result<(), ValidationError> {
+    let err = |why| Err(ValidationError::Name { name: name.to_string(), why });
+    let Some(first) = name.chars().next() else {
+        return err("the name is empty");
+    };
+    if name.len() > MAX_NAME_LEN {
+        return err("longer than 63 characters");
+    }
+    if !first.is_ascii_alphanumeric() {
+        return err("must start with a letter or a digit");
+    }
+    if name.contains('@') {
+        return err("'@' is reserved for snapshots (VOLUME@SNAP)");
+    }
+    if name.contains('/') {
+        return err("'/' is not allowed");
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
+        return err("only letters, digits, '.', '_' and '-' are allowed");
+    }
+    Ok(())
+}
+
+/// A volume size: positive, whole 512-byte sectors, at most 32 TiB.
+pub fn validate_volume_size(size: u64) -> Result<(), ValidationError> {
+    let err = |why: String| Err(ValidationError::Size { size, why });
+    if size == 0 {
+        return err("the size must be greater than zero".into());
+    }
+    if size % SECTOR != 0 {
+        return err("the size must be a multiple of 512 bytes".into());
+    }
+    if size > MAX_VOLUME_SIZE {
+        return err(format!("the largest volume is {}", HumanBytes(MAX_VOLUME_SIZE)));
+    }
+    Ok(())
+}
+
+/// The canonical tier name for `tier`; the empty string means the default tier.
+pub fn validate_tier(tier: &str) -> Result<&'static str, ValidationError> {
+    if tier.is_empty() {
+        return Ok(DEFAULT_TIER);
+    }
+    TIERS.iter().copied().find(|t| *t == tier).ok_or_else(|| ValidationError::Tier(tier.to_string()))
+}
+
+/// Bytes in binary units for messages ("10 GiB", "1.5 MiB", "4096 B").
+pub struct HumanBytes(pub u64);
+
+impl fmt::Display for HumanBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+        let b = self.0;
+        if b < 1024 {
+            return write!(f, "{b} B");
+        }
+        let mut unit = 0;
+        let mut scale = 1024u64;
+        while unit + 1 < UNITS.len() && b >= scale * 1024 {
+            scale *= 1024;
+            unit += 1;
+        }
+        if b % scale == 0 {
+            write!(f, "{} {}", b / scale, UNITS[unit])
+        } else {
+            write!(f, "{:.1} {}", b as f64 / scale as f64, UNITS[unit])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn good_names() {
+        for n in ["a", "0", "vol-1", "db.data_01", "A.b-C_d", &"x".repeat(63)] {
+            assert_eq!(validate_volume_name(n), Ok(()), "{n}");
+        }
+    }
+
+    #[test]
+    fn bad_names_say_why() {
+        let why = |n: &str| match validate_volume_name(n) {
+            Err(ValidationError::Name { why, .. }) => why,
+            Ok(()) => panic!("{n:?} accepted"),
+            Err(e) => panic!("{e}"),
+        };
+        assert!(why("").contains("empty"));
+        assert!(why(&"x".repeat(64)).contains("63"));
+        assert!(why("-vol").contains("start"));
+        assert!(why(".vol").contains("start"));
+        assert!(why("vol@snap").contains('@'));
+        assert!(why("a/b").contains('/'));
+        assert!(why("a b").contains("only"));
+        assert!(why("vél").contains("only"));
+        let msg = validate_volume_name("a b").unwrap_err().to_string();
+        assert!(msg.contains("\"a b\""), "{msg}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert!(validate_volume_size(512).is_ok());
+        assert!(validate_volume_size(10 << 30).is_ok());
+        assert!(validate_volume_size(MAX_VOLUME_SIZE).is_ok());
+        for bad in [0, 1, 511, 513, 4097, MAX_VOLUME_SIZE + 512] {
+            assert!(validate_volume_size(bad).is_err(), "{bad}");
+        }
+        let msg = validate_volume_size(MAX_VOLUME_SIZE + 512).unwrap_err().to_string();
+        assert!(msg.contains("32 TiB"), "{msg}");
+        assert!(validate_volume_size(100).unwrap_err().to_string().contains("512"));
+    }
+
+    #[test]
+    fn tiers() {
+        assert_eq!(validate_tier(""), Ok("gpssd"));
+        for t in TIERS {
+            assert_eq!(validate_tier(t), Ok(t));
+        }
+        assert_eq!(validate_tier("GPSSD"), Err(ValidationError::Tier("GPSSD".into())));
+        assert!(validate_tier("fast").unwrap_err().to_string().contains("\"fast\""));
+    }
+
+    #[test]
+    fn human_bytes() {
+        assert_eq!(HumanBytes(0).to_string(), "0 B");
+        assert_eq!(HumanBytes(4096).to_string(), "4 KiB");
+        assert_eq!(HumanBytes(10 << 30).to_string(), "10 GiB");
+        assert_eq!(HumanBytes(3 << 29).to_string(), "1.5 GiB");
+        assert_eq!(HumanBytes(32 << 40).to_string(), "32 TiB");
+    }
+}

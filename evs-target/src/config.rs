@@ -1,0 +1,680 @@
+//! Daemon configuration: command-line flags over an optional TOML file over defaults.
+//!
+//! The file takes the flags' names in snake_case (`nbd_listen = "0.0.0.0:10809"`). Every value
+//! is checked by the same function whether it comes from a flag or the file; a bad value in
+//! the file is reported with its file, line and key, an unknown key likewise.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use clap::Parser;
+use serde::Deserialize;
+use toml::Spanned;
+
+pub const DEFAULT_DATA_DIR: &str = "./evs-data";
+pub const DEFAULT_AZ: &str = "az1";
+pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
+pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:10810";
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:10811";
+/// Writes up to this size go through O_DIRECT when direct writes are on: small random
+/// writes are where the page cache hurts; large sequential ones gain from it.
+pub const DIRECT_WRITE_MAX: usize = 64 * 1024;
+
+/// `evs-target`'s command line.
+#[derive(Debug, Default, Parser)]
+#[command(name = "evs-target", version, about = "EVS volume server: NBD exports of thin volumes, gRPC control API")]
+pub struct Flags {
+    /// TOML file with the same settings (snake_case keys); flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory of the catalog, the volume data and admin.token [default: ./evs-data].
+    #[arg(long, value_name = "DIR", value_parser = parse_data_dir)]
+    pub data_dir: Option<PathBuf>,
+    /// Availability zone of this node [default: az1].
+    #[arg(long, value_name = "NAME", value_parser = parse_az)]
+    pub az: Option<String>,
+    /// NBD TCP listen address [default: 127.0.0.1:10809].
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    pub nbd_listen: Option<ListenAddr>,
+    /// Also serve NBD on this unix socket.
+    #[arg(long, value_name = "PATH", value_parser = parse_socket_path)]
+    pub nbd_socket: Option<PathBuf>,
+    /// gRPC API listen address [default: 127.0.0.1:10810].
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    pub api_listen: Option<ListenAddr>,
+    /// Prometheus metrics listen address, GET /metrics [default: 127.0.0.1:10811].
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+    pub metrics_listen: Option<ListenAddr>,
+    /// Backup object store: file:///PATH, s3://BUCKET/PREFIX?endpoint=URL&region=R or
+    /// obs://BUCKET/PREFIX?endpoint=URL&region=R [default: file://<data-dir>/obs].
+    #[arg(long, value_name = "URL", value_parser = parse_backup_store)]
+    pub backup_store: Option<BackupStore>,
+    /// I/O backend of the data path [default: auto = io_uring if the kernel allows it].
+    #[arg(long, value_name = "uring|portable|auto", value_parser = parse_io_backend)]
+    pub io_backend: Option<IoBackend>,
+    /// O_DIRECT for small writes [default: on].
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    pub direct_writes: Option<OnOff>,
+    /// Log filter: a level (error, warn, info, debug, trace) or tracing directives
+    /// [default: $RUST_LOG, else info].
+    #[arg(long, value_name = "LEVEL", value_parser = parse_log)]
+    pub log: Option<String>,
+}
+
+/// The resolved configuration the daemon runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub az: String,
+    pub nbd_listen: ListenAddr,
+    pub nbd_socket: Option<PathBuf>,
+    pub api_listen: ListenAddr,
+    pub metrics_listen: ListenAddr,
+    pub backup_store: BackupStore,
+    pub io_backend: IoBackend,
+    pub direct_writes: bool,
+    /// None: `RUST_LOG` if set, else `info`.
+    pub log: Option<String>,
+}
+
+/// A configuration problem; the message names the flag or the file, line and key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    /// A TOML syntax or type error, or an unknown key.
+    #[error("{}:{line}:{column}: {message} (in `{text}`)", path.display())]
+    Syntax { path: PathBuf, line: usize, column: usize, message: String, text: String },
+    /// A well-formed value that is not acceptable.
+    #[error("{}:{line}: {key}: {message}", path.display())]
+    Value { path: PathBuf, line: usize, key: &'static str, message: String },
+}
+
+impl Config {
+    /// Flags over the `--config` file (if any) over the defaults.
+    pub fn load(flags: Flags) -> Result<Config, ConfigError> {
+        let file = match &flags.config {
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                FileConfig::parse(&text, path)?
+            }
+            None => FileConfig::default(),
+        };
+        let data_dir = flags.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let backup_store = flags
+            .backup_store
+            .or(file.backup_store)
+            .unwrap_or_else(|| BackupStore::File { path: data_dir.join("obs") });
+        Ok(Config {
+            az: flags.az.or(file.az).unwrap_or_else(|| DEFAULT_AZ.to_string()),
+            nbd_listen: flags.nbd_listen.or(file.nbd_listen).unwrap_or_else(|| ListenAddr(DEFAULT_NBD_LISTEN.into())),
+            nbd_socket: flags.nbd_socket.or(file.nbd_socket),
+            api_listen: flags.api_listen.or(file.api_listen).unwrap_or_else(|| ListenAddr(DEFAULT_API_LISTEN.into())),
+            metrics_listen: flags
+                .metrics_listen
+                .or(file.metrics_listen)
+                .unwrap_or_else(|| ListenAddr(DEFAULT_METRICS_LISTEN.into())),
+            backup_store,
+            io_backend: flags.io_backend.or(file.io_backend).unwrap_or(IoBackend::Auto),
+            direct_writes: flags.direct_writes.or(file.direct_writes).map(|o| o.0).unwrap_or(true),
+            log: flags.log.or(file.log),
+            data_dir,
+        })
+    }
+}
+
+/// The settings a config file may hold, each validated.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    az: Option<String>,
+    nbd_listen: Option<ListenAddr>,
+    nbd_socket: Option<PathBuf>,
+    api_listen: Option<ListenAddr>,
+    metrics_listen: Option<ListenAddr>,
+    backup_store: Option<BackupStore>,
+    io_backend: Option<IoBackend>,
+    direct_writes: Option<OnOff>,
+    log: Option<String>,
+}
+
+/// The file as TOML gives it, with the position of every value for error messages.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    data_dir: Option<Spanned<String>>,
+    az: Option<Spanned<String>>,
+    nbd_listen: Option<Spanned<String>>,
+    nbd_socket: Option<Spanned<String>>,
+    api_listen: Option<Spanned<String>>,
+    metrics_listen: Option<Spanned<String>>,
+    backup_store: Option<Spanned<String>>,
+    io_backend: Option<Spanned<String>>,
+    /// `true`/`false` or `"on"`/`"off"`, like the flag.
+    direct_writes: Option<Spanned<toml::Value>>,
+    log: Option<Spanned<String>>,
+}
+
+impl FileConfig {
+    fn parse(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
+        let raw: RawFile = toml::from_str(text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            let (line, column) = line_col(text, span.start);
+            ConfigError::Syntax {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: e.message().trim().to_string(),
+                text: text.lines().nth(line - 1).unwrap_or("").trim().to_string(),
+            }
+        })?;
+        // Each value through its checker; an error carries the key and the value's line.
+        fn check<T>(
+            text: &str,
+            path: &Path,
+            key: &'static str,
+            v: Option<Spanned<String>>,
+            parse: fn(&str) -> Result<T, String>,
+        ) -> Result<Option<T>, ConfigError> {
+            let Some(v) = v else { return Ok(None) };
+            let span: Range<usize> = v.span();
+            parse(v.get_ref()).map(Some).map_err(|message| ConfigError::Value {
+                path: path.to_path_buf(),
+                line: line_col(text, span.start).0,
+                key,
+                message,
+            })
+        }
+        let direct_writes = match raw.direct_writes {
+            None => None,
+            Some(v) => {
+                let span = v.span();
+                let parsed = match v.get_ref() {
+                    toml::Value::Boolean(b) => Ok(OnOff(*b)),
+                    toml::Value::String(s) => parse_on_off(s),
+                    other => Err(format!("expected on, off, true or false, found a {}", other.type_str())),
+                };
+                Some(parsed.map_err(|message| ConfigError::Value {
+                    path: path.to_path_buf(),
+                    line: line_col(text, span.start).0,
+                    key: "direct_writes",
+                    message,
+                })?)
+            }
+        };
+        Ok(FileConfig {
+            data_dir: check(text, path, "data_dir", raw.data_dir, parse_data_dir)?,
+            az: check(text, path, "az", raw.az, parse_az)?,
+            nbd_listen: check(text, path, "nbd_listen", raw.nbd_listen, parse_listen)?,
+            nbd_socket: check(text, path, "nbd_socket", raw.nbd_socket, parse_socket_path)?,
+            api_listen: check(text, path, "api_listen", raw.api_listen, parse_listen)?,
+            metrics_listen: check(text, path, "metrics_listen", raw.metrics_listen, parse_listen)?,
+            backup_store: check(text, path, "backup_store", raw.backup_store, parse_backup_store)?,
+            io_backend: check(text, path, "io_backend", raw.io_backend, parse_io_backend)?,
+            direct_writes,
+            log: check(text, path, "log", raw.log, parse_log)?,
+        })
+    }
+}
+
+/// 1-based line and column of byte offset `at`.
+fn line_col(text: &str, at: usize) -> (usize, usize) {
+    let before = &text[..at.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, column)
+}
+
+/// A listen address: `IP:PORT`, `[IPv6]:PORT` or `HOST:PORT` (resolved when binding).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenAddr(pub String);
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+pub fn parse_listen(s: &str) -> Result<ListenAddr, String> {
+    if s.parse::<SocketAddr>().is_ok() {
+        return Ok(ListenAddr(s.to_string()));
+    }
+    let bad =
+        |why: &str| Err(format!("invalid listen address {s:?}: {why} (expected HOST:PORT, e.g. 127.0.0.1:10809)"));
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return bad("no port");
+    };
+    if port.parse::<u16>().is_err() {
+        return bad("the port must be a number from 0 to 65535");
+    }
+    if host.is_empty() {
+        return bad("no host");
+    }
+    if host.starts_with('[') || host.contains(':') {
+        return bad("not a valid IPv6 address (write [ADDR]:PORT)");
+    }
+    if !host.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') {
+        return bad("not an IP address or a host name");
+    }
+    Ok(ListenAddr(s.to_string()))
+}
+
+fn parse_data_dir(s: &str) -> Result<PathBuf, String> {
+    if s.is_empty() {
+        return Err("the data directory must not be empty".into());
+    }
+    Ok(PathBuf::from(s))
+}
+
+fn parse_socket_path(s: &str) -> Result<PathBuf, String> {
+    if s.is_empty() {
+        return Err("the socket path must not be empty".into());
+    }
+    // sun_path holds 108 bytes including the terminating NUL.
+    if s.len() > 107 {
+        return Err(format!("socket path {s:?} is longer than the 107 bytes a unix socket address holds"));
+    }
+    Ok(PathBuf::from(s))
+}
+
+/// An availability zone name: 1 to 63 of `[A-Za-z0-9._-]`.
+pub fn parse_az(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 63 {
+        return Err(format!("invalid AZ name {s:?}: 1 to 63 characters"));
+    }
+    if !s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
+        return Err(format!("invalid AZ name {s:?}: only letters, digits, '.', '_' and '-'"));
+    }
+    Ok(s.to_string())
+}
+
+/// `--io-backend`; `auto` is resolved by the daemon (it probes io_uring).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoBackend {
+    Auto,
+    Uring,
+    Portable,
+}
+
+impl IoBackend {
+    pub fn name(self) -> &'static str {
+        match self {
+            IoBackend::Auto => "auto",
+            IoBackend::Uring => "uring",
+            IoBackend::Portable => "portable",
+        }
+    }
+}
+
+pub fn parse_io_backend(s: &str) -> Result<IoBackend, String> {
+    match s {
+        "auto" => Ok(IoBackend::Auto),
+        "uring" | "io_uring" | "io-uring" => Ok(IoBackend::Uring),
+        "portable" => Ok(IoBackend::Portable),
+        _ => Err(format!("unknown I/O backend {s:?} (expected uring, portable or auto)")),
+    }
+}
+
+/// An on/off switch as the flags spell it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OnOff(pub bool);
+
+pub fn parse_on_off(s: &str) -> Result<OnOff, String> {
+    match s {
+        "on" | "true" | "yes" | "1" => Ok(OnOff(true)),
+        "off" | "false" | "no" | "0" => Ok(OnOff(false)),
+        _ => Err(format!("expected on or off, found {s:?}")),
+    }
+}
+
+pub fn parse_log(s: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(s).map_err(|e| format!("invalid log filter {s:?}: {e}"))?;
+    Ok(s.to_string())
+}
+
+/// Where backups go. Only validated and kept for now: the backup issue uses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackupStore {
+    /// A local directory.
+    File { path: PathBuf },
+    /// An S3-compatible bucket; credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+    S3(Bucket),
+    /// A Huawei Cloud OBS bucket.
+    Obs(Bucket),
+}
+
+/// A bucket, a key prefix inside it, and how to reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bucket {
+    pub bucket: String,
+    /// Without leading or trailing '/'; empty for the bucket's root.
+    pub prefix: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+}
+
+impl fmt::Display for BackupStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (scheme, b) = match self {
+            BackupStore::File { path } => return write!(f, "file://{}", path.display()),
+            BackupStore::S3(b) => ("s3", b),
+            BackupStore::Obs(b) => ("obs", b),
+        };
+        write!(f, "{scheme}://{}", b.bucket)?;
+        if !b.prefix.is_empty() {
+            write!(f, "/{}", b.prefix)?;
+        }
+        let mut sep = '?';
+        if let Some(e) = &b.endpoint {
+            write!(f, "{sep}endpoint={e}")?;
+            sep = '&';
+        }
+        if let Some(r) = &b.region {
+            write!(f, "{sep}region={r}")?;
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for BackupStore {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_backup_store(s)
+    }
+}
+
+pub fn parse_backup_store(s: &str) -> Result<BackupStore, String> {
+    let msg = |why: String| format!("invalid backup store {s:?}: {why}");
+    let bad = |why: String| Err(msg(why));
+    let Some((scheme, rest)) = s.split_once("://") else {
+        return bad("expected file:///PATH, s3://BUCKET/PREFIX?endpoint=URL&region=R or obs://BUCKET/PREFIX".into());
+    };
+    match scheme {
+        "file" => {
+            // file:///abs/path (empty host) or file://localhost/abs/path; a bare relative path
+            // (file://evs-data/obs) is accepted too, relative to the working directory, which
+            // is what the default `file://<data-dir>/obs` gives for a relative data dir.
+            let path = rest.strip_prefix("localhost/").map(|p| format!("/{p}")).unwrap_or_else(|| rest.to_string());
+            if path.is_empty() || path == "/" {
+                return bad("no directory after file://".into());
+            }
+            if path.contains('?') || path.contains('#') {
+                return bad("a file:// store takes no query or fragment".into());
+            }
+            Ok(BackupStore::File { path: PathBuf::from(path) })
+        }
+        "s3" | "obs" => {
+            let bucket = parse_bucket(rest).map_err(msg)?;
+            Ok(if scheme == "s3" { BackupStore::S3(bucket) } else { BackupStore::Obs(bucket) })
+        }
+        other => bad(format!("unsupported scheme {other:?} (expected file, s3 or obs)")),
+    }
+}
+
+/// `BUCKET[/PREFIX][?endpoint=URL&region=R]`.
+fn parse_bucket(rest: &str) -> Result<Bucket, String> {
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (bucket, prefix) = path.split_once('/').unwrap_or((path, ""));
+    // The S3 (and OBS) bucket naming rules.
+    if bucket.len() < 3 || bucket.len() > 63 {
+        return Err(format!("bucket name {bucket:?} must be 3 to 63 characters"));
+    }
+    if !bucket.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        || !bucket.starts_with(|c: char| c.is_ascii_alphanumeric())
+        || !bucket.ends_with(|c: char| c.is_ascii_alphanumeric())
+    {
+        return Err(format!(
+            "bucket name {bucket:?} must be lowercase letters, digits, '.' and '-', starting and ending with a letter or digit"
+        ));
+    }
+    let mut b = Bucket {
+        bucket: bucket.to_string(),
+        prefix: prefix.trim_matches('/').to_string(),
+        endpoint: None,
+        region: None,
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v).ok_or_else(|| format!("bad percent-encoding in {pair:?}"))?;
+        if v.is_empty() {
+            return Err(format!("{k} has no value"));
+        }
+        match k {
+            "endpoint" => {
+                if !(v.starts_with("http://") || v.starts_with("https://")) || v.len() <= "https://".len() {
+                    return Err(format!("endpoint {v:?} must be an http:// or https:// URL"));
+                }
+                b.endpoint = Some(v);
+            }
+            "region" => b.region = Some(v),
+            other => return Err(format!("unknown parameter {other:?} (expected endpoint or region)")),
+        }
+    }
+    Ok(b)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(args: &[&str]) -> Flags {
+        Flags::try_parse_from(std::iter::once("evs-target").chain(args.iter().copied())).unwrap()
+    }
+
+    fn with_file(toml: &str, args: &[&str]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("evs.toml");
+        std::fs::write(&path, toml).unwrap();
+        let mut all = vec!["--config", path.to_str().unwrap()];
+        all.extend_from_slice(args);
+        Config::load(flags(&all))
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::load(flags(&[])).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("./evs-data"));
+        assert_eq!(c.az, "az1");
+        assert_eq!(c.nbd_listen.0, "127.0.0.1:10809");
+        assert_eq!(c.api_listen.0, "127.0.0.1:10810");
+        assert_eq!(c.metrics_listen.0, "127.0.0.1:10811");
+        assert_eq!(c.nbd_socket, None);
+        assert_eq!(c.backup_store, BackupStore::File { path: PathBuf::from("./evs-data/obs") });
+        assert_eq!(c.backup_store.to_string(), "file://./evs-data/obs");
+        assert_eq!(c.io_backend, IoBackend::Auto);
+        assert!(c.direct_writes);
+        assert_eq!(c.log, None);
+    }
+
+    #[test]
+    fn flags_set_everything() {
+        let c = Config::load(flags(&[
+            "--data-dir",
+            "/srv/evs",
+            "--az",
+            "az2",
+            "--nbd-listen",
+            "0.0.0.0:20809",
+            "--nbd-socket",
+            "/run/evs.sock",
+            "--api-listen",
+            "[::1]:20810",
+            "--metrics-listen",
+            "localhost:20811",
+            "--io-backend",
+            "portable",
+            "--direct-writes",
+            "off",
+            "--log",
+            "debug",
+        ]))
+        .unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/srv/evs"));
+        assert_eq!(c.az, "az2");
+        assert_eq!(c.nbd_listen.0, "0.0.0.0:20809");
+        assert_eq!(c.nbd_socket, Some(PathBuf::from("/run/evs.sock")));
+        assert_eq!(c.api_listen.0, "[::1]:20810");
+        assert_eq!(c.metrics_listen.0, "localhost:20811");
+        assert_eq!(c.backup_store.to_string(), "file:///srv/evs/obs");
+        assert_eq!(c.io_backend, IoBackend::Portable);
+        assert!(!c.direct_writes);
+        assert_eq!(c.log.as_deref(), Some("debug"));
+    }
+
+    #[test]
+    fn bad_flags_are_usage_errors_naming_the_flag() {
+        for (flag, value) in [
+            ("--nbd-listen", "10809"),
+            ("--api-listen", "host:99999"),
+            ("--io-backend", "fast"),
+            ("--direct-writes", "maybe"),
+            ("--backup-store", "ftp://x"),
+            ("--az", "a z"),
+        ] {
+            let e = Flags::try_parse_from(["evs-target", flag, value]).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains(flag), "{msg}");
+            assert_eq!(e.exit_code(), 2);
+        }
+    }
+
+    #[test]
+    fn file_values_and_flag_override() {
+        let toml = r#"
+data_dir = "/var/lib/evs"
+az = "az9"
+nbd_listen = "0.0.0.0:1"
+api_listen = "127.0.0.1:2"
+io_backend = "portable"
+direct_writes = false
+backup_store = "s3://backups/evs/node1?endpoint=http://127.0.0.1:3900&region=garage"
+"#;
+        let c = with_file(toml, &["--api-listen", "127.0.0.1:3", "--direct-writes", "on"]).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/evs"));
+        assert_eq!(c.az, "az9");
+        assert_eq!(c.nbd_listen.0, "0.0.0.0:1");
+        assert_eq!(c.api_listen.0, "127.0.0.1:3", "the flag wins");
+        assert_eq!(c.io_backend, IoBackend::Portable);
+        assert!(c.direct_writes, "the flag wins");
+        assert_eq!(
+            c.backup_store,
+            BackupStore::S3(Bucket {
+                bucket: "backups".into(),
+                prefix: "evs/node1".into(),
+                endpoint: Some("http://127.0.0.1:3900".into()),
+                region: Some("garage".into()),
+            })
+        );
+        let c = with_file("direct_writes = \"off\"\n", &[]).unwrap();
+        assert!(!c.direct_writes);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let e = with_file("az = \"az1\"\n\nnbd_port = 10809\n", &[]).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, ConfigError::Syntax { line: 3, .. }), "{msg}");
+        assert!(msg.contains("nbd_port"), "{msg}");
+        assert!(msg.contains("evs.toml:3:"), "{msg}");
+    }
+
+    #[test]
+    fn bad_value_names_key_and_line() {
+        let e = with_file("az = \"az1\"\nnbd_listen = \"nowhere\"\n", &[]).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, ConfigError::Value { line: 2, key: "nbd_listen", .. }), "{msg}");
+        assert!(msg.contains("evs.toml:2: nbd_listen: invalid listen address \"nowhere\""), "{msg}");
+
+        let e = with_file("\n\ndirect_writes = 3\n", &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::Value { line: 3, key: "direct_writes", .. }), "{e}");
+        let e = with_file("io_backend = \"spdk\"\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("io_backend: unknown I/O backend \"spdk\""), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_and_syntax_errors_name_the_line() {
+        let e = with_file("az = \"az1\"\naz_x\n", &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::Syntax { line: 2, .. }), "{e}");
+        let e = with_file("\naz = 5\n", &[]).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, ConfigError::Syntax { line: 2, .. }), "{msg}");
+        assert!(msg.contains("az = 5"), "{msg}");
+    }
+
+    #[test]
+    fn missing_file_is_an_error_naming_it() {
+        let e = Config::load(flags(&["--config", "/nonexistent/evs.toml"])).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/evs.toml"), "{e}");
+    }
+
+    #[test]
+    fn listen_addresses() {
+        for ok in ["127.0.0.1:10809", "0.0.0.0:0", "[::]:1", "[::1]:10809", "localhost:80", "node-1.example:9"] {
+            assert!(parse_listen(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "10809", ":10809", "host:", "host:65536", "::1:80", "a b:1", "[::1:80"] {
+            assert!(parse_listen(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn backup_store_urls() {
+        assert_eq!(parse_backup_store("file:///srv/obs"), Ok(BackupStore::File { path: "/srv/obs".into() }));
+        assert_eq!(parse_backup_store("file://localhost/srv/obs"), Ok(BackupStore::File { path: "/srv/obs".into() }));
+        let s3 = parse_backup_store("s3://bucket-1").unwrap();
+        assert_eq!(
+            s3,
+            BackupStore::S3(Bucket { bucket: "bucket-1".into(), prefix: String::new(), endpoint: None, region: None })
+        );
+        assert_eq!(s3.to_string(), "s3://bucket-1");
+        let obs =
+            parse_backup_store("obs://evs-backup/p/?region=cn-north-4&endpoint=https%3A%2F%2Fobs.example").unwrap();
+        assert_eq!(obs.to_string(), "obs://evs-backup/p?endpoint=https://obs.example&region=cn-north-4");
+        let round = "s3://b12/x/y?endpoint=http://127.0.0.1:3900&region=garage";
+        assert_eq!(parse_backup_store(round).unwrap().to_string(), round);
+
+        for (bad, why) in [
+            ("/srv/obs", "expected file://"),
+            ("ftp://host/x", "unsupported scheme \"ftp\""),
+            ("file://", "no directory"),
+            ("s3://", "3 to 63"),
+            ("s3://Upper", "lowercase"),
+            ("s3://bucket?endpoint=ftp://x", "http://"),
+            ("s3://bucket?token=1", "unknown parameter \"token\""),
+            ("s3://bucket?region=", "region has no value"),
+            ("obs://b-", "3 to 63"),
+        ] {
+            let e = parse_backup_store(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn line_and_column() {
+        assert_eq!(line_col("ab\ncd\n", 0), (1, 1));
+        assert_eq!(line_col("ab\ncd\n", 4), (2, 2));
+        assert_eq!(line_col("ab", 99), (1, 3));
+    }
+}

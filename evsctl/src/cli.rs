@@ -1,0 +1,152 @@
+//! The command line of `evsctl` (clap). Usage errors exit with code 2, as clap does.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::size::parse_size;
+
+/// The API endpoint when neither --endpoint nor EVS_ENDPOINT is given.
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:10810";
+/// The token file tried when neither --token nor EVS_TOKEN is given (the daemon's default
+/// data directory, as seen from where the daemon was started).
+pub const DEFAULT_TOKEN_FILE: &str = "./evs-data/admin.token";
+
+#[derive(Debug, Parser)]
+#[command(name = "evsctl", version, about = "Command-line client of the EVS engine", propagate_version = true)]
+pub struct Cli {
+    /// gRPC API of the evs-target daemon.
+    #[arg(long, global = true, value_name = "URL", env = "EVS_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
+    pub endpoint: String,
+    /// Tenant token [default: ./evs-data/admin.token if readable].
+    #[arg(long, global = true, value_name = "TOKEN", env = "EVS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Output format: human-readable table, or one JSON document on stdout.
+    #[arg(long, global = true, value_enum, value_name = "FORMAT", default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Volumes: create, list, show, delete, extend, set-tier, attach, detach.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a thin volume.
+    Create {
+        name: String,
+        /// Size: bytes, or with a K, M, G, T suffix (binary units): 512M, 10G, 1T.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Performance tier: common, high, gpssd, ultra-high, essd, unlimited [default: gpssd].
+        #[arg(long)]
+        tier: Option<String>,
+        /// Clone of a snapshot (not supported yet).
+        #[arg(long, value_name = "VOLUME@SNAP", conflicts_with = "from_backup")]
+        from_snapshot: Option<String>,
+        /// Restore of a backup (not supported yet).
+        #[arg(long, value_name = "BACKUP_ID")]
+        from_backup: Option<String>,
+    },
+    /// List the tenant's volumes.
+    List,
+    /// Show one volume.
+    Show { name: String },
+    /// Delete a detached volume and its data.
+    Delete { name: String },
+    /// Grow a volume, online (never shrinks).
+    Extend {
+        name: String,
+        /// New size: bytes, or with a K, M, G, T suffix.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// Change a volume's performance tier, online.
+    SetTier {
+        name: String,
+        #[arg(long)]
+        tier: String,
+    },
+    /// Export a volume over NBD and print the URI to give the client.
+    Attach {
+        name: String,
+        /// Print the nbd+unix:// URI of the daemon's unix socket instead of nbd://.
+        #[arg(long)]
+        unix: bool,
+    },
+    /// Revoke a volume's NBD export (its connections are closed).
+    Detach { name: String },
+}
+
+impl Cli {
+    /// Where to look for a token when none was given.
+    pub fn default_token_file() -> PathBuf {
+        PathBuf::from(DEFAULT_TOKEN_FILE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("evsctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn create_with_size_and_tier() {
+        let cli = parse(&["volume", "create", "db", "--size", "10G", "--tier", "essd"]).unwrap();
+        match cli.command {
+            Command::Volume(VolumeCommand::Create { name, size, tier, .. }) => {
+                assert_eq!(name, "db");
+                assert_eq!(size, 10 << 30);
+                assert_eq!(tier.as_deref(), Some("essd"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn global_options_anywhere() {
+        let cli = parse(&["volume", "list", "--output", "json", "--endpoint", "http://h:1", "--token", "t"]).unwrap();
+        assert_eq!(cli.output, OutputFormat::Json);
+        assert_eq!(cli.endpoint, "http://h:1");
+        assert_eq!(cli.token.as_deref(), Some("t"));
+        let cli = parse(&["--output", "json", "volume", "attach", "db", "--unix"]).unwrap();
+        assert!(matches!(cli.command, Command::Volume(VolumeCommand::Attach { unix: true, .. })));
+    }
+
+    #[test]
+    fn usage_errors_exit_2() {
+        for args in [
+            &["volume", "create", "db"][..],
+            &["volume", "create", "db", "--size", "ten"],
+            &["volume", "extend", "db", "--size", "1.5G"],
+            &["volume", "set-tier", "db"],
+            &["volume", "frobnicate"],
+            &["--output", "yaml", "volume", "list"],
+        ] {
+            let e = parse(args).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{args:?}");
+        }
+        let e = parse(&["volume", "create", "db", "--size", "ten"]).unwrap_err().to_string();
+        assert!(e.contains("--size") && e.contains("\"ten\""), "{e}");
+    }
+}

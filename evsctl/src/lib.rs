@@ -1,0 +1,134 @@
+//! `evsctl`, the command-line client of the EVS engine's gRPC API.
+//!
+//! * [`cli`]: the command line (clap);
+//! * [`client`]: endpoint, token, connection;
+//! * [`size`]: `10G`-style sizes;
+//! * [`output`]: tables and JSON.
+//!
+//! Exit codes: 0 success, 1 any failure (server refusal, connection), 2 usage (clap).
+
+pub mod cli;
+pub mod client;
+pub mod output;
+pub mod size;
+
+use std::io::Write;
+
+use anyhow::Context;
+use evs_proto::v1 as pb;
+
+use cli::{Cli, Command, OutputFormat, VolumeCommand};
+use client::{ServerError, VolumeClient};
+use output::{AttachView, DeleteView, DetachView, VolumeList, VolumeView};
+
+/// Runs one command. The error, printed with `{:#}`, is the one-line message for stderr.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the runtime")?;
+    rt.block_on(dispatch(cli))
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let token = client::resolve_token(cli.token.as_deref(), &Cli::default_token_file())?;
+    let mut c = client::connect(&cli.endpoint, &token).await?;
+    let out = match cli.command {
+        Command::Volume(cmd) => volume(&mut c, cmd, cli.output).await?,
+    };
+    emit(&out)
+}
+
+/// Writes to stdout; a closed pipe (`evsctl volume list | head -1`) is not an error.
+fn emit(s: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(s.as_bytes()).and_then(|_| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("cannot write to stdout"),
+        _ => Ok(()),
+    }
+}
+
+fn volume_of(v: Option<pb::Volume>) -> anyhow::Result<VolumeView> {
+    v.map(VolumeView::from).context("the server's reply carries no volume")
+}
+
+/// The rendering of a command that returns one volume.
+fn one_volume(v: VolumeView, format: OutputFormat) -> String {
+    match format {
+        OutputFormat::Json => output::json(&v),
+        OutputFormat::Table => output::volume_detail(&v),
+    }
+}
+
+async fn volume(c: &mut VolumeClient, cmd: VolumeCommand, format: OutputFormat) -> anyhow::Result<String> {
+    Ok(match cmd {
+        VolumeCommand::Create { name, size, tier, from_snapshot, from_backup } => {
+            let r = c
+                .create_volume(pb::CreateVolumeRequest {
+                    name,
+                    size_bytes: size,
+                    tier: tier.unwrap_or_default(),
+                    from_snapshot: from_snapshot.unwrap_or_default(),
+                    from_backup: from_backup.unwrap_or_default(),
+                })
+                .await
+                .map_err(ServerError::from)?;
+            one_volume(volume_of(r.into_inner().volume)?, format)
+        }
+        VolumeCommand::List => {
+            let r = c.list_volumes(pb::ListVolumesRequest {}).await.map_err(ServerError::from)?;
+            let volumes: Vec<VolumeView> = r.into_inner().volumes.into_iter().map(VolumeView::from).collect();
+            match format {
+                OutputFormat::Json => output::json(&VolumeList { volumes }),
+                OutputFormat::Table => output::volume_table(&volumes),
+            }
+        }
+        VolumeCommand::Show { name } => {
+            let r = c.get_volume(pb::GetVolumeRequest { name }).await.map_err(ServerError::from)?;
+            one_volume(volume_of(r.into_inner().volume)?, format)
+        }
+        VolumeCommand::Delete { name } => {
+            c.delete_volume(pb::DeleteVolumeRequest { name: name.clone() }).await.map_err(ServerError::from)?;
+            match format {
+                OutputFormat::Json => output::json(&DeleteView { name, deleted: true }),
+                OutputFormat::Table => format!("deleted volume {name}\n"),
+            }
+        }
+        VolumeCommand::Extend { name, size } => {
+            let r =
+                c.extend_volume(pb::ExtendVolumeRequest { name, size_bytes: size }).await.map_err(ServerError::from)?;
+            one_volume(volume_of(r.into_inner().volume)?, format)
+        }
+        VolumeCommand::SetTier { name, tier } => {
+            let r = c.set_volume_tier(pb::SetVolumeTierRequest { name, tier }).await.map_err(ServerError::from)?;
+            one_volume(volume_of(r.into_inner().volume)?, format)
+        }
+        VolumeCommand::Attach { name, unix } => {
+            let r = c
+                .attach_volume(pb::AttachVolumeRequest { name, require_unix: unix })
+                .await
+                .map_err(ServerError::from)?
+                .into_inner();
+            let view = AttachView {
+                uri: r.uri,
+                unix_uri: Some(r.unix_uri).filter(|u| !u.is_empty()),
+                export_name: r.export_name,
+                volume: r.volume.map(VolumeView::from),
+            };
+            match format {
+                OutputFormat::Json => output::json(&view),
+                // Just the URI, so `uri=$(evsctl volume attach db)` works.
+                OutputFormat::Table if unix => {
+                    format!("{}\n", view.unix_uri.context("the server returned no unix-socket URI")?)
+                }
+                OutputFormat::Table => format!("{}\n", view.uri),
+            }
+        }
+        VolumeCommand::Detach { name } => {
+            let r = c.detach_volume(pb::DetachVolumeRequest { name: name.clone() }).await.map_err(ServerError::from)?;
+            let was_attached = r.into_inner().was_attached;
+            match format {
+                OutputFormat::Json => output::json(&DetachView { name, was_attached }),
+                OutputFormat::Table if was_attached => format!("detached volume {name}\n"),
+                OutputFormat::Table => format!("volume {name} was not attached\n"),
+            }
+        }
+    })
+}

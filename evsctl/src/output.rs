@@ -1,0 +1,223 @@
+//! What the commands print: a human table or text by default, one JSON document with
+//! `--output json`.
+//!
+//! JSON shapes (field names as in the .proto, sizes in bytes, times in Unix seconds):
+//! * `volume create | show | extend | set-tier`: the volume object
+//!   `{"name","id","size_bytes","allocated_bytes","created_unix","tier","attached"}`;
+//! * `volume list`: `{"volumes": [volume, ...]}`;
+//! * `volume attach`: `{"uri","unix_uri","export_name","volume": volume}` (`unix_uri` is null
+//!   when the daemon has no unix socket);
+//! * `volume detach`: `{"name","was_attached"}`; `volume delete`: `{"name","deleted": true}`.
+
+use std::fmt::Write as _;
+
+use evs_proto::v1 as pb;
+use serde::Serialize;
+
+use crate::size::format_size;
+
+/// A volume as printed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VolumeView {
+    pub name: String,
+    pub id: u64,
+    pub size_bytes: u64,
+    pub allocated_bytes: u64,
+    pub created_unix: u64,
+    pub tier: String,
+    pub attached: bool,
+}
+
+impl From<pb::Volume> for VolumeView {
+    fn from(v: pb::Volume) -> Self {
+        VolumeView {
+            name: v.name,
+            id: v.id,
+            size_bytes: v.size_bytes,
+            allocated_bytes: v.allocated_bytes,
+            created_unix: v.created_unix,
+            tier: v.tier,
+            attached: v.attached,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct VolumeList {
+    pub volumes: Vec<VolumeView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AttachView {
+    pub uri: String,
+    pub unix_uri: Option<String>,
+    pub export_name: String,
+    pub volume: Option<VolumeView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DetachView {
+    pub name: String,
+    pub was_attached: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeleteView {
+    pub name: String,
+    pub deleted: bool,
+}
+
+/// One JSON document, pretty-printed, newline-terminated.
+pub fn json<T: Serialize>(v: &T) -> String {
+    let mut s = serde_json::to_string_pretty(v).expect("plain data serialises");
+    s.push('\n');
+    s
+}
+
+/// `volume show`: one `key: value` line per field.
+pub fn volume_detail(v: &VolumeView) -> String {
+    let rows = [
+        ("name", v.name.clone()),
+        ("id", v.id.to_string()),
+        ("size", format!("{} ({} bytes)", format_size(v.size_bytes), v.size_bytes)),
+        ("allocated", format!("{} ({} bytes)", format_size(v.allocated_bytes), v.allocated_bytes)),
+        ("tier", v.tier.clone()),
+        ("attached", yes_no(v.attached).to_string()),
+        ("created", format_time(v.created_unix)),
+    ];
+    let mut out = String::new();
+    for (k, val) in rows {
+        let _ = writeln!(out, "{:<10} {val}", format!("{k}:"));
+    }
+    out
+}
+
+/// `volume list`: aligned columns.
+pub fn volume_table(vols: &[VolumeView]) -> String {
+    if vols.is_empty() {
+        return "no volumes\n".to_string();
+    }
+    let header = ["NAME", "SIZE", "ALLOCATED", "TIER", "ATTACHED", "CREATED"].map(String::from).to_vec();
+    let rows: Vec<Vec<String>> = vols
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                format_size(v.size_bytes),
+                format_size(v.allocated_bytes),
+                v.tier.clone(),
+                yes_no(v.attached).to_string(),
+                format_time(v.created_unix),
+            ]
+        })
+        .collect();
+    table(&header, &rows)
+}
+
+/// Left-aligned columns separated by two spaces; no trailing blanks.
+pub fn table(header: &[String], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in std::iter::once(header).chain(rows.iter().map(|r| r.as_slice())) {
+        let mut line = String::new();
+        for (i, cell) in r.iter().enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            let _ = write!(line, "{cell:<width$}", width = widths[i]);
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+/// Unix seconds as `YYYY-MM-DD HH:MM:SS UTC` (no time-zone database needed).
+pub fn format_time(unix: u64) -> String {
+    let days = (unix / 86_400) as i64;
+    let secs = unix % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+/// Days since 1970-01-01 → (year, month, day) in the proleptic Gregorian calendar
+/// (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vol(name: &str) -> VolumeView {
+        VolumeView {
+            name: name.into(),
+            id: 7,
+            size_bytes: 10 << 30,
+            allocated_bytes: 3 << 19,
+            created_unix: 1_700_000_000,
+            tier: "gpssd".into(),
+            attached: true,
+        }
+    }
+
+    #[test]
+    fn times() {
+        assert_eq!(format_time(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(format_time(1_700_000_000), "2023-11-14 22:13:20 UTC");
+        assert_eq!(format_time(951_782_400), "2000-02-29 00:00:00 UTC");
+    }
+
+    #[test]
+    fn list_table() {
+        let t = volume_table(&[vol("db"), vol("logs-archive")]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("NAME          SIZE    ALLOCATED  TIER"), "{t}");
+        assert!(lines[1].starts_with("db            10 GiB  1.5 MiB    gpssd  yes"), "{t}");
+        assert!(t.lines().all(|l| !l.ends_with(' ')));
+        assert_eq!(volume_table(&[]), "no volumes\n");
+    }
+
+    #[test]
+    fn detail() {
+        let d = volume_detail(&vol("db"));
+        assert!(d.contains("name:      db\n"), "{d}");
+        assert!(d.contains("size:      10 GiB (10737418240 bytes)\n"), "{d}");
+        assert!(d.contains("attached:  yes\n"), "{d}");
+    }
+
+    #[test]
+    fn json_is_one_document() {
+        let s = json(&VolumeList { volumes: vec![vol("db")] });
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(v["volumes"][0]["size_bytes"], 10u64 << 30);
+        assert_eq!(v["volumes"][0]["tier"], "gpssd");
+        let a = json(&AttachView { uri: "nbd://h:1/t".into(), unix_uri: None, export_name: "t".into(), volume: None });
+        let v: serde_json::Value = serde_json::from_str(&a).unwrap();
+        assert!(v["unix_uri"].is_null());
+    }
+}
