@@ -932,8 +932,10 @@ pub fn validate_request(
             }
             return Ok(());
         }
-        Command::Read | Command::Write | Command::Cache => true,
-        Command::WriteZeroes => req.flags & NBD_CMD_FLAG_FAST_ZERO == 0,
+        // Only commands that move a payload are held to the maximum block size: clients
+        // (nbdcopy, qemu) send WRITE_ZEROES, TRIM and CACHE over much larger ranges, and we
+        // serve those without buffering anything.
+        Command::Read | Command::Write => true,
         Command::BlockStatus => {
             if req.len == 0 {
                 return Err(NBD_EINVAL);
@@ -1350,9 +1352,10 @@ mod tests {
         let n = rw(true);
         assert_eq!(check(req(Command::Read, 0, 0, MAX + 1), false, n), Err(NBD_EINVAL));
         assert_eq!(check(req(Command::Write, 0, 0, MAX + 1), false, n), Err(NBD_EINVAL));
-        assert_eq!(check(req(Command::Cache, 0, 0, MAX + 1), false, n), Err(NBD_EINVAL));
-        assert_eq!(check(req(Command::WriteZeroes, 0, 0, MAX + 1), false, n), Err(NBD_EINVAL));
-        // Block status and trim lengths are hints / not payloads: only bounds apply.
+        // Commands without a payload are not held to the maximum block size: only bounds apply.
+        assert_eq!(check(req(Command::Cache, 0, 0, MAX + 1), false, n), Ok(()));
+        assert_eq!(check(req(Command::WriteZeroes, 0, 0, MAX + 1), false, n), Ok(()));
+        assert_eq!(check(req(Command::Trim, 0, 0, MAX + 1), false, n), Ok(()));
         assert_eq!(check(req(Command::BlockStatus, 0, 0, MAX + 1), false, n), Ok(()));
         assert_eq!(check(req(Command::BlockStatus, 0, 0, 0), false, n), Err(NBD_EINVAL));
 

@@ -439,6 +439,7 @@ impl<'a> Transmission<'a> {
 
     fn dispatch(&mut self, req: Request, payload: &[u8]) {
         if let Err(errno) = proto::validate_request(&req, self.volume.size(), MAX_REQUEST_LEN, self.read_only, &self.flags) {
+            tracing::debug!(cmd = ?req.cmd, flags = req.flags, offset = req.offset, len = req.len, errno, "NBD request refused");
             self.reply_error(req.cookie, errno, "invalid request");
             return;
         }

@@ -228,12 +228,14 @@ impl IoEngine for UringEngine {
             }
             _ => None,
         };
+        if nsegs == 0 {
+            // Nothing for the kernel to do (a read of holes only): complete at once.
+            self.done.push(Completion { tag, result: Ok(0), op });
+            return;
+        }
         let slot = Slot { tag, op, progress: vec![0; nsegs], outstanding: nsegs, result: Ok(0), send };
         let idx = self.alloc_slot(slot);
         self.live += 1;
-        if nsegs == 0 {
-            return; // completes at the next reap
-        }
         for seg in 0..nsegs {
             let slot = self.slots[idx].as_mut().expect("just stored");
             let e = Self::segment_sqe(slot, idx, seg);
