@@ -38,10 +38,7 @@ fn fixture() -> Fixture {
     fill(&f.volume, 0, MIB as usize);
     fill_mixed(&f.volume, MIB..HOLE_AT, 64 * 1024);
     f.volume.flush().expect("flush");
-    eprintln!(
-        "block_store benches: engine {}, volume 1 GiB",
-        f.engine.name()
-    );
+    eprintln!("block_store benches: engine {}, volume 1 GiB", f.engine.name());
     f
 }
 
@@ -60,9 +57,7 @@ fn read_segments(c: &mut Criterion, f: &Fixture) {
         g.bench_function(name, |b| {
             b.iter(|| {
                 segs.clear();
-                f.volume
-                    .read_segments(black_box(offset), black_box(len), 0, &mut segs)
-                    .expect("read_segments");
+                f.volume.read_segments(black_box(offset), black_box(len), 0, &mut segs).expect("read_segments");
                 black_box(segs.len())
             })
         });
@@ -81,10 +76,8 @@ fn write_4k(c: &mut Criterion, f: &Fixture) {
         b.iter(|| {
             let offset = offsets.next().expect("endless");
             // An aligned write is always `Submit`; `Done` (done synchronously) is for unaligned ones.
-            if let WritePlan::Submit { op, pending } = f
-                .volume
-                .plan_write(offset, black_box(&data))
-                .expect("plan_write")
+            if let WritePlan::Submit { op, pending } =
+                f.volume.plan_write(offset, black_box(&data)).expect("plan_write")
             {
                 let (_op, res) = run_one(engine.as_mut(), op);
                 res.expect("write op");
@@ -102,9 +95,7 @@ fn read_at_4k(c: &mut Criterion, f: &Fixture) {
     for (name, offset) in [("4k_allocated", 64 * KIB4), ("4k_hole", HOLE_AT)] {
         g.bench_function(name, |b| {
             b.iter(|| {
-                f.volume
-                    .read_at(black_box(offset), &mut buf)
-                    .expect("read_at");
+                f.volume.read_at(black_box(offset), &mut buf).expect("read_at");
                 black_box(buf[0])
             })
         });
@@ -115,9 +106,7 @@ fn read_at_4k(c: &mut Criterion, f: &Fixture) {
 fn extents_1g(c: &mut Criterion, f: &Fixture) {
     let mut g = c.benchmark_group("extents");
     g.sample_size(20);
-    g.bench_function("1g_mixed", |b| {
-        b.iter(|| black_box(f.volume.extents(0, black_box(GIB)).expect("extents").len()))
-    });
+    g.bench_function("1g_mixed", |b| b.iter(|| black_box(f.volume.extents(0, black_box(GIB)).expect("extents").len())));
     g.finish();
 }
 

@@ -21,11 +21,7 @@ pub fn engine_kind() -> EngineKind {
 
 /// Store options of the benches: the daemon's defaults (small aligned writes with O_DIRECT).
 pub fn store_options(engine: EngineKind) -> StoreOptions {
-    StoreOptions {
-        engine,
-        direct_writes: true,
-        direct_write_max: 64 * 1024,
-    }
+    StoreOptions { engine, direct_writes: true, direct_write_max: 64 * 1024 }
 }
 
 /// A block store in a temporary directory (removed on drop) and one open volume.
@@ -43,39 +39,26 @@ impl Fixture {
     /// `size` bytes named `name`.
     pub fn new(name: &str, size: u64) -> Fixture {
         let dir = match std::env::var_os("EVS_BENCH_DIR") {
-            Some(base) => tempfile::Builder::new()
-                .prefix("evs-bench")
-                .tempdir_in(base),
+            Some(base) => tempfile::Builder::new().prefix("evs-bench").tempdir_in(base),
             None => tempfile::Builder::new().prefix("evs-bench").tempdir(),
         }
         .expect("temporary directory");
         let engine = engine_kind();
         let store = BlockStore::open(dir.path(), store_options(engine)).expect("open block store");
-        let info = store
-            .create_volume(OWNER, name, size)
-            .expect("create volume");
+        let info = store.create_volume(OWNER, name, size).expect("create volume");
         let volume = store.open_volume(info.id).expect("open volume");
-        Fixture {
-            store,
-            volume,
-            engine,
-            _dir: dir,
-        }
+        Fixture { store, volume, engine, _dir: dir }
     }
 }
 
 /// A recognisable, non-zero pattern of `len` bytes (zero-detection must not skip it).
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
-        .collect()
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1).collect()
 }
 
 /// Writes `len` bytes of pattern at `offset` and nothing else.
 pub fn fill(volume: &Volume, offset: u64, len: usize) {
-    volume
-        .write_at(offset, &pattern(len, 0x5a))
-        .expect("write_at");
+    volume.write_at(offset, &pattern(len, 0x5a)).expect("write_at");
 }
 
 /// Mixed allocation over `range`: in every `stripe` bytes, the first 1 to 4 blocks (varying from
@@ -88,9 +71,7 @@ pub fn fill_mixed(volume: &Volume, range: std::ops::Range<u64>, stripe: u64) -> 
     let mut i = 0u64;
     while off + stripe <= range.end {
         let len = ((i % 4) + 1) * BLOCK_SIZE;
-        volume
-            .write_at(off, &data[..len as usize])
-            .expect("write_at");
+        volume.write_at(off, &data[..len as usize]).expect("write_at");
         written += len;
         off += stripe;
         i += 1;
@@ -108,10 +89,7 @@ pub struct Offsets {
 
 impl Offsets {
     pub fn new(size: u64, seed: u64) -> Offsets {
-        Offsets {
-            state: seed | 1,
-            blocks: size / BLOCK_SIZE,
-        }
+        Offsets { state: seed | 1, blocks: size / BLOCK_SIZE }
     }
 }
 
@@ -119,10 +97,7 @@ impl Iterator for Offsets {
     type Item = u64;
     fn next(&mut self) -> Option<u64> {
         // 64-bit LCG (Knuth's MMIX constants); the high bits are the well-mixed ones.
-        self.state = self
-            .state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        self.state = self.state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         Some((self.state >> 33) % self.blocks * BLOCK_SIZE)
     }
 }

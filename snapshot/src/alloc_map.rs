@@ -287,7 +287,9 @@ impl AllocMap {
                 for i in 0..WORDS_PER_PAGE {
                     let w = p * WORDS_PER_PAGE + i;
                     let mut a = u64::from_le_bytes(buf[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-                    let z = u64::from_le_bytes(buf[PAGE_BYTES + i * 8..PAGE_BYTES + i * 8 + 8].try_into().expect("8 bytes"));
+                    let z = u64::from_le_bytes(
+                        buf[PAGE_BYTES + i * 8..PAGE_BYTES + i * 8 + 8].try_into().expect("8 bytes"),
+                    );
                     // Bits past the capacity are meaningless; never let them count.
                     let first = w as u64 * 64;
                     if first >= blocks {
@@ -386,7 +388,13 @@ mod tests {
     #[test]
     fn persist_and_reload() {
         let dir = tempfile::tempdir().unwrap();
-        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("m")).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("m"))
+            .unwrap();
         let m = AllocMap::create_file(&f, 100_000).unwrap();
         m.set_data(3..70_000);
         m.clear(40_000..40_010, true);

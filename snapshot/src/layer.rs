@@ -165,7 +165,12 @@ impl Layer {
     pub fn prefetch(&self, offset: u64, len: u64) {
         // SAFETY: posix_fadvise(2) on an open descriptor; advisory, no memory is passed.
         unsafe {
-            libc::posix_fadvise(self.data.as_raw_fd(), offset as libc::off_t, len as libc::off_t, libc::POSIX_FADV_WILLNEED)
+            libc::posix_fadvise(
+                self.data.as_raw_fd(),
+                offset as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            )
         };
     }
 }

@@ -107,7 +107,10 @@ impl BlockStore {
                 Some(v) => {
                     return Err(StoreError::Corrupt {
                         what: "catalog".into(),
-                        why: format!("format version {v} is not supported by this build (expects {})", catalog::FORMAT_VERSION),
+                        why: format!(
+                            "format version {v} is not supported by this build (expects {})",
+                            catalog::FORMAT_VERSION
+                        ),
                     })
                 }
             }
@@ -151,7 +154,15 @@ impl BlockStore {
             Some(v) => v.allocated_bytes(),
             None => self.load_allocated(&rec).unwrap_or(0),
         };
-        VolumeInfo { id: rec.id, owner: rec.owner, name: rec.name, size: rec.size, allocated, created: rec.created, layers: rec.layers }
+        VolumeInfo {
+            id: rec.id,
+            owner: rec.owner,
+            name: rec.name,
+            size: rec.size,
+            allocated,
+            created: rec.created,
+            layers: rec.layers,
+        }
     }
 
     fn load_allocated(&self, rec: &VolumeRecord) -> Result<u64, StoreError> {
@@ -187,9 +198,17 @@ impl BlockStore {
             let (vol_id, layer_id) = (next, next + 1);
             meta.insert(catalog::KEY_NEXT_ID, next + 2)?;
             Layer::create(&self.layers_dir, layer_id, size, false)?;
-            let rec = VolumeRecord { id: vol_id, owner: owner.into(), name: name.into(), size, created: now_unix(), layers: vec![layer_id] };
+            let rec = VolumeRecord {
+                id: vol_id,
+                owner: owner.into(),
+                name: name.into(),
+                size,
+                created: now_unix(),
+                layers: vec![layer_id],
+            };
             txn.open_table(VOLUMES)?.insert(vol_id, encode(&rec).as_slice())?;
-            txn.open_table(LAYERS)?.insert(layer_id, encode(&LayerRecord { id: layer_id, users: vec![vol_id] }).as_slice())?;
+            txn.open_table(LAYERS)?
+                .insert(layer_id, encode(&LayerRecord { id: layer_id, users: vec![vol_id] }).as_slice())?;
             names.insert(key.as_str(), vol_id)?;
             rec
         };

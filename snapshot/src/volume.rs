@@ -84,7 +84,13 @@ pub struct Volume {
 
 impl Volume {
     pub(crate) fn new(id: u64, size: u64, chain: Chain, direct_write_max: usize) -> Volume {
-        Volume { id, size: AtomicU64::new(size), chain: RwLock::new(Arc::new(chain)), rmw: Mutex::new(()), direct_write_max }
+        Volume {
+            id,
+            size: AtomicU64::new(size),
+            chain: RwLock::new(Arc::new(chain)),
+            rmw: Mutex::new(()),
+            direct_write_max,
+        }
     }
 
     pub fn id(&self) -> u64 {
@@ -133,7 +139,13 @@ impl Volume {
     /// Appends to `out` the segments that make up `offset..offset+len`, with buffer offsets
     /// from `buf_base`. Segments with `fd == ZERO_FD` read as zeros; the others are reads of
     /// layer data files at the same offset.
-    pub fn read_segments(&self, offset: u64, len: u64, buf_base: usize, out: &mut Vec<Segment>) -> Result<(), StoreError> {
+    pub fn read_segments(
+        &self,
+        offset: u64,
+        len: u64,
+        buf_base: usize,
+        out: &mut Vec<Segment>,
+    ) -> Result<(), StoreError> {
         self.check_range(offset, len)?;
         if len == 0 {
             return Ok(());

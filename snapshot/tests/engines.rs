@@ -25,7 +25,13 @@ fn engines() -> Vec<Box<dyn IoEngine>> {
 fn file_segments_round_trip() {
     for mut e in engines() {
         let dir = tempfile::tempdir().unwrap();
-        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("f")).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("f"))
+            .unwrap();
         f.set_len(1 << 20).unwrap();
         let fd = f.as_raw_fd();
         let mut buf = AlignedBuf::zeroed(12288);
@@ -115,7 +121,13 @@ fn socket_send_and_recv() {
 fn many_ops_in_flight() {
     for mut e in engines() {
         let dir = tempfile::tempdir().unwrap();
-        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("f")).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("f"))
+            .unwrap();
         f.set_len(4 << 20).unwrap();
         let fd = f.as_raw_fd();
         for i in 0..300u64 {
@@ -144,10 +156,22 @@ fn faulty_engine_fails_chosen_ops() {
         let rule = Arc::new(|op: &Op| matches!(op, Op::Write { .. }).then_some(libc::ENOSPC));
         let mut e = FaultyEngine::new(inner, rule);
         let dir = tempfile::tempdir().unwrap();
-        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("f")).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("f"))
+            .unwrap();
         f.set_len(8192).unwrap();
         let fd = f.as_raw_fd();
-        let (_, r) = run_one(&mut e, Op::Write { buf: AlignedBuf::copy_from(&[9u8; 4096]), segs: vec![Segment { fd, offset: 0, buf_offset: 0, len: 4096 }] });
+        let (_, r) = run_one(
+            &mut e,
+            Op::Write {
+                buf: AlignedBuf::copy_from(&[9u8; 4096]),
+                segs: vec![Segment { fd, offset: 0, buf_offset: 0, len: 4096 }],
+            },
+        );
         assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::ENOSPC));
         let mut b = [1u8; 4096];
         f.read_exact_at(&mut b, 0).unwrap();

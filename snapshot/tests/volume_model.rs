@@ -33,7 +33,12 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 }
 
 /// Writes through the async plan path, like the NBD server does.
-fn plan_and_write(vol: &Volume, engine: &mut dyn evs_snapshot::IoEngine, off: u64, data: &[u8]) -> Result<(), StoreError> {
+fn plan_and_write(
+    vol: &Volume,
+    engine: &mut dyn evs_snapshot::IoEngine,
+    off: u64,
+    data: &[u8],
+) -> Result<(), StoreError> {
     match vol.plan_write(off, data)? {
         WritePlan::Done => Ok(()),
         WritePlan::Submit { op, pending } => {

@@ -29,10 +29,7 @@ pub fn bin_dir() -> PathBuf {
         return PathBuf::from(d);
     }
     let exe = std::env::current_exe().expect("current_exe");
-    let mut dir = exe
-        .parent()
-        .expect("test executable has a directory")
-        .to_path_buf();
+    let mut dir = exe.parent().expect("test executable has a directory").to_path_buf();
     if dir.file_name().is_some_and(|n| n == "deps") {
         dir.pop();
     }
@@ -54,25 +51,15 @@ pub fn bin_path(name: &str) -> PathBuf {
 
 /// The I/O backend the suite runs against: `EVS_TEST_IO_BACKEND` (uring, portable, auto).
 pub fn io_backend() -> String {
-    std::env::var("EVS_TEST_IO_BACKEND")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "auto".into())
+    std::env::var("EVS_TEST_IO_BACKEND").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "auto".into())
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().unwrap().port()
 }
 
 fn start_timeout() -> Duration {
-    let secs = std::env::var("EVS_TEST_START_TIMEOUT")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
+    let secs = std::env::var("EVS_TEST_START_TIMEOUT").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
     Duration::from_secs(secs)
 }
 
@@ -117,10 +104,7 @@ pub struct Daemon {
 impl Daemon {
     /// Starts a daemon on a fresh data directory and waits until it is ready.
     pub fn start() -> Daemon {
-        let dir = tempfile::Builder::new()
-            .prefix("evs-test-")
-            .tempdir()
-            .expect("create temp dir");
+        let dir = tempfile::Builder::new().prefix("evs-test-").tempdir().expect("create temp dir");
         let root = dir.path().to_path_buf();
         let data_dir = root.join("data");
         let nbd_socket = root.join("nbd.sock");
@@ -185,10 +169,7 @@ impl Daemon {
             .current_dir(&self.root)
             .env("NO_COLOR", "1")
             .env("RUST_BACKTRACE", "1")
-            .env(
-                "RUST_LOG",
-                std::env::var("EVS_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("RUST_LOG", std::env::var("EVS_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .env_remove("EVS_TOKEN")
             .env_remove("EVS_ENDPOINT");
         c
@@ -196,15 +177,12 @@ impl Daemon {
 
     /// Path of the stderr log of the current (or last) process.
     pub fn log_path(&self) -> PathBuf {
-        self.root
-            .join(format!("evs-target.{}.stderr.log", self.starts))
+        self.root.join(format!("evs-target.{}.stderr.log", self.starts))
     }
 
     /// The stderr log of the current (or last) process.
     pub fn log(&self) -> String {
-        fs::read_to_string(self.log_path())
-            .map(|s| strip_ansi(&s))
-            .unwrap_or_default()
+        fs::read_to_string(self.log_path()).map(|s| strip_ansi(&s)).unwrap_or_default()
     }
 
     /// Spawns the process and waits until it is ready. `Err(log)` if it exited first.
@@ -212,11 +190,7 @@ impl Daemon {
         assert!(self.child.is_none(), "evs-target is already running");
         self.starts += 1;
         let stderr = File::create(self.log_path()).expect("create log file");
-        let stdout = File::create(
-            self.root
-                .join(format!("evs-target.{}.stdout.log", self.starts)),
-        )
-        .unwrap();
+        let stdout = File::create(self.root.join(format!("evs-target.{}.stdout.log", self.starts))).unwrap();
         let mut cmd = self.command();
         let what = describe(&cmd);
         let child = cmd
@@ -231,15 +205,10 @@ impl Daemon {
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().expect("try_wait") {
                 self.child = None;
-                return Err(format!(
-                    "exited with {status} before it was ready\n{}",
-                    self.log()
-                ));
+                return Err(format!("exited with {status} before it was ready\n{}", self.log()));
             }
             let ready = self.log().contains(READY_LINE);
-            let token = fs::read_to_string(&token_path)
-                .map(|t| t.trim().to_string())
-                .unwrap_or_default();
+            let token = fs::read_to_string(&token_path).map(|t| t.trim().to_string()).unwrap_or_default();
             if ready && !token.is_empty() {
                 self.token = token;
                 return Ok(());
@@ -272,10 +241,7 @@ impl Daemon {
     /// Starts the process again on the same data directory, ports and socket (after
     /// [`kill9`](Self::kill9) or [`terminate`](Self::terminate)) and waits until it is ready.
     pub fn restart(&mut self) {
-        assert!(
-            self.child.is_none(),
-            "restart() of a daemon that is still running"
-        );
+        assert!(self.child.is_none(), "restart() of a daemon that is still running");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             match self.launch() {
@@ -291,20 +257,14 @@ impl Daemon {
 
     /// SIGKILL, and waits for the process to be gone.
     pub fn kill9(&mut self) {
-        let mut child = self
-            .child
-            .take()
-            .expect("kill9() of a daemon that is not running");
+        let mut child = self.child.take().expect("kill9() of a daemon that is not running");
         child.kill().expect("kill -9 evs-target");
         child.wait().expect("wait for evs-target");
     }
 
     /// SIGTERM, and waits (up to 60 s) for the process to exit; returns its exit status.
     pub fn terminate(&mut self) -> ExitStatus {
-        let mut child = self
-            .child
-            .take()
-            .expect("terminate() of a daemon that is not running");
+        let mut child = self.child.take().expect("terminate() of a daemon that is not running");
         let pid = libc::pid_t::try_from(child.id()).expect("pid");
         // SAFETY: kill(2) with a pid we own (our child, not yet reaped) and a valid signal.
         let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -317,10 +277,7 @@ impl Daemon {
             if Instant::now() >= deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!(
-                    "evs-target did not exit within 60 s of SIGTERM\n{}",
-                    self.log()
-                );
+                panic!("evs-target did not exit within 60 s of SIGTERM\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -338,10 +295,7 @@ impl Daemon {
     pub fn assert_running(&mut self) {
         if let Some(c) = self.child.as_mut() {
             if let Some(status) = c.try_wait().expect("try_wait") {
-                panic!(
-                    "evs-target exited ({status}) while it should be serving\n{}",
-                    self.log()
-                );
+                panic!("evs-target exited ({status}) while it should be serving\n{}", self.log());
             }
         } else {
             panic!("evs-target is not running");
@@ -379,21 +333,14 @@ impl Daemon {
     /// want.
     pub fn evsctl_bare(&self) -> Command {
         let mut c = Command::new(bin_path("evsctl"));
-        c.current_dir(&self.root)
-            .env_remove("EVS_TOKEN")
-            .env_remove("EVS_ENDPOINT")
-            .env("NO_COLOR", "1");
+        c.current_dir(&self.root).env_remove("EVS_TOKEN").env_remove("EVS_ENDPOINT").env("NO_COLOR", "1");
         c
     }
 
     /// Runs `evsctl --endpoint ... --token ... ARGS` and returns its output, whatever the status.
     pub fn evsctl(&self, args: &[&str]) -> Output {
         let mut c = self.evsctl_bare();
-        c.arg("--endpoint")
-            .arg(self.endpoint())
-            .arg("--token")
-            .arg(&self.token)
-            .args(args);
+        c.arg("--endpoint").arg(self.endpoint()).arg("--token").arg(&self.token).args(args);
         output_with_timeout(&mut c, EVSCTL_TIMEOUT)
     }
 
@@ -401,11 +348,7 @@ impl Daemon {
     pub fn evsctl_ok(&self, args: &[&str]) -> String {
         let out = self.evsctl(args);
         if !out.status.success() {
-            panic!(
-                "`evsctl {}` failed\n{}",
-                args.join(" "),
-                format_output(&out)
-            );
+            panic!("`evsctl {}` failed\n{}", args.join(" "), format_output(&out));
         }
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
@@ -416,18 +359,10 @@ impl Daemon {
         full.extend_from_slice(args);
         let out = self.evsctl(&full);
         if !out.status.success() {
-            panic!(
-                "`evsctl {}` failed\n{}",
-                full.join(" "),
-                format_output(&out)
-            );
+            panic!("`evsctl {}` failed\n{}", full.join(" "), format_output(&out));
         }
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "`evsctl {}` did not print one JSON document: {e}\n{}",
-                full.join(" "),
-                format_output(&out)
-            )
+            panic!("`evsctl {}` did not print one JSON document: {e}\n{}", full.join(" "), format_output(&out))
         })
     }
 
@@ -436,13 +371,8 @@ impl Daemon {
     pub fn create_volume(&self, name: &str, size: &str) -> (String, String) {
         self.evsctl_ok(&["volume", "create", name, "--size", size]);
         let tcp = self.attach(name);
-        let u = NbdUri::parse(&tcp)
-            .unwrap_or_else(|e| panic!("`evsctl volume attach {name}` printed {e}"));
-        let unix = format!(
-            "nbd+unix:///{}?socket={}",
-            u.export,
-            self.nbd_socket.display()
-        );
+        let u = NbdUri::parse(&tcp).unwrap_or_else(|e| panic!("`evsctl volume attach {name}` printed {e}"));
+        let unix = format!("nbd+unix:///{}?socket={}", u.export, self.nbd_socket.display());
         (tcp, unix)
     }
 
@@ -476,9 +406,7 @@ impl Daemon {
 fn uri_field(v: &Value, what: &str) -> String {
     v.get("uri")
         .and_then(Value::as_str)
-        .unwrap_or_else(|| {
-            panic!("`evsctl --output json {what}` printed no string field `uri`: {v}")
-        })
+        .unwrap_or_else(|| panic!("`evsctl --output json {what}` printed no string field `uri`: {v}"))
         .to_string()
 }
 
@@ -491,9 +419,7 @@ pub fn volume_list(v: &Value) -> Vec<Value> {
     if let Some(a) = v.get("volumes").and_then(Value::as_array) {
         return a.clone();
     }
-    panic!(
-        "`volume list --output json` printed neither an array nor an object with `volumes`: {v}"
-    );
+    panic!("`volume list --output json` printed neither an array nor an object with `volumes`: {v}");
 }
 
 /// The volume of a `volume show --output json` document: the object itself, or its `volume`.
@@ -513,21 +439,15 @@ pub fn volume_object(v: Value) -> Value {
 /// JSON mapping prints 64-bit integers).
 pub fn u64_field(v: &Value, field: &str) -> u64 {
     match v.get(field) {
-        Some(Value::Number(n)) => n
-            .as_u64()
-            .unwrap_or_else(|| panic!("`{field}` is not a u64 in {v}")),
-        Some(Value::String(s)) => s
-            .parse()
-            .unwrap_or_else(|_| panic!("`{field}` is not a number in {v}")),
+        Some(Value::Number(n)) => n.as_u64().unwrap_or_else(|| panic!("`{field}` is not a u64 in {v}")),
+        Some(Value::String(s)) => s.parse().unwrap_or_else(|_| panic!("`{field}` is not a number in {v}")),
         _ => panic!("no numeric field `{field}` in {v}"),
     }
 }
 
 /// The `name` field of a volume object.
 pub fn name_field(v: &Value) -> &str {
-    v.get("name")
-        .and_then(Value::as_str)
-        .unwrap_or_else(|| panic!("no string field `name` in {v}"))
+    v.get("name").and_then(Value::as_str).unwrap_or_else(|| panic!("no string field `name` in {v}"))
 }
 
 impl Drop for Daemon {

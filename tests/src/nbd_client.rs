@@ -134,11 +134,7 @@ pub enum Error {
     /// Any other socket error (a timeout shows as `WouldBlock`/`TimedOut`).
     Io(io::Error),
     /// The server answered an option with an error reply.
-    OptionRefused {
-        option: u32,
-        reply_type: u32,
-        message: String,
-    },
+    OptionRefused { option: u32, reply_type: u32, message: String },
     /// The server answered a request with an error.
     Server { errno: u32, message: String },
     /// The server sent something the protocol does not allow.
@@ -168,30 +164,18 @@ impl fmt::Display for Error {
         match self {
             Error::Closed => write!(f, "connection closed by the server"),
             Error::Io(e) => write!(f, "socket error: {e}"),
-            Error::OptionRefused {
-                option,
-                reply_type,
-                message,
-            } => write!(
+            Error::OptionRefused { option, reply_type, message } => write!(
                 f,
                 "option {option} refused with reply type {:#x} ({}){}",
                 reply_type,
                 option_reply_name(*reply_type),
-                if message.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {message}")
-                }
+                if message.is_empty() { String::new() } else { format!(": {message}") }
             ),
             Error::Server { errno, message } => write!(
                 f,
                 "server error {errno} ({}){}",
                 errno_name(*errno),
-                if message.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {message}")
-                }
+                if message.is_empty() { String::new() } else { format!(": {message}") }
             ),
             Error::Protocol(m) => write!(f, "protocol violation by the server: {m}"),
         }
@@ -267,18 +251,13 @@ impl NbdUri {
     pub fn parse(uri: &str) -> std::result::Result<NbdUri, String> {
         let bad = |why: &str| format!("bad NBD URI {uri:?}: {why}");
         if let Some(rest) = uri.strip_prefix("nbd+unix://") {
-            let rest = rest
-                .strip_prefix('/')
-                .ok_or_else(|| bad("expected nbd+unix:///EXPORT?socket=PATH"))?;
+            let rest = rest.strip_prefix('/').ok_or_else(|| bad("expected nbd+unix:///EXPORT?socket=PATH"))?;
             let (export, query) = rest.split_once('?').ok_or_else(|| bad("no ?socket="))?;
             let socket = query
                 .split('&')
                 .find_map(|kv| kv.strip_prefix("socket="))
                 .ok_or_else(|| bad("no socket= parameter"))?;
-            Ok(NbdUri {
-                target: Target::Unix(PathBuf::from(percent_decode(socket))),
-                export: percent_decode(export),
-            })
+            Ok(NbdUri { target: Target::Unix(PathBuf::from(percent_decode(socket))), export: percent_decode(export) })
         } else if let Some(rest) = uri.strip_prefix("nbd://") {
             let (authority, path) = match rest.split_once('/') {
                 Some((a, p)) => (a, p),
@@ -288,15 +267,8 @@ impl NbdUri {
                 return Err(bad("no host"));
             }
             let path = path.split('?').next().unwrap_or("");
-            let authority = if authority.contains(':') {
-                authority.to_string()
-            } else {
-                format!("{authority}:10809")
-            };
-            Ok(NbdUri {
-                target: Target::Tcp(authority),
-                export: percent_decode(path),
-            })
+            let authority = if authority.contains(':') { authority.to_string() } else { format!("{authority}:10809") };
+            Ok(NbdUri { target: Target::Tcp(authority), export: percent_decode(path) })
         } else {
             Err(bad("unknown scheme"))
         }
@@ -341,10 +313,7 @@ impl Stream {
         match target {
             Target::Tcp(addr) => {
                 let addrs: Vec<_> = addr.to_socket_addrs()?.collect();
-                let mut last = io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("{addr} resolves to nothing"),
-                );
+                let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{addr} resolves to nothing"));
                 for a in addrs {
                     match TcpStream::connect_timeout(&a, Duration::from_secs(10)) {
                         Ok(s) => {
@@ -462,9 +431,7 @@ impl RawConn {
     }
 
     pub fn set_read_timeout(&self, t: Duration) {
-        self.stream
-            .set_read_timeout(Some(t))
-            .expect("set_read_timeout");
+        self.stream.set_read_timeout(Some(t)).expect("set_read_timeout");
     }
 
     pub fn send(&mut self, bytes: &[u8]) -> Result<()> {
@@ -500,9 +467,7 @@ impl RawConn {
     pub fn read_greeting(&mut self) -> Result<u16> {
         let magic = self.read_u64()?;
         if magic != NBDMAGIC {
-            return Err(Error::Protocol(format!(
-                "greeting magic {magic:#x}, expected NBDMAGIC"
-            )));
+            return Err(Error::Protocol(format!("greeting magic {magic:#x}, expected NBDMAGIC")));
         }
         let opt = self.read_u64()?;
         if opt != IHAVEOPT {
@@ -530,11 +495,7 @@ impl RawConn {
         let mut b = Vec::with_capacity(16 + data.len());
         b.extend_from_slice(&IHAVEOPT.to_be_bytes());
         b.extend_from_slice(&option.to_be_bytes());
-        b.extend_from_slice(
-            &u32::try_from(data.len())
-                .expect("option too long")
-                .to_be_bytes(),
-        );
+        b.extend_from_slice(&u32::try_from(data.len()).expect("option too long").to_be_bytes());
         b.extend_from_slice(data);
         self.send(&b)
     }
@@ -553,20 +514,14 @@ impl RawConn {
             return Err(Error::Protocol(format!("option reply of {len} bytes")));
         }
         let data = self.recv_exact(len as usize)?;
-        Ok(OptionReply {
-            option,
-            reply_type,
-            data,
-        })
+        Ok(OptionReply { option, reply_type, data })
     }
 
     /// Greeting, then the client flags (fixed newstyle, plus no-zeroes when offered).
     pub fn start_fixed_newstyle(&mut self) -> Result<u16> {
         let hflags = self.read_greeting()?;
         if hflags & FLAG_FIXED_NEWSTYLE == 0 {
-            return Err(Error::Protocol(
-                "server does not offer fixed newstyle".into(),
-            ));
+            return Err(Error::Protocol("server does not offer fixed newstyle".into()));
         }
         let mut cflags = FLAG_C_FIXED_NEWSTYLE;
         if hflags & FLAG_NO_ZEROES != 0 {
@@ -585,39 +540,20 @@ impl RawConn {
         loop {
             let now = Instant::now();
             if now >= deadline {
-                return Ending::StillOpen {
-                    bytes_received: total,
-                };
+                return Ending::StillOpen { bytes_received: total };
             }
             let left = (deadline - now).max(Duration::from_millis(1));
             if self.stream.set_read_timeout(Some(left)).is_err() {
-                return Ending::Closed {
-                    bytes_before_close: total,
-                };
+                return Ending::Closed { bytes_before_close: total };
             }
             match self.stream.read(&mut buf) {
-                Ok(0) => {
-                    return Ending::Closed {
-                        bytes_before_close: total,
-                    }
-                }
+                Ok(0) => return Ending::Closed { bytes_before_close: total },
                 Ok(n) => total += n,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Ending::StillOpen {
-                        bytes_received: total,
-                    }
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    return Ending::StillOpen { bytes_received: total }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    return Ending::Closed {
-                        bytes_before_close: total,
-                    }
-                }
+                Err(_) => return Ending::Closed { bytes_before_close: total },
             }
         }
     }
@@ -634,10 +570,7 @@ pub struct ConnectOptions {
 
 impl Default for ConnectOptions {
     fn default() -> Self {
-        ConnectOptions {
-            structured_replies: true,
-            use_export_name: false,
-        }
+        ConnectOptions { structured_replies: true, use_export_name: false }
     }
 }
 
@@ -667,8 +600,7 @@ impl NbdClient {
     }
 
     pub fn connect_with(uri: &str, opts: &ConnectOptions) -> Result<NbdClient> {
-        let u = NbdUri::parse(uri)
-            .map_err(|e| Error::Io(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+        let u = NbdUri::parse(uri).map_err(|e| Error::Io(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
         let conn = RawConn::connect(&u.target)?;
         NbdClient::handshake(conn, &u.export, opts)
     }
@@ -696,11 +628,7 @@ impl NbdClient {
                         message: r.message(),
                     })
                 }
-                t => {
-                    return Err(Error::Protocol(format!(
-                        "reply type {t} to STRUCTURED_REPLY"
-                    )))
-                }
+                t => return Err(Error::Protocol(format!("reply type {t} to STRUCTURED_REPLY"))),
             }
         }
         if opts.use_export_name {
@@ -740,14 +668,8 @@ impl NbdClient {
     }
 
     pub fn set_timeout(&self, t: Duration) {
-        self.conn
-            .stream
-            .set_read_timeout(Some(t))
-            .expect("set_read_timeout");
-        self.conn
-            .stream
-            .set_write_timeout(Some(t))
-            .expect("set_write_timeout");
+        self.conn.stream.set_read_timeout(Some(t)).expect("set_read_timeout");
+        self.conn.stream.set_write_timeout(Some(t)).expect("set_write_timeout");
     }
 
     fn take_handle(&mut self) -> u64 {
@@ -758,14 +680,7 @@ impl NbdClient {
     }
 
     /// Sends a request with a fresh handle and returns the handle.
-    pub fn send_request(
-        &mut self,
-        flags: u16,
-        cmd: u16,
-        offset: u64,
-        len: u32,
-        payload: &[u8],
-    ) -> Result<u64> {
+    pub fn send_request(&mut self, flags: u16, cmd: u16, offset: u64, len: u32, payload: &[u8]) -> Result<u64> {
         let h = self.take_handle();
         self.send_request_raw(REQUEST_MAGIC, flags, cmd, h, offset, len, payload)?;
         Ok(h)
@@ -783,30 +698,20 @@ impl NbdClient {
         len: u32,
         payload: &[u8],
     ) -> Result<()> {
-        self.conn.send(&request_bytes(
-            magic, flags, cmd, handle, offset, len, payload,
-        ))
+        self.conn.send(&request_bytes(magic, flags, cmd, handle, offset, len, payload))
     }
 
     /// Reads the reply to the request `handle` (a `cmd` of `len` bytes at `offset`):
     /// `Ok(Some(data))` for a successful READ, `Ok(None)` for any other success,
     /// `Err(Server{..})` for an error reply.
-    pub fn read_reply(
-        &mut self,
-        handle: u64,
-        cmd: u16,
-        offset: u64,
-        len: u32,
-    ) -> Result<Option<Vec<u8>>> {
+    pub fn read_reply(&mut self, handle: u64, cmd: u16, offset: u64, len: u32) -> Result<Option<Vec<u8>>> {
         let magic = self.conn.read_u32()?;
         match magic {
             SIMPLE_REPLY_MAGIC => {
                 let errno = self.conn.read_u32()?;
                 let h = self.conn.read_u64()?;
                 if h != handle {
-                    return Err(Error::Protocol(format!(
-                        "simple reply for handle {h:#x}, expected {handle:#x}"
-                    )));
+                    return Err(Error::Protocol(format!("simple reply for handle {h:#x}, expected {handle:#x}")));
                 }
                 if cmd == CMD_READ && self.structured {
                     return Err(Error::Protocol(format!(
@@ -814,10 +719,7 @@ impl NbdClient {
                     )));
                 }
                 if errno != 0 {
-                    return Err(Error::Server {
-                        errno,
-                        message: String::new(),
-                    });
+                    return Err(Error::Server { errno, message: String::new() });
                 }
                 if cmd == CMD_READ {
                     return Ok(Some(self.conn.recv_exact(len as usize)?));
@@ -826,9 +728,7 @@ impl NbdClient {
             }
             STRUCTURED_REPLY_MAGIC => {
                 if !self.structured {
-                    return Err(Error::Protocol(
-                        "structured reply without negotiation".into(),
-                    ));
+                    return Err(Error::Protocol("structured reply without negotiation".into()));
                 }
                 self.read_structured_rest(handle, cmd, offset, len)
             }
@@ -837,18 +737,8 @@ impl NbdClient {
     }
 
     /// Reads structured chunks after the magic of the first one has been consumed.
-    fn read_structured_rest(
-        &mut self,
-        handle: u64,
-        cmd: u16,
-        req_off: u64,
-        len: u32,
-    ) -> Result<Option<Vec<u8>>> {
-        let mut buf = if cmd == CMD_READ {
-            vec![0u8; len as usize]
-        } else {
-            Vec::new()
-        };
+    fn read_structured_rest(&mut self, handle: u64, cmd: u16, req_off: u64, len: u32) -> Result<Option<Vec<u8>>> {
+        let mut buf = if cmd == CMD_READ { vec![0u8; len as usize] } else { Vec::new() };
         let mut covered: Vec<(u64, u64)> = Vec::new();
         let mut error: Option<Error> = None;
         let mut first = true;
@@ -856,9 +746,7 @@ impl NbdClient {
             if !first {
                 let magic = self.conn.read_u32()?;
                 if magic != STRUCTURED_REPLY_MAGIC {
-                    return Err(Error::Protocol(format!(
-                        "chunk magic {magic:#x} inside a structured reply"
-                    )));
+                    return Err(Error::Protocol(format!("chunk magic {magic:#x} inside a structured reply")));
                 }
             }
             first = false;
@@ -867,9 +755,7 @@ impl NbdClient {
             let h = self.conn.read_u64()?;
             let clen = self.conn.read_u32()?;
             if h != handle {
-                return Err(Error::Protocol(format!(
-                    "chunk for handle {h:#x}, expected {handle:#x}"
-                )));
+                return Err(Error::Protocol(format!("chunk for handle {h:#x}, expected {handle:#x}")));
             }
             if clen > 64 << 20 {
                 return Err(Error::Protocol(format!("chunk of {clen} bytes")));
@@ -878,27 +764,16 @@ impl NbdClient {
             match ctype {
                 REPLY_TYPE_NONE => {
                     if clen != 0 || flags & REPLY_FLAG_DONE == 0 {
-                        return Err(Error::Protocol(
-                            "NBD_REPLY_TYPE_NONE with a payload or without DONE".into(),
-                        ));
+                        return Err(Error::Protocol("NBD_REPLY_TYPE_NONE with a payload or without DONE".into()));
                     }
                 }
                 REPLY_TYPE_OFFSET_DATA | REPLY_TYPE_OFFSET_HOLE => {
                     if cmd != CMD_READ {
-                        return Err(Error::Protocol(format!(
-                            "content chunk in the reply to command {cmd}"
-                        )));
+                        return Err(Error::Protocol(format!("content chunk in the reply to command {cmd}")));
                     }
-                    let bad_len = if ctype == REPLY_TYPE_OFFSET_DATA {
-                        payload.len() < 9
-                    } else {
-                        payload.len() != 12
-                    };
+                    let bad_len = if ctype == REPLY_TYPE_OFFSET_DATA { payload.len() < 9 } else { payload.len() != 12 };
                     if bad_len {
-                        return Err(Error::Protocol(format!(
-                            "content chunk type {ctype} of {} bytes",
-                            payload.len()
-                        )));
+                        return Err(Error::Protocol(format!("content chunk type {ctype} of {} bytes", payload.len())));
                     }
                     let off = u64::from_be_bytes(payload[0..8].try_into().unwrap());
                     let n = if ctype == REPLY_TYPE_OFFSET_DATA {
@@ -921,17 +796,12 @@ impl NbdClient {
                 }
                 t if t & (1 << 15) != 0 => {
                     if payload.len() < 6 {
-                        return Err(Error::Protocol(format!(
-                            "error chunk of {} bytes",
-                            payload.len()
-                        )));
+                        return Err(Error::Protocol(format!("error chunk of {} bytes", payload.len())));
                     }
                     let errno = u32::from_be_bytes(payload[0..4].try_into().unwrap());
                     let mlen = u16::from_be_bytes(payload[4..6].try_into().unwrap()) as usize;
                     if 6 + mlen > payload.len() {
-                        return Err(Error::Protocol(
-                            "error chunk message longer than the chunk".into(),
-                        ));
+                        return Err(Error::Protocol("error chunk message longer than the chunk".into()));
                     }
                     if errno == 0 {
                         return Err(Error::Protocol("error chunk with errno 0".into()));
@@ -943,9 +813,7 @@ impl NbdClient {
                 }
                 REPLY_TYPE_BLOCK_STATUS => {
                     if cmd != CMD_BLOCK_STATUS {
-                        return Err(Error::Protocol(
-                            "block status chunk in the reply to another command".into(),
-                        ));
+                        return Err(Error::Protocol("block status chunk in the reply to another command".into()));
                     }
                 }
                 t => return Err(Error::Protocol(format!("unknown chunk type {t}"))),
@@ -985,9 +853,7 @@ impl NbdClient {
 
     pub fn read_flags(&mut self, offset: u64, len: u32, flags: u16) -> Result<Vec<u8>> {
         let h = self.send_request(flags, CMD_READ, offset, len, &[])?;
-        Ok(self
-            .read_reply(h, CMD_READ, offset, len)?
-            .unwrap_or_default())
+        Ok(self.read_reply(h, CMD_READ, offset, len)?.unwrap_or_default())
     }
 
     /// Reads `len` bytes in pieces of at most `chunk` bytes.
@@ -1043,15 +909,11 @@ impl NbdClient {
         let h = self.take_handle();
         self.send_request_raw(REQUEST_MAGIC, 0, CMD_DISC, h, 0, 0, &[])?;
         match self.conn.wait_closed(Duration::from_secs(10)) {
-            Ending::Closed {
-                bytes_before_close: 0,
-            } => Ok(()),
-            Ending::Closed { bytes_before_close } => Err(Error::Protocol(format!(
-                "{bytes_before_close} bytes sent in reply to NBD_CMD_DISC"
-            ))),
-            Ending::StillOpen { .. } => Err(Error::Protocol(
-                "connection still open 10 s after NBD_CMD_DISC".into(),
-            )),
+            Ending::Closed { bytes_before_close: 0 } => Ok(()),
+            Ending::Closed { bytes_before_close } => {
+                Err(Error::Protocol(format!("{bytes_before_close} bytes sent in reply to NBD_CMD_DISC")))
+            }
+            Ending::StillOpen { .. } => Err(Error::Protocol("connection still open 10 s after NBD_CMD_DISC".into())),
         }
     }
 }
@@ -1075,17 +937,10 @@ pub fn read_info_replies(conn: &mut RawConn, option: u32) -> Result<(u64, u16, O
     loop {
         let r = conn.read_option_reply()?;
         if r.option != option {
-            return Err(Error::Protocol(format!(
-                "reply to option {} while waiting for {option}",
-                r.option
-            )));
+            return Err(Error::Protocol(format!("reply to option {} while waiting for {option}", r.option)));
         }
         if r.is_error() {
-            return Err(Error::OptionRefused {
-                option,
-                reply_type: r.reply_type,
-                message: r.message(),
-            });
+            return Err(Error::OptionRefused { option, reply_type: r.reply_type, message: r.message() });
         }
         match r.reply_type {
             REP_INFO => {
@@ -1096,10 +951,7 @@ pub fn read_info_replies(conn: &mut RawConn, option: u32) -> Result<(u64, u16, O
                 match itype {
                     INFO_EXPORT => {
                         if r.data.len() != 12 {
-                            return Err(Error::Protocol(format!(
-                                "NBD_INFO_EXPORT of {} bytes",
-                                r.data.len()
-                            )));
+                            return Err(Error::Protocol(format!("NBD_INFO_EXPORT of {} bytes", r.data.len())));
                         }
                         let size = u64::from_be_bytes(r.data[2..10].try_into().unwrap());
                         let flags = u16::from_be_bytes([r.data[10], r.data[11]]);
@@ -1107,44 +959,24 @@ pub fn read_info_replies(conn: &mut RawConn, option: u32) -> Result<(u64, u16, O
                     }
                     INFO_BLOCK_SIZE => {
                         if r.data.len() != 14 {
-                            return Err(Error::Protocol(format!(
-                                "NBD_INFO_BLOCK_SIZE of {} bytes",
-                                r.data.len()
-                            )));
+                            return Err(Error::Protocol(format!("NBD_INFO_BLOCK_SIZE of {} bytes", r.data.len())));
                         }
                         let v = |i: usize| u32::from_be_bytes(r.data[i..i + 4].try_into().unwrap());
-                        bs = Some(BlockSize {
-                            minimum: v(2),
-                            preferred: v(6),
-                            maximum: v(10),
-                        });
+                        bs = Some(BlockSize { minimum: v(2), preferred: v(6), maximum: v(10) });
                     }
                     _ => {}
                 }
             }
             REP_ACK => break,
-            t => {
-                return Err(Error::Protocol(format!(
-                    "unexpected reply type {t:#x} to option {option}"
-                )))
-            }
+            t => return Err(Error::Protocol(format!("unexpected reply type {t:#x} to option {option}"))),
         }
     }
-    let (size, flags) =
-        export.ok_or_else(|| Error::Protocol("NBD_REP_ACK without NBD_INFO_EXPORT".into()))?;
+    let (size, flags) = export.ok_or_else(|| Error::Protocol("NBD_REP_ACK without NBD_INFO_EXPORT".into()))?;
     Ok((size, flags, bs))
 }
 
 /// The bytes of one request: header then payload.
-pub fn request_bytes(
-    magic: u32,
-    flags: u16,
-    cmd: u16,
-    handle: u64,
-    offset: u64,
-    len: u32,
-    payload: &[u8],
-) -> Vec<u8> {
+pub fn request_bytes(magic: u32, flags: u16, cmd: u16, handle: u64, offset: u64, len: u32, payload: &[u8]) -> Vec<u8> {
     let mut b = Vec::with_capacity(28 + payload.len());
     b.extend_from_slice(&magic.to_be_bytes());
     b.extend_from_slice(&flags.to_be_bytes());

@@ -24,16 +24,12 @@ pub fn package_of(tool: &str) -> &str {
 
 fn find_in_path(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(tool))
-        .find(|p| is_executable(p))
+    std::env::split_paths(&path).map(|d| d.join(tool)).find(|p| is_executable(p))
 }
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    p.metadata()
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
 /// Returns the path of `tool`, or fails the test: a missing tool is a broken test setup, never
@@ -60,10 +56,7 @@ pub fn describe(cmd: &Command) -> String {
 
 fn shell_word(w: &OsStr) -> String {
     let w = w.to_string_lossy();
-    if !w.is_empty()
-        && w.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./:=,@+%".contains(c))
-    {
+    if !w.is_empty() && w.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=,@+%".contains(c)) {
         w.into_owned()
     } else {
         format!("'{}'", w.replace('\'', "'\\''"))
@@ -109,25 +102,14 @@ pub fn output_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
             Ok(None) if Instant::now() >= deadline => {
                 let _ = child.kill();
                 let status = child.wait().expect("wait");
-                let out = Output {
-                    status,
-                    stdout: out_t.join().unwrap(),
-                    stderr: err_t.join().unwrap(),
-                };
-                panic!(
-                    "`{what}` did not finish within {timeout:?} and was killed\n{}",
-                    format_output(&out)
-                );
+                let out = Output { status, stdout: out_t.join().unwrap(), stderr: err_t.join().unwrap() };
+                panic!("`{what}` did not finish within {timeout:?} and was killed\n{}", format_output(&out));
             }
             Ok(None) => thread::sleep(Duration::from_millis(10)),
             Err(e) => panic!("waiting for `{what}`: {e}"),
         }
     };
-    Output {
-        status,
-        stdout: out_t.join().unwrap(),
-        stderr: err_t.join().unwrap(),
-    }
+    Output { status, stdout: out_t.join().unwrap(), stderr: err_t.join().unwrap() }
 }
 
 /// Runs an external tool that must succeed (exit 0) within the default time limit; the panic

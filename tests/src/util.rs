@@ -28,15 +28,9 @@ impl Rng {
     /// A seed from the clock, printed so that a failing run can be replayed with
     /// `EVS_TEST_SEED=<seed>`.
     pub fn from_env_or_time(what: &str) -> Rng {
-        let seed = std::env::var("EVS_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-            });
+        let seed = std::env::var("EVS_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+        });
         eprintln!("{what}: seed {seed} (replay with EVS_TEST_SEED={seed})");
         Rng::new(seed)
     }
@@ -101,11 +95,7 @@ pub fn assert_bytes_eq(got: &[u8], want: &[u8], base: u64, what: &str) {
     if let Some(i) = first_difference(got, want) {
         let show = |v: &[u8]| {
             let end = (i + 16).min(v.len());
-            v[i.min(v.len())..end]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(" ")
+            v[i.min(v.len())..end].iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
         };
         panic!(
             "{what}: data differs at byte {} (offset {} + {i}); lengths got {} want {}\n  got:  {}\n  want: {}",
@@ -164,21 +154,9 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> usize {
 /// Asserts two files have the same length and bytes; on failure names the first differing
 /// offset (and both checksums).
 pub fn assert_files_equal(a: &Path, b: &Path) {
-    let la = a
-        .metadata()
-        .unwrap_or_else(|e| panic!("{}: {e}", a.display()))
-        .len();
-    let lb = b
-        .metadata()
-        .unwrap_or_else(|e| panic!("{}: {e}", b.display()))
-        .len();
-    assert_eq!(
-        la,
-        lb,
-        "{} is {la} bytes but {} is {lb}",
-        a.display(),
-        b.display()
-    );
+    let la = a.metadata().unwrap_or_else(|e| panic!("{}: {e}", a.display())).len();
+    let lb = b.metadata().unwrap_or_else(|e| panic!("{}: {e}", b.display())).len();
+    assert_eq!(la, lb, "{} is {la} bytes but {} is {lb}", a.display(), b.display());
     let mut fa = File::open(a).unwrap();
     let mut fb = File::open(b).unwrap();
     let mut ba = vec![0u8; 4 << 20];
@@ -187,13 +165,7 @@ pub fn assert_files_equal(a: &Path, b: &Path) {
     loop {
         let na = read_full(&mut fa, &mut ba);
         let nb = read_full(&mut fb, &mut bb);
-        assert_eq!(
-            na,
-            nb,
-            "short read comparing {} and {}",
-            a.display(),
-            b.display()
-        );
+        assert_eq!(na, nb, "short read comparing {} and {}", a.display(), b.display());
         if na == 0 {
             break;
         }

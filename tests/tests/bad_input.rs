@@ -33,9 +33,9 @@ fn raw(target: &Target) -> Result<RawConn, String> {
 fn expect_closed(c: &mut RawConn, what: &str) -> CaseResult {
     match c.wait_closed(REACT) {
         Ending::Closed { .. } => Ok(()),
-        Ending::StillOpen { bytes_received } => Err(format!(
-            "{what}: connection still open after {REACT:?} ({bytes_received} bytes received meanwhile)"
-        )),
+        Ending::StillOpen { bytes_received } => {
+            Err(format!("{what}: connection still open after {REACT:?} ({bytes_received} bytes received meanwhile)"))
+        }
     }
 }
 
@@ -43,14 +43,9 @@ fn expect_closed(c: &mut RawConn, what: &str) -> CaseResult {
 fn expect_option_error_or_close(c: &mut RawConn, what: &str) -> CaseResult {
     match c.read_option_reply() {
         Ok(r) if r.is_error() => Ok(()),
-        Ok(r) => Err(format!(
-            "{what}: got reply type {:#x} instead of an error",
-            r.reply_type
-        )),
+        Ok(r) => Err(format!("{what}: got reply type {:#x} instead of an error", r.reply_type)),
         Err(e) if e.is_closed() => Ok(()),
-        Err(e) => Err(format!(
-            "{what}: neither an error reply nor a closed connection: {e}"
-        )),
+        Err(e) => Err(format!("{what}: neither an error reply nor a closed connection: {e}")),
     }
 }
 
@@ -74,10 +69,7 @@ fn expect_errno(r: nbd_client::Result<()>, want: Option<u32>, what: &str) -> Cas
 
 fn still_works(c: &mut NbdClient, what: &str) -> CaseResult {
     let data = vec![0x5au8; 4096];
-    ctx(
-        c.write(20 * MIB, &data),
-        &format!("{what}: write afterwards"),
-    )?;
+    ctx(c.write(20 * MIB, &data), &format!("{what}: write afterwards"))?;
     let got = ctx(c.read(20 * MIB, 4096), &format!("{what}: read afterwards"))?;
     if got != data {
         return Err(format!("{what}: connection returns wrong data afterwards"));
@@ -86,14 +78,8 @@ fn still_works(c: &mut NbdClient, what: &str) -> CaseResult {
 }
 
 fn client(uri: &str, structured: bool) -> Result<NbdClient, String> {
-    let c = NbdClient::connect_with(
-        uri,
-        &ConnectOptions {
-            structured_replies: structured,
-            ..Default::default()
-        },
-    )
-    .map_err(|e| format!("connect: {e}"))?;
+    let c = NbdClient::connect_with(uri, &ConnectOptions { structured_replies: structured, ..Default::default() })
+        .map_err(|e| format!("connect: {e}"))?;
     c.set_timeout(REACT);
     Ok(c)
 }
@@ -107,20 +93,14 @@ fn good_client(uri: String, stop: Arc<AtomicBool>, seed: u64) -> Result<u64, Str
         let off = 32 * MIB + rng.below(32 * MIB - 70_000);
         let len = rng.range(1, 70_000) as usize;
         let data = rng.bytes(len);
-        c.write(off, &data)
-            .map_err(|e| format!("good client: write after {ops} ops: {e}"))?;
-        let got = c
-            .read(off, data.len() as u32)
-            .map_err(|e| format!("good client: read after {ops} ops: {e}"))?;
+        c.write(off, &data).map_err(|e| format!("good client: write after {ops} ops: {e}"))?;
+        let got = c.read(off, data.len() as u32).map_err(|e| format!("good client: read after {ops} ops: {e}"))?;
         if got != data {
-            return Err(format!(
-                "good client: read back wrong data at {off} after {ops} ops"
-            ));
+            return Err(format!("good client: read back wrong data at {off} after {ops} ops"));
         }
         ops += 1;
     }
-    c.disconnect()
-        .map_err(|e| format!("good client: disconnect: {e}"))?;
+    c.disconnect().map_err(|e| format!("good client: disconnect: {e}"))?;
     Ok(ops)
 }
 
@@ -145,8 +125,7 @@ fn malformed_input_gets_errors_and_never_disturbs_other_clients() {
     c.start_fixed_newstyle().expect("idle handshake");
     idle.push(c);
     let mut c = NbdClient::connect(&tcp).expect("idle client");
-    c.send_request(0, CMD_WRITE, 0, 1 << 20, &[1u8; 1000])
-        .expect("half a write");
+    c.send_request(0, CMD_WRITE, 0, 1 << 20, &[1u8; 1000]).expect("half a write");
     idle.push(c.conn);
     let idle_client = NbdClient::connect(&tcp).expect("idle client");
 
@@ -214,10 +193,7 @@ fn malformed_input_gets_errors_and_never_disturbs_other_clients() {
             Box::new(move || {
                 let mut c = raw(&target)?;
                 ctx(c.start_fixed_newstyle(), "handshake")?;
-                ctx(
-                    c.send_option_header(OPT_EXPORT_NAME, 0xffff_ffff),
-                    "option header",
-                )?;
+                ctx(c.send_option_header(OPT_EXPORT_NAME, 0xffff_ffff), "option header")?;
                 let _ = c.send(b"abc");
                 expect_closed(&mut c, "absurd export name length")
             }),
@@ -237,9 +213,7 @@ fn malformed_input_gets_errors_and_never_disturbs_other_clients() {
                 }
                 match r.reply_type {
                     REP_ERR_POLICY => {}
-                    REP_SERVER => {
-                        return Err("NBD_OPT_LIST answered with an export (NBD_REP_SERVER)".into())
-                    }
+                    REP_SERVER => return Err("NBD_OPT_LIST answered with an export (NBD_REP_SERVER)".into()),
                     t => {
                         return Err(format!(
                             "NBD_OPT_LIST answered {t:#x} ({}), expected NBD_REP_ERR_POLICY",
@@ -263,24 +237,11 @@ fn malformed_input_gets_errors_and_never_disturbs_other_clients() {
             Box::new(move || {
                 let mut c = raw(&target)?;
                 ctx(c.start_fixed_newstyle(), "handshake")?;
-                for (opt, name) in [
-                    (OPT_INFO, "no-such-export"),
-                    (OPT_GO, "no-such-export"),
-                    (OPT_GO, ""),
-                ] {
-                    ctx(
-                        c.send_option(opt, &info_request(name, &[INFO_BLOCK_SIZE])),
-                        "send option",
-                    )?;
-                    let r = ctx(
-                        c.read_option_reply(),
-                        &format!("reply to option {opt} for {name:?}"),
-                    )?;
+                for (opt, name) in [(OPT_INFO, "no-such-export"), (OPT_GO, "no-such-export"), (OPT_GO, "")] {
+                    ctx(c.send_option(opt, &info_request(name, &[INFO_BLOCK_SIZE])), "send option")?;
+                    let r = ctx(c.read_option_reply(), &format!("reply to option {opt} for {name:?}"))?;
                     if !r.is_error() {
-                        return Err(format!(
-                            "option {opt} for unknown export {name:?} answered {:#x}",
-                            r.reply_type
-                        ));
+                        return Err(format!("option {opt} for unknown export {name:?} answered {:#x}", r.reply_type));
                     }
                     if r.data.windows(token.len()).any(|w| w == token.as_bytes()) {
                         return Err("an error message revealed the attach token".into());
@@ -292,18 +253,12 @@ fn malformed_input_gets_errors_and_never_disturbs_other_clients() {
                 ctx(c.send_option(OPT_INFO, &bad), "send bad INFO")?;
                 let r = ctx(c.read_option_reply(), "reply to inconsistent INFO")?;
                 if !r.is_error() {
-                    return Err(format!(
-                        "inconsistent NBD_OPT_INFO answered {:#x}",
-                        r.reply_type
-                    ));
+                    return Err(format!("inconsistent NBD_OPT_INFO answered {:#x}", r.reply_type));
                 }
                 ctx(c.send_option(999, b"whatever"), "send unknown option")?;
                 let r = ctx(c.read_option_reply(), "reply to unknown option")?;
                 if r.reply_type != REP_ERR_UNSUP {
-                    return Err(format!(
-                        "unknown option answered {:#x}, expected NBD_REP_ERR_UNSUP",
-                        r.reply_type
-                    ));
+                    return Err(format!("unknown option answered {:#x}, expected NBD_REP_ERR_UNSUP", r.reply_type));
                 }
                 ctx(c.send_option(OPT_ABORT, &[]), "send ABORT")?;
                 match c.read_option_reply() {
@@ -324,19 +279,10 @@ fn malformed_input_gets_errors_and_never_disturbs_other_clients() {
                 for name in ["no-such-export", ""] {
                     let mut c = raw(&target)?;
                     ctx(c.start_fixed_newstyle(), "handshake")?;
-                    ctx(
-                        c.send_option(OPT_EXPORT_NAME, name.as_bytes()),
-                        "send EXPORT_NAME",
-                    )?;
+                    ctx(c.send_option(OPT_EXPORT_NAME, name.as_bytes()), "send EXPORT_NAME")?;
                     match c.wait_closed(REACT) {
-                        Ending::Closed {
-                            bytes_before_close: 0,
-                        } => {}
-                        other => {
-                            return Err(format!(
-                                "EXPORT_NAME {name:?}: {other:?}, expected a silent close"
-                            ))
-                        }
+                        Ending::Closed { bytes_before_close: 0 } => {}
+                        other => return Err(format!("EXPORT_NAME {name:?}: {other:?}, expected a silent close")),
                     }
                 }
                 Ok(())
@@ -348,14 +294,9 @@ fn malformed_input_gets_errors_and_never_disturbs_other_clients() {
         cases.push((
             "NBD_OPT_EXPORT_NAME of the right name works",
             Box::new(move || {
-                let mut c = NbdClient::connect_with(
-                    &tcp,
-                    &ConnectOptions {
-                        structured_replies: false,
-                        use_export_name: true,
-                    },
-                )
-                .map_err(|e| format!("connect with EXPORT_NAME: {e}"))?;
+                let mut c =
+                    NbdClient::connect_with(&tcp, &ConnectOptions { structured_replies: false, use_export_name: true })
+                        .map_err(|e| format!("connect with EXPORT_NAME: {e}"))?;
                 if c.size() != SIZE {
                     return Err(format!("size {}", c.size()));
                 }
@@ -370,10 +311,7 @@ fn malformed_input_gets_errors_and_never_disturbs_other_clients() {
             Box::new(move || {
                 let mut c = raw(&target)?;
                 ctx(c.start_fixed_newstyle(), "handshake")?;
-                ctx(
-                    c.send_option(OPT_STRUCTURED_REPLY, &[1, 2, 3, 4]),
-                    "send option",
-                )?;
+                ctx(c.send_option(OPT_STRUCTURED_REPLY, &[1, 2, 3, 4]), "send option")?;
                 expect_option_error_or_close(&mut c, "STRUCTURED_REPLY with data")
             }),
         ));
@@ -384,10 +322,7 @@ fn malformed_input_gets_errors_and_never_disturbs_other_clients() {
             "request with a bad magic closes the connection",
             Box::new(move || {
                 let mut c = client(&tcp, true)?;
-                ctx(
-                    c.send_request_raw(0xdead_beef, 0, CMD_READ, 1, 0, 4096, &[]),
-                    "send",
-                )?;
+                ctx(c.send_request_raw(0xdead_beef, 0, CMD_READ, 1, 0, 4096, &[]), "send")?;
                 expect_closed(&mut c.conn, "after a bad request magic")
             }),
         ));
@@ -395,24 +330,11 @@ fn malformed_input_gets_errors_and_never_disturbs_other_clients() {
     for structured in [true, false] {
         let tcp = tcp.clone();
         cases.push((
-            if structured {
-                "READ past the end (structured)"
-            } else {
-                "READ past the end (simple)"
-            },
+            if structured { "READ past the end (structured)" } else { "READ past the end (simple)" },
             Box::new(move || {
                 let mut c = client(&tcp, structured)?;
-                for (off, len) in [
-                    (SIZE - 4095, 4096),
-                    (SIZE, 1),
-                    (SIZE + (1 << 40), 512),
-                    (u64::MAX - 100, 4096),
-                ] {
-                    expect_errno(
-                        c.read(off, len).map(|_| ()),
-                        Some(EINVAL),
-                        &format!("READ {off}+{len}"),
-                    )?;
+                for (off, len) in [(SIZE - 4095, 4096), (SIZE, 1), (SIZE + (1 << 40), 512), (u64::MAX - 100, 4096)] {
+                    expect_errno(c.read(off, len).map(|_| ()), Some(EINVAL), &format!("READ {off}+{len}"))?;
                 }
                 still_works(&mut c, "after reads past the end")
             }),
@@ -421,21 +343,13 @@ fn malformed_input_gets_errors_and_never_disturbs_other_clients() {
     for structured in [true, false] {
         let tcp = tcp.clone();
         cases.push((
-            if structured {
-                "WRITE past the end (structured)"
-            } else {
-                "WRITE past the end (simple)"
-            },
+            if structured { "WRITE past the end (structured)" } else { "WRITE past the end (simple)" },
             Box::new(move || {
                 let mut c = client(&tcp, structured)?;
                 match c.write(SIZE - 100, &[0xa5u8; 4096]) {
                     Ok(()) => return Err("WRITE past the end succeeded".into()),
                     Err(e) if matches!(e.errno(), Some(EINVAL) | Some(ENOSPC)) => {}
-                    Err(e) => {
-                        return Err(format!(
-                            "WRITE past the end: {e} (expected EINVAL or ENOSPC)"
-                        ))
-                    }
+                    Err(e) => return Err(format!("WRITE past the end: {e} (expected EINVAL or ENOSPC)")),
                 }
                 let tail = ctx(c.read(SIZE - 100, 100), "read the last bytes")?;
                 if tail.iter().any(|&b| b != 0) {
@@ -455,19 +369,11 @@ fn malformed_input_gets_errors_and_never_disturbs_other_clients() {
     for structured in [true, false] {
         let tcp = tcp.clone();
         cases.push((
-            if structured {
-                "unknown command (structured)"
-            } else {
-                "unknown command (simple)"
-            },
+            if structured { "unknown command (structured)" } else { "unknown command (simple)" },
             Box::new(move || {
                 let mut c = client(&tcp, structured)?;
                 expect_errno(c.simple_command(42, 0, 0, 0), Some(EINVAL), "command 42")?;
-                expect_errno(
-                    c.simple_command(0x7fff, 0, 4096, 512),
-                    Some(EINVAL),
-                    "command 0x7fff",
-                )?;
+                expect_errno(c.simple_command(0x7fff, 0, 4096, 512), Some(EINVAL), "command 0x7fff")?;
                 still_works(&mut c, "after unknown commands")
             }),
         ));
@@ -483,10 +389,7 @@ fn malformed_input_gets_errors_and_never_disturbs_other_clients() {
                     return Err("short 32 MiB read".into());
                 }
                 match c.read(0, (32 << 20) + 4096) {
-                    Ok(_) => Err(
-                        "READ of 32 MiB + 4 KiB succeeded (the advertised maximum is 32 MiB)"
-                            .into(),
-                    ),
+                    Ok(_) => Err("READ of 32 MiB + 4 KiB succeeded (the advertised maximum is 32 MiB)".into()),
                     Err(e) if e.is_closed() => Ok(()),
                     Err(e) if e.errno().is_some() => still_works(&mut c, "after an oversized READ"),
                     Err(e) => Err(format!("oversized READ: {e}")),
@@ -521,10 +424,7 @@ fn malformed_input_gets_errors_and_never_disturbs_other_clients() {
                 let _ = c.conn.stream.shutdown(std::net::Shutdown::Both);
                 let _ = sender.join();
                 match r {
-                    Ok(_) => Err(
-                        "WRITE of 32 MiB + 4 KiB succeeded (the advertised maximum is 32 MiB)"
-                            .into(),
-                    ),
+                    Ok(_) => Err("WRITE of 32 MiB + 4 KiB succeeded (the advertised maximum is 32 MiB)".into()),
                     Err(e) if e.is_closed() || e.errno().is_some() => Ok(()),
                     Err(e) => Err(format!("oversized WRITE: {e}")),
                 }
@@ -539,17 +439,11 @@ fn malformed_input_gets_errors_and_never_disturbs_other_clients() {
             Box::new(move || {
                 // Half a WRITE payload, then gone.
                 let mut c = client(&tcp, true)?;
-                ctx(
-                    c.send_request(0, CMD_WRITE, 8 * MIB, 1 << 20, &payload),
-                    "send half a write",
-                )?;
+                ctx(c.send_request(0, CMD_WRITE, 8 * MIB, 1 << 20, &payload), "send half a write")?;
                 drop(c);
                 // Half a request header, then gone.
                 let mut c = client(&tcp, false)?;
-                ctx(
-                    c.conn.send(&REQUEST_MAGIC.to_be_bytes()),
-                    "send half a header",
-                )?;
+                ctx(c.conn.send(&REQUEST_MAGIC.to_be_bytes()), "send half a header")?;
                 ctx(c.conn.send(&[0, 0, 0]), "send half a header")?;
                 drop(c);
                 // Half an option, then gone; and connections closed right away, many times.
@@ -588,24 +482,17 @@ fn malformed_input_gets_errors_and_never_disturbs_other_clients() {
             failures.push(format!("{name}: {why}"));
         }
         if !d.is_running() {
-            panic!(
-                "evs-target died during case {name:?}\nearlier failures: {failures:#?}\n{}",
-                d.log()
-            );
+            panic!("evs-target died during case {name:?}\nearlier failures: {failures:#?}\n{}", d.log());
         }
         // A fresh client still works after each case.
         let mut c = NbdClient::connect(if i % 2 == 0 { &tcp } else { &unix })
             .unwrap_or_else(|e| panic!("after case {name:?}: a new client cannot connect: {e}"));
         let data = Rng::new(i as u64).bytes(8192);
         let off = 24 * MIB + i as u64 * 8192;
-        c.write(off, &data)
-            .unwrap_or_else(|e| panic!("after case {name:?}: write: {e}"));
-        let got = c
-            .read(off, 8192)
-            .unwrap_or_else(|e| panic!("after case {name:?}: read: {e}"));
+        c.write(off, &data).unwrap_or_else(|e| panic!("after case {name:?}: write: {e}"));
+        let got = c.read(off, 8192).unwrap_or_else(|e| panic!("after case {name:?}: read: {e}"));
         assert_bytes_eq(&got, &data, off, &format!("after case {name:?}"));
-        c.disconnect()
-            .unwrap_or_else(|e| panic!("after case {name:?}: disconnect: {e}"));
+        c.disconnect().unwrap_or_else(|e| panic!("after case {name:?}: disconnect: {e}"));
     }
 
     stop.store(true, Ordering::Relaxed);
@@ -626,17 +513,8 @@ fn malformed_input_gets_errors_and_never_disturbs_other_clients() {
     if let Err(e) = idle_ok {
         report.push(e);
     }
-    assert!(
-        report.is_empty(),
-        "{} problems:\n{}",
-        report.len(),
-        report.join("\n")
-    );
+    assert!(report.is_empty(), "{} problems:\n{}", report.len(), report.join("\n"));
 
     let status = d.terminate();
-    assert!(
-        status.success(),
-        "evs-target exited with {status} on SIGTERM after the bad inputs\n{}",
-        d.log()
-    );
+    assert!(status.success(), "evs-target exited with {status} on SIGTERM after the bad inputs\n{}", d.log());
 }

@@ -18,24 +18,12 @@ fn stderr(o: &Output) -> String {
 /// The command failed the way SPEC.md says: non-zero exit, one line on stderr, and that line
 /// mentions one of `keywords` (case-insensitive).
 fn assert_cli_error(o: &Output, what: &str, keywords: &[&str]) {
-    assert!(
-        !o.status.success(),
-        "{what}: succeeded but should fail\n{}",
-        format_output(o)
-    );
+    assert!(!o.status.success(), "{what}: succeeded but should fail\n{}", format_output(o));
     let err = stderr(o);
     // Blank lines and clap's usage hint aside, one line.
-    let lines: Vec<&str> = err
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with("For more information, try"))
-        .collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "{what}: expected one line on stderr\n{}",
-        format_output(o)
-    );
+    let lines: Vec<&str> =
+        err.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("For more information, try")).collect();
+    assert_eq!(lines.len(), 1, "{what}: expected one line on stderr\n{}", format_output(o));
     let lower = lines[0].to_lowercase();
     assert!(
         keywords.iter().any(|k| lower.contains(&k.to_lowercase())),
@@ -58,11 +46,7 @@ fn state(d: &Daemon) -> Vec<Value> {
 #[test]
 fn volume_lifecycle_with_table_and_json_output() {
     let d = Daemon::start();
-    assert!(
-        d.list_volumes().is_empty(),
-        "a new daemon has volumes: {:?}",
-        d.list_volumes()
-    );
+    assert!(d.list_volumes().is_empty(), "a new daemon has volumes: {:?}", d.list_volumes());
 
     // Sizes: suffixes and plain bytes.
     for (name, size, bytes) in [
@@ -72,127 +56,63 @@ fn volume_lifecycle_with_table_and_json_output() {
         ("vol-bytes", "1048576", MIB),
     ] {
         let out = d.evsctl(&["volume", "create", name, "--size", size]);
-        assert!(
-            out.status.success(),
-            "create {name} --size {size}\n{}",
-            format_output(&out)
-        );
+        assert!(out.status.success(), "create {name} --size {size}\n{}", format_output(&out));
         let v = d.show_volume(name);
         assert_eq!(name_field(&v), name);
-        assert_eq!(
-            u64_field(&v, "size_bytes"),
-            bytes,
-            "size of {name} created with --size {size}: {v}"
-        );
-        assert_eq!(
-            u64_field(&v, "allocated_bytes"),
-            0,
-            "a new thin volume has allocated bytes: {v}"
-        );
+        assert_eq!(u64_field(&v, "size_bytes"), bytes, "size of {name} created with --size {size}: {v}");
+        assert_eq!(u64_field(&v, "allocated_bytes"), 0, "a new thin volume has allocated bytes: {v}");
     }
     let vols = d.list_volumes();
     assert_eq!(vols.len(), 4, "{vols:?}");
-    assert_eq!(
-        u64_field(
-            listed(&vols, "vol-10g").expect("vol-10g listed"),
-            "size_bytes"
-        ),
-        10 * GIB
-    );
+    assert_eq!(u64_field(listed(&vols, "vol-10g").expect("vol-10g listed"), "size_bytes"), 10 * GIB);
 
     // Table output names the volumes.
     let table = d.evsctl_ok(&["volume", "list"]);
     for name in ["vol-512m", "vol-10g", "vol-1t", "vol-bytes"] {
-        assert!(
-            table.contains(name),
-            "`volume list` table lacks {name}:\n{table}"
-        );
+        assert!(table.contains(name), "`volume list` table lacks {name}:\n{table}");
     }
     let show = d.evsctl_ok(&["volume", "show", "vol-10g"]);
-    assert!(
-        show.contains("vol-10g"),
-        "`volume show` table lacks the name:\n{show}"
-    );
+    assert!(show.contains("vol-10g"), "`volume show` table lacks the name:\n{show}");
 
     // The JSON of create also parses.
     let created = d.evsctl_json(&["volume", "create", "vol-json", "--size", "64M"]);
-    assert!(
-        created.is_object(),
-        "`volume create --output json` printed {created}"
-    );
+    assert!(created.is_object(), "`volume create --output json` printed {created}");
 
     // Extend, online: a new connection sees the new size, an old one keeps working.
     let tcp = d.attach("vol-json");
     let u = NbdUri::parse(&tcp).expect("attach prints an NBD URI");
-    assert_eq!(
-        u.target,
-        evs_tests::nbd_client::Target::Tcp(d.nbd_addr.to_string()),
-        "attach URI {tcp}"
-    );
-    assert!(
-        u.export.len() >= 16,
-        "attach token {:?} is too short to be unguessable",
-        u.export
-    );
-    assert!(
-        !u.export.contains("vol-json"),
-        "attach token {:?} contains the volume name",
-        u.export
-    );
+    assert_eq!(u.target, evs_tests::nbd_client::Target::Tcp(d.nbd_addr.to_string()), "attach URI {tcp}");
+    assert!(u.export.len() >= 16, "attach token {:?} is too short to be unguessable", u.export);
+    assert!(!u.export.contains("vol-json"), "attach token {:?} contains the volume name", u.export);
     let mut old = NbdClient::connect(&tcp).expect("connect");
     assert_eq!(old.size(), 64 * MIB);
     d.evsctl_ok(&["volume", "extend", "vol-json", "--size", "128M"]);
-    assert_eq!(
-        u64_field(&d.show_volume("vol-json"), "size_bytes"),
-        128 * MIB
-    );
+    assert_eq!(u64_field(&d.show_volume("vol-json"), "size_bytes"), 128 * MIB);
     let mut new = NbdClient::connect(&tcp).expect("connect after extend");
-    assert_eq!(
-        new.size(),
-        128 * MIB,
-        "a connection made after extend sees the new size"
-    );
-    new.write(100 * MIB, b"beyond the old end")
-        .expect("write in the extension");
-    assert_eq!(
-        new.read(100 * MIB, 18).expect("read"),
-        b"beyond the old end"
-    );
-    old.write(MIB, b"old connection")
-        .expect("old connection still writes");
+    assert_eq!(new.size(), 128 * MIB, "a connection made after extend sees the new size");
+    new.write(100 * MIB, b"beyond the old end").expect("write in the extension");
+    assert_eq!(new.read(100 * MIB, 18).expect("read"), b"beyond the old end");
+    old.write(MIB, b"old connection").expect("old connection still writes");
     assert_eq!(new.read(MIB, 14).expect("read"), b"old connection");
     drop((old, new));
 
     // Attach over the unix socket (table output prints the URI too).
     let unix = d.attach_unix("vol-json");
     let u2 = NbdUri::parse(&unix).expect("attach --unix prints an NBD URI");
-    assert_eq!(
-        u2.target,
-        evs_tests::nbd_client::Target::Unix(d.nbd_socket.clone()),
-        "attach --unix URI {unix}"
-    );
+    assert_eq!(u2.target, evs_tests::nbd_client::Target::Unix(d.nbd_socket.clone()), "attach --unix URI {unix}");
     let mut c = NbdClient::connect(&unix).expect("connect over the unix socket");
     assert_eq!(c.read(MIB, 14).expect("read"), b"old connection");
     c.disconnect().expect("disconnect");
     let text = d.evsctl_ok(&["volume", "attach", "vol-512m"]);
-    let line = text
-        .lines()
-        .find(|l| l.contains("nbd://"))
-        .unwrap_or_else(|| panic!("attach printed no URI:\n{text}"));
-    let uri = line
-        .split_whitespace()
-        .find(|w| w.starts_with("nbd://"))
-        .unwrap();
+    let line = text.lines().find(|l| l.contains("nbd://")).unwrap_or_else(|| panic!("attach printed no URI:\n{text}"));
+    let uri = line.split_whitespace().find(|w| w.starts_with("nbd://")).unwrap();
     NbdClient::connect(uri).unwrap_or_else(|e| panic!("URI {uri} printed by attach: {e}"));
 
     // Detach, then delete: gone from list and from the table.
     d.evsctl_ok(&["volume", "detach", "vol-512m"]);
     d.evsctl_ok(&["volume", "delete", "vol-512m"]);
     let vols = d.list_volumes();
-    assert!(
-        listed(&vols, "vol-512m").is_none(),
-        "deleted volume still listed: {vols:?}"
-    );
+    assert!(listed(&vols, "vol-512m").is_none(), "deleted volume still listed: {vols:?}");
     assert!(!d.evsctl_ok(&["volume", "list"]).contains("vol-512m"));
     assert_eq!(vols.len(), 4);
 }
@@ -214,52 +134,24 @@ fn errors_are_reported_and_change_nothing() {
     };
 
     // No token at all (no --token, no EVS_TOKEN, no ./evs-data/admin.token).
+    let o = output_with_timeout(d.evsctl_bare().arg("--endpoint").arg(d.endpoint()).args(["volume", "list"]), TIMEOUT);
+    assert_cli_error(&o, "no token", &["token", "auth", "credential", "permission"]);
     let o = output_with_timeout(
-        d.evsctl_bare()
-            .arg("--endpoint")
-            .arg(d.endpoint())
-            .args(["volume", "list"]),
+        d.evsctl_bare().arg("--endpoint").arg(d.endpoint()).args(["volume", "create", "sneaky", "--size", "1G"]),
         TIMEOUT,
     );
-    assert_cli_error(
-        &o,
-        "no token",
-        &["token", "auth", "credential", "permission"],
-    );
-    let o = output_with_timeout(
-        d.evsctl_bare()
-            .arg("--endpoint")
-            .arg(d.endpoint())
-            .args(["volume", "create", "sneaky", "--size", "1G"]),
-        TIMEOUT,
-    );
-    assert_cli_error(
-        &o,
-        "create without token",
-        &["token", "auth", "credential", "permission"],
-    );
+    assert_cli_error(&o, "create without token", &["token", "auth", "credential", "permission"]);
     check_unchanged("create without a token");
 
     // A wrong token.
-    for args in [
-        vec!["volume", "list"],
-        vec!["volume", "delete", "err-plain"],
-        vec!["volume", "create", "x", "--size", "1G"],
-    ] {
+    for args in
+        [vec!["volume", "list"], vec!["volume", "delete", "err-plain"], vec!["volume", "create", "x", "--size", "1G"]]
+    {
         let o = output_with_timeout(
-            d.evsctl_bare()
-                .arg("--endpoint")
-                .arg(d.endpoint())
-                .arg("--token")
-                .arg("not-the-token")
-                .args(&args),
+            d.evsctl_bare().arg("--endpoint").arg(d.endpoint()).arg("--token").arg("not-the-token").args(&args),
             TIMEOUT,
         );
-        assert_cli_error(
-            &o,
-            &format!("wrong token: {}", args.join(" ")),
-            &["token", "auth", "denied", "permission"],
-        );
+        assert_cli_error(&o, &format!("wrong token: {}", args.join(" ")), &["token", "auth", "denied", "permission"]);
     }
     check_unchanged("commands with a wrong token");
 
@@ -271,46 +163,25 @@ fn errors_are_reported_and_change_nothing() {
             .args(["--output", "json", "volume", "list"]),
         TIMEOUT,
     );
-    assert!(
-        o.status.success(),
-        "EVS_ENDPOINT + EVS_TOKEN\n{}",
-        format_output(&o)
-    );
+    assert!(o.status.success(), "EVS_ENDPOINT + EVS_TOKEN\n{}", format_output(&o));
     let v: Value = serde_json::from_slice(&o.stdout).expect("JSON");
     assert_eq!(volume_list(&v).len(), 2);
 
     // Nothing listening at the endpoint.
     let o = output_with_timeout(
-        d.evsctl_bare().args([
-            "--endpoint",
-            "http://127.0.0.1:1",
-            "--token",
-            d.token(),
-            "volume",
-            "list",
-        ]),
+        d.evsctl_bare().args(["--endpoint", "http://127.0.0.1:1", "--token", d.token(), "volume", "list"]),
         TIMEOUT,
     );
     assert_cli_error(
         &o,
         "unreachable endpoint",
-        &[
-            "127.0.0.1:1",
-            "connect",
-            "unreachable",
-            "refused",
-            "endpoint",
-            "transport",
-        ],
+        &["127.0.0.1:1", "connect", "unreachable", "refused", "endpoint", "transport"],
     );
 
     // Bad size strings.
     for size in ["12Q", "abc", "-1G", "1.5.5G", ""] {
         let arg = format!("--size={size}");
-        let keywords: Vec<&str> = ["size", size]
-            .into_iter()
-            .filter(|k| !k.is_empty())
-            .collect();
+        let keywords: Vec<&str> = ["size", size].into_iter().filter(|k| !k.is_empty()).collect();
         let o = d.evsctl(&["volume", "create", "bad-size", &arg]);
         assert_cli_error(&o, &format!("create {arg}"), &keywords);
         let o = d.evsctl(&["volume", "extend", "err-plain", &arg]);
@@ -320,20 +191,12 @@ fn errors_are_reported_and_change_nothing() {
 
     // Duplicate name.
     let o = d.evsctl(&["volume", "create", "err-plain", "--size", "2G"]);
-    assert_cli_error(
-        &o,
-        "duplicate name",
-        &["exist", "err-plain", "duplicate", "already"],
-    );
+    assert_cli_error(&o, "duplicate name", &["exist", "err-plain", "duplicate", "already"]);
     check_unchanged("a duplicate create");
 
     // Shrinking.
     let o = d.evsctl(&["volume", "extend", "err-plain", "--size", "256M"]);
-    assert_cli_error(
-        &o,
-        "extend to a smaller size",
-        &["shrink", "smaller", "size", "less"],
-    );
+    assert_cli_error(&o, "extend to a smaller size", &["shrink", "smaller", "size", "less"]);
     check_unchanged("a shrinking extend");
 
     // Deleting an attached volume.
@@ -353,26 +216,11 @@ fn errors_are_reported_and_change_nothing() {
         vec!["volume", "detach", "no-such-volume"],
     ] {
         let o = d.evsctl(&args);
-        assert_cli_error(
-            &o,
-            &args.join(" "),
-            &[
-                "no-such-volume",
-                "not found",
-                "no such",
-                "unknown",
-                "does not exist",
-            ],
-        );
+        assert_cli_error(&o, &args.join(" "), &["no-such-volume", "not found", "no such", "unknown", "does not exist"]);
         let mut json = vec!["--output", "json"];
         json.extend_from_slice(&args);
         let o = d.evsctl(&json);
-        assert!(
-            !o.status.success(),
-            "{} succeeded\n{}",
-            json.join(" "),
-            format_output(&o)
-        );
+        assert!(!o.status.success(), "{} succeeded\n{}", json.join(" "), format_output(&o));
     }
     check_unchanged("commands on an unknown volume");
 }
@@ -389,10 +237,7 @@ fn detach_revokes_the_attach_uri() {
     c.write(4096, b"still here").expect("write");
     c.flush().expect("flush");
     c.disconnect().expect("disconnect");
-    NbdClient::connect(&unix)
-        .expect("unix connect before detach")
-        .disconnect()
-        .expect("disconnect");
+    NbdClient::connect(&unix).expect("unix connect before detach").disconnect().expect("disconnect");
 
     d.evsctl_ok(&["volume", "detach", "detach-me"]);
     for uri in [&tcp, &unix] {
@@ -413,10 +258,7 @@ fn detach_revokes_the_attach_uri() {
     let mut c = NbdClient::connect(&tcp2).expect("connect with the new URI");
     assert_eq!(c.read(4096, 10).expect("read"), b"still here");
     c.disconnect().expect("disconnect");
-    assert!(
-        NbdClient::connect(&tcp).is_err(),
-        "the revoked URI works again after a new attach"
-    );
+    assert!(NbdClient::connect(&tcp).is_err(), "the revoked URI works again after a new attach");
 }
 
 /// Delete destroys the data: a new volume of the same name (and size) reads all zeros and has
@@ -429,8 +271,7 @@ fn delete_then_create_same_name_reads_zeros() {
     let mut c = NbdClient::connect(&tcp).expect("connect");
     let mut rng = Rng::new(3);
     for i in 0..32u64 {
-        c.write(i * MIB + rng.below(MIB / 2), &rng.bytes(200_000))
-            .expect("write");
+        c.write(i * MIB + rng.below(MIB / 2), &rng.bytes(200_000)).expect("write");
     }
     c.flush().expect("flush");
     c.disconnect().expect("disconnect");
@@ -440,11 +281,7 @@ fn delete_then_create_same_name_reads_zeros() {
     assert!(listed(&d.list_volumes(), "reuse").is_none());
 
     let (tcp2, _) = d.create_volume("reuse", "32M");
-    assert_eq!(
-        u64_field(&d.show_volume("reuse"), "allocated_bytes"),
-        0,
-        "the new volume has allocated bytes"
-    );
+    assert_eq!(u64_field(&d.show_volume("reuse"), "allocated_bytes"), 0, "the new volume has allocated bytes");
     let mut c = NbdClient::connect(&tcp2).expect("connect to the new volume");
     assert_eq!(c.size(), size);
     let all = c.read_all(0, size, 4 << 20).expect("read");

@@ -70,10 +70,7 @@ impl Model {
             if floor.is_none() || ops.iter().any(|op| op.zero && allowed(op)) {
                 return Ok(());
             }
-            return Err(format!(
-                "reads as zeros, but write {} was durable",
-                floor.unwrap()
-            ));
+            return Err(format!("reads as zeros, but write {} was durable", floor.unwrap()));
         }
         let magic = u64::from_le_bytes(got[0..8].try_into().unwrap());
         let seq = u64::from_le_bytes(got[8..16].try_into().unwrap());
@@ -82,9 +79,7 @@ impl Model {
             return Err("holds garbage (no header of any write)".into());
         }
         if which != blk {
-            return Err(format!(
-                "holds the content that write {seq} sent to block {which}"
-            ));
+            return Err(format!("holds the content that write {seq} sent to block {which}"));
         }
         if got != block_content(seq, blk).as_slice() {
             return Err(format!("holds a torn or corrupted copy of write {seq}"));
@@ -143,12 +138,8 @@ fn workload(mut c: NbdClient, mut model: Model, mut rng: Rng, flush_every: u64) 
         if since_flush >= flush_every {
             since_flush = 0;
             // Everything acknowledged so far is covered by this flush.
-            let covered: Vec<(u64, u64)> = model
-                .last_acked
-                .iter()
-                .enumerate()
-                .filter_map(|(b, s)| s.map(|s| (b as u64, s)))
-                .collect();
+            let covered: Vec<(u64, u64)> =
+                model.last_acked.iter().enumerate().filter_map(|(b, s)| s.map(|s| (b as u64, s))).collect();
             if c.flush().is_err() {
                 return model;
             }
@@ -162,10 +153,7 @@ fn workload(mut c: NbdClient, mut model: Model, mut rng: Rng, flush_every: u64) 
 
 #[test]
 fn kill9_during_writes_never_loses_flushed_data() {
-    let iterations: u32 = std::env::var("EVS_CRASH_ITERATIONS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
+    let iterations: u32 = std::env::var("EVS_CRASH_ITERATIONS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
     let budget = Duration::from_secs(75);
     let mut d = Daemon::start();
     let (tcp, unix) = d.create_volume("crash", "4M");
@@ -175,19 +163,12 @@ fn kill9_during_writes_never_loses_flushed_data() {
     let mut done = 0;
     for it in 0..iterations {
         if it >= 5 && started.elapsed() > budget {
-            eprintln!(
-                "crash: stopping after {it} iterations ({:?})",
-                started.elapsed()
-            );
+            eprintln!("crash: stopping after {it} iterations ({:?})", started.elapsed());
             break;
         }
         let uri = if it % 2 == 0 { &tcp } else { &unix };
-        let opts = ConnectOptions {
-            structured_replies: it % 3 != 2,
-            ..Default::default()
-        };
-        let c = NbdClient::connect_with(uri, &opts)
-            .unwrap_or_else(|e| panic!("iteration {it}: connect {uri}: {e}"));
+        let opts = ConnectOptions { structured_replies: it % 3 != 2, ..Default::default() };
+        let c = NbdClient::connect_with(uri, &opts).unwrap_or_else(|e| panic!("iteration {it}: connect {uri}: {e}"));
         let flush_every = rng.range(3, 17);
         let wrng = Rng::new(rng.next_u64());
         let writer = thread::spawn(move || workload(c, model, wrng, flush_every));
@@ -198,9 +179,7 @@ fn kill9_during_writes_never_loses_flushed_data() {
 
         let mut c = NbdClient::connect(if it % 2 == 0 { &unix } else { &tcp })
             .unwrap_or_else(|e| panic!("iteration {it}: connect after restart: {e}"));
-        let all = c
-            .read_all(0, BLOCKS * BLOCK, 1 << 20)
-            .unwrap_or_else(|e| panic!("iteration {it}: read: {e}"));
+        let all = c.read_all(0, BLOCKS * BLOCK, 1 << 20).unwrap_or_else(|e| panic!("iteration {it}: read: {e}"));
         let mut bad = Vec::new();
         for blk in 0..BLOCKS {
             let got = &all[(blk * BLOCK) as usize..((blk + 1) * BLOCK) as usize];
@@ -222,8 +201,5 @@ fn kill9_during_writes_never_loses_flushed_data() {
         "crash: {done} iterations, {} operations acknowledged, {} flushes, {durable} blocks durable",
         model.acked_ops, model.flushes
     );
-    assert!(
-        model.flushes > 0 && durable > 0,
-        "the workload never completed a flush: the test proved nothing"
-    );
+    assert!(model.flushes > 0 && durable > 0, "the workload never completed a flush: the test proved nothing");
 }

@@ -13,21 +13,14 @@ use evs_tests::{require_tool, u64_field, Daemon, NbdClient, NbdUri};
 
 fn nbdinfo_json(args: &[&str]) -> Value {
     let out = run_tool(Command::new(require_tool("nbdinfo")).args(args));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "nbdinfo {} printed no JSON: {e}\n{}",
-            args.join(" "),
-            format_output(&out)
-        )
-    })
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("nbdinfo {} printed no JSON: {e}\n{}", args.join(" "), format_output(&out)))
 }
 
 /// The one export of `nbdinfo --json URI`.
 fn nbdinfo_export(uri: &str) -> Value {
     let v = nbdinfo_json(&["--json", uri]);
-    let exports = v["exports"]
-        .as_array()
-        .unwrap_or_else(|| panic!("nbdinfo --json: no exports array: {v}"));
+    let exports = v["exports"].as_array().unwrap_or_else(|| panic!("nbdinfo --json: no exports array: {v}"));
     assert_eq!(exports.len(), 1, "nbdinfo --json {uri}: {v}");
     exports[0].clone()
 }
@@ -36,19 +29,14 @@ fn nbdinfo_export(uri: &str) -> Value {
 /// the extent's type has no NBD_STATE_HOLE bit).
 fn allocation_map(uri: &str, size: u64) -> Vec<bool> {
     let v = nbdinfo_json(&["--map", "--json", uri]);
-    let extents = v
-        .as_array()
-        .unwrap_or_else(|| panic!("nbdinfo --map --json: not an array: {v}"));
+    let extents = v.as_array().unwrap_or_else(|| panic!("nbdinfo --map --json: not an array: {v}"));
     let mut map = vec![None::<bool>; (size / BLOCK) as usize];
     let mut pos = 0u64;
     for e in extents {
         let off = u64_field(e, "offset");
         let len = u64_field(e, "length");
         let ty = u64_field(e, "type");
-        assert_eq!(
-            off, pos,
-            "nbdinfo --map: extents not contiguous at {pos}: {e}"
-        );
+        assert_eq!(off, pos, "nbdinfo --map: extents not contiguous at {pos}: {e}");
         assert!(len > 0, "empty extent {e}");
         // Our block store tracks 4 KiB blocks: extents must fall on block boundaries.
         assert!(
@@ -114,49 +102,23 @@ fn nbdinfo_shows_size_flags_and_allocation_map() {
 
     for uri in [&tcp, &unix] {
         let e = nbdinfo_export(uri);
-        assert_eq!(
-            e["export-size"].as_u64(),
-            Some(size),
-            "nbdinfo --json {uri}: {e}"
-        );
-        for flag in [
-            "can_flush",
-            "can_fua",
-            "can_trim",
-            "can_zero",
-            "can_multi_conn",
-            "can_cache",
-        ] {
-            assert_eq!(
-                e[flag].as_bool(),
-                Some(true),
-                "nbdinfo --json {uri}: {flag}: {e}"
-            );
+        assert_eq!(e["export-size"].as_u64(), Some(size), "nbdinfo --json {uri}: {e}");
+        for flag in ["can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn", "can_cache"] {
+            assert_eq!(e[flag].as_bool(), Some(true), "nbdinfo --json {uri}: {flag}: {e}");
         }
         assert_eq!(e["is_read_only"].as_bool(), Some(false), "{e}");
         assert_eq!(e["block_size_minimum"].as_u64(), Some(1), "{e}");
         assert_eq!(e["block_size_preferred"].as_u64(), Some(4096), "{e}");
         assert_eq!(e["block_size_maximum"].as_u64(), Some(32 * MIB), "{e}");
         let contexts = e["contexts"].as_array().cloned().unwrap_or_default();
-        assert!(
-            contexts.iter().any(|c| c == "base:allocation"),
-            "no base:allocation context: {e}"
-        );
+        assert!(contexts.iter().any(|c| c == "base:allocation"), "no base:allocation context: {e}");
     }
 
     // A fresh volume is all hole.
     let mut want = vec![false; (size / BLOCK) as usize];
     let got = allocation_map(&tcp, size);
-    assert!(
-        got == want,
-        "fresh volume not all hole:\n{}",
-        map_differences(&got, &want)
-    );
-    assert_eq!(
-        allocated_bytes(&d, "nbdinfo-map"),
-        0,
-        "fresh volume has allocated bytes"
-    );
+    assert!(got == want, "fresh volume not all hole:\n{}", map_differences(&got, &want));
+    assert_eq!(allocated_bytes(&d, "nbdinfo-map"), 0, "fresh volume has allocated bytes");
 
     let mut c = NbdClient::connect(&tcp).expect("connect");
     let mut rng = Rng::new(7);
@@ -171,17 +133,12 @@ fn nbdinfo_shows_size_flags_and_allocation_map() {
         (size - MIB, MIB),       // the end
     ];
     for &(off, len) in writes {
-        c.write(off, &rng.bytes(len as usize))
-            .unwrap_or_else(|e| panic!("write {off}+{len}: {e}"));
+        c.write(off, &rng.bytes(len as usize)).unwrap_or_else(|e| panic!("write {off}+{len}: {e}"));
         mark(&mut want, off, len, true);
     }
     c.flush().expect("flush");
     let got = allocation_map(&unix, size);
-    assert!(
-        got == want,
-        "map after writes differs:\n{}",
-        map_differences(&got, &want)
-    );
+    assert!(got == want, "map after writes differs:\n{}", map_differences(&got, &want));
     let blocks_after_writes = want.iter().filter(|&&b| b).count() as u64;
     let alloc1 = allocated_bytes(&d, "nbdinfo-map");
     assert!(
@@ -198,8 +155,7 @@ fn nbdinfo_shows_size_flags_and_allocation_map() {
     ];
     let mut freed = 0u64;
     for &(off, len) in trims {
-        c.trim(off, len as u32)
-            .unwrap_or_else(|e| panic!("trim {off}+{len}: {e}"));
+        c.trim(off, len as u32).unwrap_or_else(|e| panic!("trim {off}+{len}: {e}"));
         for b in off / BLOCK..(off + len) / BLOCK {
             if want[b as usize] {
                 freed += 1;
@@ -209,30 +165,18 @@ fn nbdinfo_shows_size_flags_and_allocation_map() {
     }
     c.flush().expect("flush");
     let got = allocation_map(&tcp, size);
-    assert!(
-        got == want,
-        "map after trims differs:\n{}",
-        map_differences(&got, &want)
-    );
+    assert!(got == want, "map after trims differs:\n{}", map_differences(&got, &want));
 
     // Trimmed blocks read as zeros, neighbours keep their data.
-    let z = c
-        .read(5 * MIB + 256 * KIB, (256 * KIB) as u32)
-        .expect("read trimmed range");
-    assert!(
-        z.iter().all(|&b| b == 0),
-        "trimmed range does not read as zeros"
-    );
+    let z = c.read(5 * MIB + 256 * KIB, (256 * KIB) as u32).expect("read trimmed range");
+    assert!(z.iter().all(|&b| b == 0), "trimmed range does not read as zeros");
     let alloc2 = allocated_bytes(&d, "nbdinfo-map");
     assert!(
         alloc1 >= alloc2 + freed * BLOCK,
         "allocated_bytes went from {alloc1} to {alloc2} after trimming {freed} allocated blocks"
     );
     let blocks_after_trims = want.iter().filter(|&&b| b).count() as u64;
-    assert!(
-        alloc2 >= blocks_after_trims * BLOCK,
-        "allocated_bytes {alloc2} < {blocks_after_trims} blocks"
-    );
+    assert!(alloc2 >= blocks_after_trims * BLOCK, "allocated_bytes {alloc2} < {blocks_after_trims} blocks");
     c.disconnect().expect("disconnect");
 }
 
@@ -280,19 +224,9 @@ fn nbdcopy_round_trip_of_a_multi_gib_image() {
         f.write_all(&buf[..4096]).unwrap();
     }
 
-    run_tool(
-        Command::new("nbdcopy")
-            .arg("--connections=4")
-            .arg(&src)
-            .arg(&tcp),
-    );
+    run_tool(Command::new("nbdcopy").arg("--connections=4").arg(&src).arg(&tcp));
     let back = d.root().join("back.raw");
-    run_tool(
-        Command::new("nbdcopy")
-            .arg("--connections=4")
-            .arg(&unix)
-            .arg(&back),
-    );
+    run_tool(Command::new("nbdcopy").arg("--connections=4").arg(&unix).arg(&back));
     let (a, b) = (file_checksum(&src), file_checksum(&back));
     if a != b {
         // Names the first differing byte.
@@ -320,10 +254,7 @@ fn nbdinfo_list_does_not_reveal_export_names() {
     let bare_unix = format!("nbd+unix:///?socket={}", d.nbd_socket.display());
     let runs: Vec<(Vec<String>, Vec<&str>)> = vec![
         (vec!["--list".into(), bare_tcp.clone()], vec![&t1, &t2]),
-        (
-            vec!["--list".into(), "--json".into(), bare_tcp],
-            vec![&t1, &t2],
-        ),
+        (vec!["--list".into(), "--json".into(), bare_tcp], vec![&t1, &t2]),
         (vec!["--list".into(), bare_unix], vec![&t1, &t2]),
         // Knowing one token must not reveal another.
         (vec!["--list".into(), tcp1.clone()], vec![&t2]),
@@ -331,18 +262,9 @@ fn nbdinfo_list_does_not_reveal_export_names() {
     ];
     for (args, secrets) in runs {
         let out = output_with_timeout(Command::new("nbdinfo").args(&args), DEFAULT_TOOL_TIMEOUT);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         for s in secrets {
-            assert!(
-                !text.contains(s),
-                "nbdinfo {} revealed an attach token\n{}",
-                args.join(" "),
-                format_output(&out)
-            );
+            assert!(!text.contains(s), "nbdinfo {} revealed an attach token\n{}", args.join(" "), format_output(&out));
         }
     }
     // The volumes stay reachable by their own token.

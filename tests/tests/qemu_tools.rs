@@ -2,9 +2,7 @@
 
 use std::process::Command;
 
-use evs_tests::tools::{
-    format_output, output_with_timeout, run_tool, stdout_text, DEFAULT_TOOL_TIMEOUT,
-};
+use evs_tests::tools::{format_output, output_with_timeout, run_tool, stdout_text, DEFAULT_TOOL_TIMEOUT};
 use evs_tests::util::{assert_bytes_eq, assert_files_equal, file_checksum, Rng, KIB, MIB};
 use evs_tests::{require_tool, Daemon, NbdClient};
 
@@ -17,11 +15,7 @@ fn qemu_io(target: &str, cmds: &[String]) -> String {
         c.arg("-c").arg(cmd);
     }
     let out = output_with_timeout(&mut c, DEFAULT_TOOL_TIMEOUT);
-    let text = format!(
-        "{}\n{}",
-        stdout_text(&out),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = format!("{}\n{}", stdout_text(&out), String::from_utf8_lossy(&out.stderr));
     let lower = text.to_lowercase();
     if !out.status.success()
         || lower.contains("pattern verification failed")
@@ -29,10 +23,7 @@ fn qemu_io(target: &str, cmds: &[String]) -> String {
         || lower.contains("error")
         || lower.contains("input/output")
     {
-        panic!(
-            "qemu-io on {target} reported a failure\n{}",
-            format_output(&out)
-        );
+        panic!("qemu-io on {target} reported a failure\n{}", format_output(&out));
     }
     text
 }
@@ -87,11 +78,7 @@ fn qemu_io_patterns_at_aligned_and_unaligned_offsets() {
     let mut slot_no = 0u64;
     let pattern_of = |i: usize| ((i * 37) % 254 + 1) as u8;
     for &(o, l) in fixed {
-        cases.push(Case {
-            off: slot_no * slot + o,
-            len: l,
-            pattern: pattern_of(cases.len()),
-        });
+        cases.push(Case { off: slot_no * slot + o, len: l, pattern: pattern_of(cases.len()) });
         slot_no += 1;
     }
     for _ in 0..40 {
@@ -103,36 +90,18 @@ fn qemu_io_patterns_at_aligned_and_unaligned_offsets() {
             _ => rng.range(1, 128 * KIB),
         };
         let o = if rng.chance(3) { o & !511 } else { o };
-        cases.push(Case {
-            off: slot_no * slot + o,
-            len: l,
-            pattern: pattern_of(cases.len()),
-        });
+        cases.push(Case { off: slot_no * slot + o, len: l, pattern: pattern_of(cases.len()) });
         slot_no += 1;
     }
     // The very end of the volume, in the last slot (kept apart from the others).
     assert!(slot_no * slot < size - slot);
-    cases.push(Case {
-        off: size - 1,
-        len: 1,
-        pattern: pattern_of(cases.len()),
-    });
-    cases.push(Case {
-        off: size - 4096 - 3000,
-        len: 3000,
-        pattern: pattern_of(cases.len()),
-    });
+    cases.push(Case { off: size - 1, len: 1, pattern: pattern_of(cases.len()) });
+    cases.push(Case { off: size - 4096 - 3000, len: 3000, pattern: pattern_of(cases.len()) });
 
-    let writes: Vec<String> = cases
-        .iter()
-        .map(|c| format!("write -P {:#04x} {} {}", c.pattern, c.off, c.len))
-        .collect();
+    let writes: Vec<String> =
+        cases.iter().map(|c| format!("write -P {:#04x} {} {}", c.pattern, c.off, c.len)).collect();
     let out = qemu_io(&tcp, &writes);
-    assert_eq!(
-        count_lines(&out, "wrote "),
-        cases.len(),
-        "qemu-io did not report every write:\n{out}"
-    );
+    assert_eq!(count_lines(&out, "wrote "), cases.len(), "qemu-io did not report every write:\n{out}");
 
     let mut reads = Vec::new();
     for c in &cases {
@@ -147,11 +116,7 @@ fn qemu_io_patterns_at_aligned_and_unaligned_offsets() {
     // Never-written ranges read as zeros, unaligned too.
     reads.push(format!("read -P 0 {} {}", slot_no * slot + 1, 3 * slot - 3));
     let out = qemu_io(&unix, &reads);
-    assert_eq!(
-        count_lines(&out, "read "),
-        reads.len(),
-        "qemu-io did not report every read:\n{out}"
-    );
+    assert_eq!(count_lines(&out, "read "), reads.len(), "qemu-io did not report every read:\n{out}");
 
     // The same through the raw client, byte for byte.
     let mut c = NbdClient::connect(&tcp).unwrap_or_else(|e| panic!("connect {tcp}: {e}"));
@@ -159,9 +124,7 @@ fn qemu_io_patterns_at_aligned_and_unaligned_offsets() {
     for case in &cases {
         let lo = case.off.saturating_sub(1);
         let hi = (case.off + case.len + 1).min(size);
-        let got = c
-            .read(lo, (hi - lo) as u32)
-            .unwrap_or_else(|e| panic!("read {case:?}: {e}"));
+        let got = c.read(lo, (hi - lo) as u32).unwrap_or_else(|e| panic!("read {case:?}: {e}"));
         let mut want = vec![0u8; (hi - lo) as usize];
         want[(case.off - lo) as usize..(case.off - lo + case.len) as usize].fill(case.pattern);
         assert_bytes_eq(&got, &want, lo, &format!("raw read of {case:?}"));
@@ -181,12 +144,7 @@ fn qemu_img_compare_against_local_raw_file() {
     let size = 32 * MIB;
     let (tcp, unix) = d.create_volume("qemu-img-compare", "32M");
     let local = d.root().join("local.raw");
-    run_tool(
-        Command::new("qemu-img")
-            .args(["create", "-f", "raw"])
-            .arg(&local)
-            .arg("32M"),
-    );
+    run_tool(Command::new("qemu-img").args(["create", "-f", "raw"]).arg(&local).arg("32M"));
 
     let mut rng = Rng::from_env_or_time("qemu_img_compare");
     let mut ops = Vec::new();
@@ -217,12 +175,7 @@ fn qemu_img_compare_against_local_raw_file() {
     qemu_io(&unix, second);
     qemu_io(&local.to_string_lossy(), &ops);
 
-    let out = run_tool(
-        Command::new("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(&local)
-            .arg(&tcp),
-    );
+    let out = run_tool(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&local).arg(&tcp));
     assert!(
         stdout_text(&out).contains("Images are identical"),
         "qemu-img compare did not say identical:\n{}",
@@ -236,23 +189,12 @@ fn qemu_img_compare_against_local_raw_file() {
     c.disconnect().expect("disconnect");
 
     // A difference must be noticed.
-    qemu_io(
-        &local.to_string_lossy(),
-        &["write -P 0xee 777777 1".to_string()],
-    );
+    qemu_io(&local.to_string_lossy(), &["write -P 0xee 777777 1".to_string()]);
     let out = output_with_timeout(
-        Command::new("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(&local)
-            .arg(&tcp),
+        Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&local).arg(&tcp),
         DEFAULT_TOOL_TIMEOUT,
     );
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "qemu-img compare should report a mismatch\n{}",
-        format_output(&out)
-    );
+    assert_eq!(out.status.code(), Some(1), "qemu-img compare should report a mismatch\n{}", format_output(&out));
     // qemu-img reports the start of the first differing sector.
     let text = stdout_text(&out);
     let at: Option<u64> = text
@@ -277,11 +219,7 @@ fn qemu_img_convert_round_trip_and_info() {
     let size = 320 * MIB;
     let (tcp, unix) = d.create_volume("qemu-img-convert", "320M");
 
-    let info = run_tool(
-        Command::new("qemu-img")
-            .args(["info", "--output=json"])
-            .arg(&tcp),
-    );
+    let info = run_tool(Command::new("qemu-img").args(["info", "--output=json"]).arg(&tcp));
     let v: serde_json::Value = serde_json::from_slice(&info.stdout).expect("qemu-img info JSON");
     assert_eq!(v["virtual-size"].as_u64(), Some(size), "qemu-img info: {v}");
 
@@ -299,57 +237,22 @@ fn qemu_img_convert_round_trip_and_info() {
             2 => 4096 * rng.range(1, 256),
             _ => rng.range(MIB, 3 * MIB),
         };
-        let data = if i % 7 == 3 {
-            vec![0u8; len as usize]
-        } else {
-            rng.bytes(len as usize)
-        };
+        let data = if i % 7 == 3 { vec![0u8; len as usize] } else { rng.bytes(len as usize) };
         pieces.push((off, data));
     }
     pieces.push((size - 12345, rng.bytes(12345)));
     evs_tests::util::write_sparse_file(&src, size, &pieces);
 
-    run_tool(
-        Command::new("qemu-img")
-            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-            .arg(&src)
-            .arg(&tcp),
-    );
-    let out = run_tool(
-        Command::new("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(&src)
-            .arg(&unix),
-    );
-    assert!(
-        stdout_text(&out).contains("Images are identical"),
-        "{}",
-        format_output(&out)
-    );
+    run_tool(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&src).arg(&tcp));
+    let out = run_tool(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&src).arg(&unix));
+    assert!(stdout_text(&out).contains("Images are identical"), "{}", format_output(&out));
 
     let back = d.root().join("back.raw");
-    run_tool(
-        Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "raw"])
-            .arg(&unix)
-            .arg(&back),
-    );
-    assert_eq!(
-        file_checksum(&src),
-        file_checksum(&back),
-        "checksums of the image and of its round trip differ"
-    );
+    run_tool(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw"]).arg(&unix).arg(&back));
+    assert_eq!(file_checksum(&src), file_checksum(&back), "checksums of the image and of its round trip differ");
     assert_files_equal(&src, &back);
 
-    let info = run_tool(
-        Command::new("qemu-img")
-            .args(["info", "--output=json"])
-            .arg(&unix),
-    );
+    let info = run_tool(Command::new("qemu-img").args(["info", "--output=json"]).arg(&unix));
     let v: serde_json::Value = serde_json::from_slice(&info.stdout).expect("qemu-img info JSON");
-    assert_eq!(
-        v["virtual-size"].as_u64(),
-        Some(size),
-        "qemu-img info over the unix socket: {v}"
-    );
+    assert_eq!(v["virtual-size"].as_u64(), Some(size), "qemu-img info over the unix socket: {v}");
 }

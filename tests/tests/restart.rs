@@ -52,11 +52,7 @@ fn sigterm_then_start_keeps_volumes_attachments_and_data() {
     d.evsctl_ok(&["volume", "extend", "restart-a", "--size", "128M"]);
     {
         let mut a = connect(&a_unix);
-        assert_eq!(
-            a.size(),
-            128 * MIB,
-            "a new connection after extend sees the new size"
-        );
+        assert_eq!(a.size(), 128 * MIB, "a new connection after extend sees the new size");
         let data = rng.bytes(3 * MIB as usize);
         a.write(100 * MIB, &data).expect("write beyond the old end");
         model_a[(100 * MIB) as usize..(103 * MIB) as usize].copy_from_slice(&data);
@@ -74,47 +70,26 @@ fn sigterm_then_start_keeps_volumes_attachments_and_data() {
 
     for round in 1..=2 {
         let status = d.terminate();
-        assert!(
-            status.success(),
-            "round {round}: evs-target exited with {status} after SIGTERM\n{}",
-            d.log()
-        );
+        assert!(status.success(), "round {round}: evs-target exited with {status} after SIGTERM\n{}", d.log());
         drop(b);
         d.restart();
-        assert_eq!(
-            d.token(),
-            token,
-            "round {round}: the admin token changed across a restart"
-        );
+        assert_eq!(d.token(), token, "round {round}: the admin token changed across a restart");
 
         assert_eq!(size_of(&d, "restart-a"), 128 * MIB, "round {round}");
         assert_eq!(size_of(&d, "restart-b"), GIB, "round {round}");
-        assert!(
-            u64_field(&d.show_volume("restart-a"), "allocated_bytes") > 0,
-            "round {round}"
-        );
+        assert!(u64_field(&d.show_volume("restart-a"), "allocated_bytes") > 0, "round {round}");
 
         let mut a = connect(&a_tcp);
         assert_eq!(a.size(), 128 * MIB);
         let got = a.read_all(0, 128 * MIB, 4 << 20).expect("read a");
-        assert_bytes_eq(
-            &got,
-            &model_a,
-            0,
-            &format!("round {round}: volume a after restart"),
-        );
+        assert_bytes_eq(&got, &model_a, 0, &format!("round {round}: volume a after restart"));
         a.disconnect().expect("disconnect");
 
         let mut bu = connect(&b_unix);
         assert_eq!(bu.size(), GIB);
         for (off, data) in &pieces_b {
             let got = bu.read(*off, data.len() as u32).expect("read b");
-            assert_bytes_eq(
-                &got,
-                data,
-                *off,
-                &format!("round {round}: volume b after restart"),
-            );
+            assert_bytes_eq(&got, data, *off, &format!("round {round}: volume b after restart"));
         }
         bu.disconnect().expect("disconnect");
 
@@ -167,18 +142,12 @@ fn sigterm_during_writes_keeps_every_acknowledged_write() {
     let status = d.terminate();
     stop.store(true, Ordering::Relaxed);
     let (acked, unknown, n) = writer.join().expect("writer thread");
-    assert!(
-        status.success(),
-        "evs-target exited with {status} after SIGTERM during writes\n{}",
-        d.log()
-    );
+    assert!(status.success(), "evs-target exited with {status} after SIGTERM during writes\n{}", d.log());
     assert!(n > 10, "only {n} writes were sent before SIGTERM");
 
     d.restart();
     let mut c = connect(&tcp);
-    let all = c
-        .read_all(0, blocks * BLOCK, 4 << 20)
-        .expect("read after restart");
+    let all = c.read_all(0, blocks * BLOCK, 4 << 20).expect("read after restart");
     for blk in 0..blocks {
         let got = &all[(blk * BLOCK) as usize..((blk + 1) * BLOCK) as usize];
         let mut allowed: Vec<Vec<u8>> = vec![match acked[blk as usize] {

@@ -278,7 +278,11 @@ impl<'a> Transmission<'a> {
     fn run(mut self) -> io::Result<()> {
         let mut done = Vec::new();
         loop {
-            if !self.closing && !self.recv_in_flight && self.in_flight < MAX_IN_FLIGHT && self.bytes_in_flight < MAX_BYTES_IN_FLIGHT {
+            if !self.closing
+                && !self.recv_in_flight
+                && self.in_flight < MAX_IN_FLIGHT
+                && self.bytes_in_flight < MAX_BYTES_IN_FLIGHT
+            {
                 self.parse_and_dispatch();
                 if !self.closing && self.in_flight < MAX_IN_FLIGHT && self.bytes_in_flight < MAX_BYTES_IN_FLIGHT {
                     self.submit_recv();
@@ -438,7 +442,9 @@ impl<'a> Transmission<'a> {
     }
 
     fn dispatch(&mut self, req: Request, payload: &[u8]) {
-        if let Err(errno) = proto::validate_request(&req, self.volume.size(), MAX_REQUEST_LEN, self.read_only, &self.flags) {
+        if let Err(errno) =
+            proto::validate_request(&req, self.volume.size(), MAX_REQUEST_LEN, self.read_only, &self.flags)
+        {
             tracing::debug!(cmd = ?req.cmd, flags = req.flags, offset = req.offset, len = req.len, errno, "NBD request refused");
             self.reply_error(req.cookie, errno, "invalid request");
             return;
@@ -448,7 +454,8 @@ impl<'a> Transmission<'a> {
             Command::Read => return self.start_read(req),
             Command::Write => match self.volume.plan_write(req.offset, payload) {
                 Ok(WritePlan::Submit { op, pending }) => {
-                    let slot = self.alloc_slot(InFlight::Write { cookie: req.cookie, pending, fua, len: payload.len() });
+                    let slot =
+                        self.alloc_slot(InFlight::Write { cookie: req.cookie, pending, fua, len: payload.len() });
                     self.bytes_in_flight += payload.len();
                     self.engine.push(slot as u64, op);
                     return;
@@ -576,7 +583,8 @@ impl<'a> Transmission<'a> {
         if req_one {
             descs.truncate(1);
         }
-        let contexts: Vec<u32> = self.meta.iter().filter(|(_, m)| *m == MetaContext::BaseAllocation).map(|(id, _)| *id).collect();
+        let contexts: Vec<u32> =
+            self.meta.iter().filter(|(_, m)| *m == MetaContext::BaseAllocation).map(|(id, _)| *id).collect();
         let n = contexts.len();
         for (i, id) in contexts.into_iter().enumerate() {
             proto::push_block_status_chunk(&mut self.small, i + 1 == n, req.cookie, id, &descs);

@@ -53,7 +53,9 @@ impl UringEngine {
         let ring = IoUring::new(4)?;
         let mut probe = io_uring::Probe::new();
         ring.submitter().register_probe(&mut probe)?;
-        for code in [opcode::Read::CODE, opcode::Write::CODE, opcode::Fsync::CODE, opcode::Recv::CODE, opcode::SendMsg::CODE] {
+        for code in
+            [opcode::Read::CODE, opcode::Write::CODE, opcode::Fsync::CODE, opcode::Recv::CODE, opcode::SendMsg::CODE]
+        {
             if !probe.is_supported(code) {
                 return Err(io::Error::new(io::ErrorKind::Unsupported, format!("io_uring opcode {code} unsupported")));
             }
@@ -64,7 +66,14 @@ impl UringEngine {
     pub fn new(depth: u32) -> io::Result<UringEngine> {
         let entries = depth.clamp(8, 4096).next_power_of_two();
         let ring = IoUring::builder().setup_cqsize(entries * 4).build(entries)?;
-        Ok(UringEngine { ring, slots: Vec::new(), free: Vec::new(), backlog: VecDeque::new(), done: Vec::new(), live: 0 })
+        Ok(UringEngine {
+            ring,
+            slots: Vec::new(),
+            free: Vec::new(),
+            backlog: VecDeque::new(),
+            done: Vec::new(),
+            live: 0,
+        })
     }
 
     fn alloc_slot(&mut self, slot: Slot) -> usize {
@@ -90,14 +99,20 @@ impl UringEngine {
                 assert!(s.buf_offset + s.len <= buf.len(), "read segment outside its buffer");
                 // SAFETY: in bounds (asserted); the buffer is owned by the slot until completion.
                 let ptr = unsafe { buf.as_mut_ptr().add(s.buf_offset + done) };
-                opcode::Read::new(types::Fd(s.fd), ptr, (s.len - done) as u32).offset(s.offset + done as u64).build().user_data(ud)
+                opcode::Read::new(types::Fd(s.fd), ptr, (s.len - done) as u32)
+                    .offset(s.offset + done as u64)
+                    .build()
+                    .user_data(ud)
             }
             Op::Write { buf, segs } => {
                 let s = segs[seg];
                 assert!(s.buf_offset + s.len <= buf.len(), "write segment outside its buffer");
                 // SAFETY: as above.
                 let ptr = unsafe { buf.as_ptr().add(s.buf_offset + done) };
-                opcode::Write::new(types::Fd(s.fd), ptr, (s.len - done) as u32).offset(s.offset + done as u64).build().user_data(ud)
+                opcode::Write::new(types::Fd(s.fd), ptr, (s.len - done) as u32)
+                    .offset(s.offset + done as u64)
+                    .build()
+                    .user_data(ud)
             }
             Op::Sync { fd, datasync } => {
                 let flags = if *datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
@@ -180,7 +195,8 @@ impl UringEngine {
                 if n == 0 && slot.progress[seg] < len {
                     slot.outstanding -= 1;
                     if slot.result.is_ok() {
-                        slot.result = Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short transfer at end of file"));
+                        slot.result =
+                            Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short transfer at end of file"));
                     }
                     return None;
                 }
