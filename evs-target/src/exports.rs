@@ -5,11 +5,13 @@
 //! entry and closes the connections that used it.
 
 use std::collections::HashMap;
-use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use evs_snapshot::Volume;
 use parking_lot::Mutex;
+
+/// Shuts down one connection's socket (a handle on a clone of the socket).
+pub type Closer = Arc<dyn Fn(std::net::Shutdown) + Send + Sync>;
 
 /// One attached volume as the NBD server sees it.
 #[derive(Clone)]
@@ -22,8 +24,8 @@ pub struct Export {
 #[derive(Default)]
 struct Inner {
     exports: HashMap<String, Export>,
-    /// Live connection sockets per token, shut down on revoke.
-    conns: HashMap<String, Vec<RawFd>>,
+    /// Live connections per token (connection id, closer), shut down on revoke.
+    conns: HashMap<String, Vec<(u64, Closer)>>,
 }
 
 /// The registry shared by the API (which adds and revokes) and the NBD server (which looks up).
@@ -62,11 +64,9 @@ impl ExportRegistry {
     pub fn revoke(&self, token: &str) -> bool {
         let mut g = self.inner.lock();
         let existed = g.exports.remove(token).is_some();
-        if let Some(fds) = g.conns.remove(token) {
-            for fd in fds {
-                // SAFETY: shutdown(2) on a descriptor number has no memory effects; the fd is
-                // registered by a live connection, which unregisters it before closing it.
-                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        if let Some(conns) = g.conns.remove(token) {
+            for (_, close) in conns {
+                close(std::net::Shutdown::Both);
             }
         }
         existed
@@ -74,19 +74,19 @@ impl ExportRegistry {
 
     /// Records a live connection on `token` (so revoke can close it). False if the token was
     /// revoked in the meantime.
-    pub fn register_conn(&self, token: &str, fd: RawFd) -> bool {
+    pub fn register_conn(&self, token: &str, conn: u64, close: Closer) -> bool {
         let mut g = self.inner.lock();
         if !g.exports.contains_key(token) {
             return false;
         }
-        g.conns.entry(token.to_string()).or_default().push(fd);
+        g.conns.entry(token.to_string()).or_default().push((conn, close));
         true
     }
 
-    pub fn unregister_conn(&self, token: &str, fd: RawFd) {
+    pub fn unregister_conn(&self, token: &str, conn: u64) {
         let mut g = self.inner.lock();
         if let Some(v) = g.conns.get_mut(token) {
-            v.retain(|&f| f != fd);
+            v.retain(|(c, _)| *c != conn);
             if v.is_empty() {
                 g.conns.remove(token);
             }

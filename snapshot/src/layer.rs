@@ -9,12 +9,14 @@
 //! filesystem allows it, with O_DIRECT for small aligned writes.
 
 use std::fs::{File, OpenOptions};
+use std::num::NonZeroU64;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
+use rustix::fs::{Advice, FallocateFlags};
 
 use crate::alloc_map::AllocMap;
 use crate::error::StoreError;
@@ -128,12 +130,12 @@ impl Layer {
 
     /// Gives the space of a block-aligned byte range back to the filesystem.
     pub fn punch_hole(&self, offset: u64, len: u64) -> Result<(), StoreError> {
-        self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
+        self.fallocate(FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len)
     }
 
     /// Zeroes a block-aligned byte range, keeping it allocated.
     pub fn zero_range(&self, offset: u64, len: u64) -> Result<(), StoreError> {
-        match self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+        match self.fallocate(FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE, offset, len) {
             Err(StoreError::Io(e)) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
                 // Filesystems without ZERO_RANGE: write the zeros.
                 let zeros = vec![0u8; (1 << 20).min(len as usize)];
@@ -149,29 +151,16 @@ impl Layer {
         }
     }
 
-    fn fallocate(&self, mode: i32, offset: u64, len: u64) -> Result<(), StoreError> {
+    fn fallocate(&self, mode: FallocateFlags, offset: u64, len: u64) -> Result<(), StoreError> {
         if len == 0 {
             return Ok(());
         }
-        // SAFETY: fallocate(2) on an open descriptor owned by self; no memory is passed.
-        let r = unsafe { libc::fallocate(self.data.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        Ok(())
+        rustix::fs::fallocate(&self.data, mode, offset, len).map_err(|e| StoreError::Io(e.into()))
     }
 
-    /// Asks the kernel to read a range ahead (NBD CACHE).
+    /// Asks the kernel to read a range ahead (NBD CACHE). Advisory: errors are ignored.
     pub fn prefetch(&self, offset: u64, len: u64) {
-        // SAFETY: posix_fadvise(2) on an open descriptor; advisory, no memory is passed.
-        unsafe {
-            libc::posix_fadvise(
-                self.data.as_raw_fd(),
-                offset as libc::off_t,
-                len as libc::off_t,
-                libc::POSIX_FADV_WILLNEED,
-            )
-        };
+        let _ = rustix::fs::fadvise(&self.data, offset, NonZeroU64::new(len), Advice::WillNeed);
     }
 }
 

@@ -25,7 +25,7 @@ use parking_lot::{Condvar, Mutex};
 
 use super::handshake::{self, ExportInfo, Negotiated, MAX_REQUEST_LEN};
 use super::proto::{self, Command, MetaContext, Request};
-use crate::exports::{Export, ExportRegistry};
+use crate::exports::{Closer, Export, ExportRegistry};
 
 /// How long a client may take to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -47,7 +47,7 @@ pub struct NbdServer {
     engine: EngineKind,
     shutting_down: AtomicBool,
     next_conn: AtomicU64,
-    conns: Mutex<HashMap<u64, RawFd>>,
+    conns: Mutex<HashMap<u64, Closer>>,
     idle: Condvar,
 }
 
@@ -107,12 +107,19 @@ impl NbdServer {
         if self.shutting_down.load(Ordering::Acquire) {
             return;
         }
+        let close = match s.closer() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot clone an NBD socket; dropping the connection");
+                return;
+            }
+        };
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        self.conns.lock().insert(id, s.as_raw_fd());
+        self.conns.lock().insert(id, close.clone());
         let server = self.clone();
         let spawned = std::thread::Builder::new().name(format!("nbd-{id}")).spawn(move || {
             let mut s = s;
-            if let Err(e) = server.run_conn(&mut s) {
+            if let Err(e) = server.run_conn(&mut s, id, close) {
                 tracing::debug!(peer, error = %e, "NBD connection ended with an error");
             }
             s.close();
@@ -131,10 +138,9 @@ impl NbdServer {
     /// Stops accepting and ends every connection once its in-flight requests are answered.
     pub fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::Release);
-        for fd in self.conns.lock().values() {
-            // SAFETY: shutdown(2) on a descriptor number; the connection thread removes its
-            // entry (under this lock) before closing the descriptor, so it is still open.
-            unsafe { libc::shutdown(*fd, libc::SHUT_RD) };
+        for close in self.conns.lock().values() {
+            // The read side only: each connection answers what it already received.
+            close(std::net::Shutdown::Read);
         }
     }
 
@@ -151,7 +157,7 @@ impl NbdServer {
         self.conns.lock().len()
     }
 
-    fn run_conn<S: Stream>(&self, s: &mut S) -> io::Result<()> {
+    fn run_conn<S: Stream>(&self, s: &mut S, id: u64, close: Closer) -> io::Result<()> {
         s.set_timeouts(Some(HANDSHAKE_TIMEOUT))?;
         let exports = &self.exports;
         let neg = handshake::handshake(s, |name: &str| {
@@ -167,12 +173,12 @@ impl NbdServer {
         };
         s.set_timeouts(None)?;
         let fd = s.as_raw_fd();
-        if !self.exports.register_conn(&neg.name, fd) {
+        if !self.exports.register_conn(&neg.name, id, close) {
             return Ok(()); // detached while we negotiated
         }
         let engine = self.engine.build(MAX_IN_FLIGHT as u32 + 8);
         let res = engine.and_then(|engine| Transmission::new(fd, &neg, engine).run());
-        self.exports.unregister_conn(&neg.name, fd);
+        self.exports.unregister_conn(&neg.name, id);
         res
     }
 }
@@ -181,6 +187,8 @@ impl NbdServer {
 pub trait Stream: io::Read + io::Write + AsRawFd + Send + 'static {
     fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()>;
     fn close(&self);
+    /// A handle that shuts this socket down from another thread (on a clone of the socket).
+    fn closer(&self) -> io::Result<Closer>;
 }
 
 impl Stream for std::net::TcpStream {
@@ -191,6 +199,12 @@ impl Stream for std::net::TcpStream {
     fn close(&self) {
         let _ = self.shutdown(std::net::Shutdown::Both);
     }
+    fn closer(&self) -> io::Result<Closer> {
+        let clone = self.try_clone()?;
+        Ok(Arc::new(move |how| {
+            let _ = clone.shutdown(how);
+        }))
+    }
 }
 
 impl Stream for std::os::unix::net::UnixStream {
@@ -200,6 +214,12 @@ impl Stream for std::os::unix::net::UnixStream {
     }
     fn close(&self) {
         let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+    fn closer(&self) -> io::Result<Closer> {
+        let clone = self.try_clone()?;
+        Ok(Arc::new(move |how| {
+            let _ = clone.shutdown(how);
+        }))
     }
 }
 
