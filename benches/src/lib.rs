@@ -21,7 +21,7 @@ pub fn engine_kind() -> EngineKind {
 
 /// Store options of the benches: the daemon's defaults (small aligned writes with O_DIRECT).
 pub fn store_options(engine: EngineKind) -> StoreOptions {
-    StoreOptions { engine, direct_writes: true, direct_write_max: 64 * 1024 }
+    StoreOptions { engine, direct_writes: true, direct_write_max: 64 * 1024, ..Default::default() }
 }
 
 /// A block store in a temporary directory (removed on drop) and one open volume.

@@ -76,9 +76,16 @@ pub struct Config {
     pub backup_store: BackupStore,
     pub io_backend: IoBackend,
     pub direct_writes: bool,
+    /// Snapshots one volume may have (config file `max_snapshots_per_volume`, default 128).
+    pub max_snapshots: usize,
     /// None: `RUST_LOG` if set, else `info`.
     pub log: Option<String>,
 }
+
+/// Default of `max_snapshots_per_volume`.
+pub const DEFAULT_MAX_SNAPSHOTS: usize = 128;
+/// Largest accepted `max_snapshots_per_volume`.
+pub const MAX_MAX_SNAPSHOTS: i64 = 4096;
 
 /// A configuration problem; the message names the flag or the file, line and key.
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +128,7 @@ impl Config {
             backup_store,
             io_backend: flags.io_backend.or(file.io_backend).unwrap_or(IoBackend::Auto),
             direct_writes: flags.direct_writes.or(file.direct_writes).map(|o| o.0).unwrap_or(true),
+            max_snapshots: file.max_snapshots.unwrap_or(DEFAULT_MAX_SNAPSHOTS),
             log: flags.log.or(file.log),
             data_dir,
         })
@@ -139,6 +147,7 @@ struct FileConfig {
     backup_store: Option<BackupStore>,
     io_backend: Option<IoBackend>,
     direct_writes: Option<OnOff>,
+    max_snapshots: Option<usize>,
     log: Option<String>,
 }
 
@@ -156,6 +165,7 @@ struct RawFile {
     io_backend: Option<Spanned<String>>,
     /// `true`/`false` or `"on"`/`"off"`, like the flag.
     direct_writes: Option<Spanned<toml::Value>>,
+    max_snapshots_per_volume: Option<Spanned<i64>>,
     log: Option<Spanned<String>>,
 }
 
@@ -206,7 +216,20 @@ impl FileConfig {
                 })?)
             }
         };
+        let max_snapshots = match raw.max_snapshots_per_volume {
+            None => None,
+            Some(v) if (1..=MAX_MAX_SNAPSHOTS).contains(v.get_ref()) => Some(*v.get_ref() as usize),
+            Some(v) => {
+                return Err(ConfigError::Value {
+                    path: path.to_path_buf(),
+                    line: line_col(text, v.span().start).0,
+                    key: "max_snapshots_per_volume",
+                    message: format!("{} is not between 1 and {MAX_MAX_SNAPSHOTS}", v.get_ref()),
+                })
+            }
+        };
         Ok(FileConfig {
+            max_snapshots,
             data_dir: check(text, path, "data_dir", raw.data_dir, parse_data_dir)?,
             az: check(text, path, "az", raw.az, parse_az)?,
             nbd_listen: check(text, path, "nbd_listen", raw.nbd_listen, parse_listen)?,

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
+use evs_proto::v1::snapshot_service_server::SnapshotServiceServer;
 use evs_proto::v1::volume_service_server::VolumeServiceServer;
 use evs_snapshot::io_engine::uring::UringEngine;
 use evs_snapshot::{BlockStore, EngineKind, StoreOptions};
@@ -114,7 +115,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
-    let opts = StoreOptions { engine, direct_writes: config.direct_writes, direct_write_max: DIRECT_WRITE_MAX };
+    let opts = StoreOptions {
+        engine,
+        direct_writes: config.direct_writes,
+        direct_write_max: DIRECT_WRITE_MAX,
+        max_snapshots: config.max_snapshots,
+    };
     let store = {
         let dir = data_dir.clone();
         tokio::task::spawn_blocking(move || BlockStore::open(&dir, opts))
@@ -160,7 +166,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
 
     // Serving starts here.
-    let nbd = NbdServer::new(exports.clone(), engine);
+    let nbd = NbdServer::new(exports.clone(), store.clone(), engine);
     let mut nbd_tasks: Vec<JoinHandle<()>> = vec![tokio::spawn(nbd.clone().serve_tcp(nbd_tcp))];
     let socket_path = nbd_unix.as_ref().map(|(_, p)| p.clone());
     if let Some((l, _)) = nbd_unix {
@@ -180,6 +186,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             .context("building the gRPC reflection service")?;
         let router = tonic::transport::Server::builder()
             .add_service(VolumeServiceServer::new(VolumeApi::new(cp.clone())))
+            .add_service(SnapshotServiceServer::new(VolumeApi::new(cp.clone())))
             .add_service(reflection)
             .add_service(reflection_alpha);
         let incoming = TcpIncoming::from(api_listener).with_nodelay(Some(true));

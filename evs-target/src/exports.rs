@@ -17,8 +17,11 @@ pub type Closer = Arc<dyn Fn(std::net::Shutdown) + Send + Sync>;
 #[derive(Clone)]
 pub struct Export {
     pub volume_id: u64,
+    /// The volume, or the snapshot's read-only view.
     pub volume: Arc<Volume>,
     pub read_only: bool,
+    /// The snapshot served (a read-only export), if it is one.
+    pub snapshot: Option<u64>,
 }
 
 #[derive(Default)]
@@ -55,9 +58,24 @@ impl ExportRegistry {
         self.inner.lock().exports.get(token).cloned()
     }
 
-    /// Whether any token serves `volume_id`.
+    /// Whether any token serves volume `volume_id` itself (not one of its snapshots).
     pub fn is_attached(&self, volume_id: u64) -> bool {
-        self.inner.lock().exports.values().any(|e| e.volume_id == volume_id)
+        self.inner.lock().exports.values().any(|e| e.volume_id == volume_id && e.snapshot.is_none())
+    }
+
+    /// Whether any token serves snapshot `snap`.
+    pub fn is_snapshot_attached(&self, snap: u64) -> bool {
+        self.inner.lock().exports.values().any(|e| e.snapshot == Some(snap))
+    }
+
+    /// Live NBD connections to volume `volume_id` itself.
+    pub fn volume_connections(&self, volume_id: u64) -> usize {
+        let g = self.inner.lock();
+        g.exports
+            .iter()
+            .filter(|(_, e)| e.volume_id == volume_id && e.snapshot.is_none())
+            .map(|(t, _)| g.conns.get(t).map_or(0, Vec::len))
+            .sum()
     }
 
     /// Removes `token` and shuts down the connections that use it. Returns whether it existed.

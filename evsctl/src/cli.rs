@@ -39,20 +39,78 @@ pub enum Command {
     /// Volumes: create, list, show, delete, extend, set-tier, attach, detach.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Snapshots: create, create-group, list, show, delete, rollback, diff, attach, detach.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Take a crash-consistent snapshot of a volume, online.
+    Create { volume: String, name: String },
+    /// Snapshot several volumes at one instant (all or nothing), each named NAME.
+    CreateGroup {
+        name: String,
+        /// The volumes, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true, num_args = 1..)]
+        volumes: Vec<String>,
+    },
+    /// List a volume's snapshots, oldest first.
+    List { volume: String },
+    /// Show one snapshot.
+    Show {
+        #[arg(value_name = "VOLUME@SNAP")]
+        snapshot: String,
+    },
+    /// Delete a snapshot (its data is merged away in the background).
+    Delete {
+        #[arg(value_name = "VOLUME@SNAP")]
+        snapshot: String,
+    },
+    /// Make the volume read as the snapshot again (no client may be connected to it); later
+    /// snapshots stay.
+    Rollback {
+        #[arg(value_name = "VOLUME@SNAP")]
+        snapshot: String,
+    },
+    /// Changed extents between two snapshots of a volume (metadata only).
+    Diff {
+        volume: String,
+        /// Older snapshot [default: none: the allocated extents of --to].
+        #[arg(long)]
+        from: Option<String>,
+        /// Newer snapshot [default: the volume's current state].
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Export a snapshot read-only over NBD and print the URI.
+    Attach {
+        #[arg(value_name = "VOLUME@SNAP")]
+        snapshot: String,
+        /// Print the nbd+unix:// URI of the daemon's unix socket instead of nbd://.
+        #[arg(long)]
+        unix: bool,
+    },
+    /// Revoke a snapshot's NBD export.
+    Detach {
+        #[arg(value_name = "VOLUME@SNAP")]
+        snapshot: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum VolumeCommand {
-    /// Create a thin volume.
+    /// Create a thin volume (or an instant clone of a snapshot).
     Create {
         name: String,
-        /// Size: bytes, or with a K, M, G, T suffix (binary units): 512M, 10G, 1T.
-        #[arg(long, value_parser = parse_size)]
-        size: u64,
+        /// Size: bytes, or with a K, M, G, T suffix (binary units): 512M, 10G, 1T. With
+        /// --from-snapshot it defaults to the snapshot's size.
+        #[arg(long, value_parser = parse_size, required_unless_present = "from_snapshot")]
+        size: Option<u64>,
         /// Performance tier: common, high, gpssd, ultra-high, essd, unlimited [default: gpssd].
         #[arg(long)]
         tier: Option<String>,
-        /// Clone of a snapshot (not supported yet).
+        /// Clone of a snapshot: instant, shares its data until written.
         #[arg(long, value_name = "VOLUME@SNAP", conflicts_with = "from_backup")]
         from_snapshot: Option<String>,
         /// Restore of a backup (not supported yet).
@@ -116,7 +174,7 @@ mod tests {
         match cli.command {
             Command::Volume(VolumeCommand::Create { name, size, tier, .. }) => {
                 assert_eq!(name, "db");
-                assert_eq!(size, 10 << 30);
+                assert_eq!(size, Some(10 << 30));
                 assert_eq!(tier.as_deref(), Some("essd"));
             }
             other => panic!("{other:?}"),

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
+use evs_proto::v1::snapshot_service_client::SnapshotServiceClient;
 use evs_proto::v1::volume_service_client::VolumeServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
@@ -13,6 +14,13 @@ use tonic::transport::{Channel, Endpoint};
 
 /// The volume client with the tenant's token on every call.
 pub type VolumeClient = VolumeServiceClient<InterceptedService<Channel, BearerAuth>>;
+pub type SnapshotClient = SnapshotServiceClient<InterceptedService<Channel, BearerAuth>>;
+
+/// The clients of every service, over one connection.
+pub struct Api {
+    pub volume: VolumeClient,
+    pub snapshot: SnapshotClient,
+}
 
 /// Adds `authorization: Bearer <token>` to every request.
 #[derive(Clone)]
@@ -80,8 +88,8 @@ pub fn resolve_token(given: Option<&str>, default_file: &Path) -> anyhow::Result
     }
 }
 
-/// Connects to `endpoint` and returns a client that authenticates with `token`.
-pub async fn connect(endpoint: &str, token: &str) -> anyhow::Result<VolumeClient> {
+/// Connects to `endpoint` and returns clients that authenticate with `token`.
+pub async fn connect(endpoint: &str, token: &str) -> anyhow::Result<Api> {
     let url = normalize_endpoint(endpoint);
     let value: MetadataValue<Ascii> = format!("Bearer {token}")
         .parse()
@@ -92,7 +100,10 @@ pub async fn connect(endpoint: &str, token: &str) -> anyhow::Result<VolumeClient
         .connect()
         .await
         .with_context(|| format!("cannot connect to the EVS API at {url}"))?;
-    Ok(VolumeServiceClient::with_interceptor(channel, BearerAuth(value)))
+    Ok(Api {
+        volume: VolumeServiceClient::with_interceptor(channel.clone(), BearerAuth(value.clone())),
+        snapshot: SnapshotServiceClient::with_interceptor(channel, BearerAuth(value)),
+    })
 }
 
 #[cfg(test)]

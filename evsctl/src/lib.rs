@@ -17,9 +17,9 @@ use std::io::Write;
 use anyhow::Context;
 use evs_proto::v1 as pb;
 
-use cli::{Cli, Command, OutputFormat, VolumeCommand};
-use client::{ServerError, VolumeClient};
-use output::{AttachView, DeleteView, DetachView, VolumeList, VolumeView};
+use cli::{Cli, Command, OutputFormat, SnapshotCommand, VolumeCommand};
+use client::{ServerError, SnapshotClient, VolumeClient};
+use output::{AttachView, DeleteView, DetachView, DiffView, SnapshotList, SnapshotView, VolumeList, VolumeView};
 
 /// Runs one command. The error, printed with `{:#}`, is the one-line message for stderr.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -31,7 +31,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let token = client::resolve_token(cli.token.as_deref(), &Cli::default_token_file())?;
     let mut c = client::connect(&cli.endpoint, &token).await?;
     let out = match cli.command {
-        Command::Volume(cmd) => volume(&mut c, cmd, cli.output).await?,
+        Command::Volume(cmd) => volume(&mut c.volume, cmd, cli.output).await?,
+        Command::Snapshot(cmd) => snapshot(&mut c.snapshot, cmd, cli.output).await?,
     };
     emit(&out)
 }
@@ -63,7 +64,7 @@ async fn volume(c: &mut VolumeClient, cmd: VolumeCommand, format: OutputFormat) 
             let r = c
                 .create_volume(pb::CreateVolumeRequest {
                     name,
-                    size_bytes: size,
+                    size_bytes: size.unwrap_or(0),
                     tier: tier.unwrap_or_default(),
                     from_snapshot: from_snapshot.unwrap_or_default(),
                     from_backup: from_backup.unwrap_or_default(),
@@ -128,6 +129,123 @@ async fn volume(c: &mut VolumeClient, cmd: VolumeCommand, format: OutputFormat) 
                 OutputFormat::Json => output::json(&DetachView { name, was_attached }),
                 OutputFormat::Table if was_attached => format!("detached volume {name}\n"),
                 OutputFormat::Table => format!("volume {name} was not attached\n"),
+            }
+        }
+    })
+}
+
+/// `VOLUME@SNAP` → (volume, snapshot); the server validates the names themselves.
+fn split_ref(r: &str) -> anyhow::Result<(String, String)> {
+    match r.split_once('@') {
+        Some((v, s)) if !v.is_empty() && !s.is_empty() => Ok((v.to_string(), s.to_string())),
+        _ => anyhow::bail!("invalid snapshot reference {r:?}: expected VOLUME@SNAP"),
+    }
+}
+
+fn snapshot_of(s: Option<pb::Snapshot>) -> anyhow::Result<SnapshotView> {
+    s.map(SnapshotView::from).context("the server's reply carries no snapshot")
+}
+
+fn one_snapshot(s: SnapshotView, format: OutputFormat) -> String {
+    match format {
+        OutputFormat::Json => output::json(&s),
+        OutputFormat::Table => output::snapshot_detail(&s),
+    }
+}
+
+async fn snapshot(c: &mut SnapshotClient, cmd: SnapshotCommand, format: OutputFormat) -> anyhow::Result<String> {
+    Ok(match cmd {
+        SnapshotCommand::Create { volume, name } => {
+            let r = c.create_snapshot(pb::CreateSnapshotRequest { volume, name }).await.map_err(ServerError::from)?;
+            one_snapshot(snapshot_of(r.into_inner().snapshot)?, format)
+        }
+        SnapshotCommand::CreateGroup { name, volumes } => {
+            let r = c
+                .create_group_snapshot(pb::CreateGroupSnapshotRequest { name, volumes })
+                .await
+                .map_err(ServerError::from)?;
+            let snapshots: Vec<SnapshotView> = r.into_inner().snapshots.into_iter().map(SnapshotView::from).collect();
+            match format {
+                OutputFormat::Json => output::json(&SnapshotList { snapshots }),
+                OutputFormat::Table => output::snapshot_table(&snapshots),
+            }
+        }
+        SnapshotCommand::List { volume } => {
+            let r = c.list_snapshots(pb::ListSnapshotsRequest { volume }).await.map_err(ServerError::from)?;
+            let snapshots: Vec<SnapshotView> = r.into_inner().snapshots.into_iter().map(SnapshotView::from).collect();
+            match format {
+                OutputFormat::Json => output::json(&SnapshotList { snapshots }),
+                OutputFormat::Table => output::snapshot_table(&snapshots),
+            }
+        }
+        SnapshotCommand::Show { snapshot } => {
+            let (volume, name) = split_ref(&snapshot)?;
+            let r = c.get_snapshot(pb::GetSnapshotRequest { volume, name }).await.map_err(ServerError::from)?;
+            one_snapshot(snapshot_of(r.into_inner().snapshot)?, format)
+        }
+        SnapshotCommand::Delete { snapshot } => {
+            let (volume, name) = split_ref(&snapshot)?;
+            c.delete_snapshot(pb::DeleteSnapshotRequest { volume, name }).await.map_err(ServerError::from)?;
+            match format {
+                OutputFormat::Json => output::json(&DeleteView { name: snapshot, deleted: true }),
+                OutputFormat::Table => format!("deleted snapshot {snapshot}\n"),
+            }
+        }
+        SnapshotCommand::Rollback { snapshot } => {
+            let (volume, name) = split_ref(&snapshot)?;
+            let r =
+                c.rollback_snapshot(pb::RollbackSnapshotRequest { volume, name }).await.map_err(ServerError::from)?;
+            one_volume(volume_of(r.into_inner().volume)?, format)
+        }
+        SnapshotCommand::Diff { volume, from, to } => {
+            let req = pb::DiffSnapshotsRequest {
+                volume,
+                from: from.clone().unwrap_or_default(),
+                to: to.clone().unwrap_or_default(),
+            };
+            let mut stream = c.diff_snapshots(req).await.map_err(ServerError::from)?.into_inner();
+            let mut view = DiffView { from, to, size_bytes: 0, changed_bytes: 0, extents: Vec::new() };
+            while let Some(m) = stream.message().await.map_err(ServerError::from)? {
+                view.size_bytes = m.size_bytes;
+                for e in m.extents {
+                    view.changed_bytes += e.length;
+                    view.extents.push(output::ExtentView { offset: e.offset, length: e.length, zero: e.zero });
+                }
+            }
+            match format {
+                OutputFormat::Json => output::json(&view),
+                OutputFormat::Table => output::diff_table(&view),
+            }
+        }
+        SnapshotCommand::Attach { snapshot, unix } => {
+            let (volume, name) = split_ref(&snapshot)?;
+            let r = c
+                .attach_snapshot(pb::AttachSnapshotRequest { volume, name, require_unix: unix })
+                .await
+                .map_err(ServerError::from)?
+                .into_inner();
+            let view = output::SnapshotAttachView {
+                uri: r.uri,
+                unix_uri: Some(r.unix_uri).filter(|u| !u.is_empty()),
+                export_name: r.export_name,
+                snapshot: r.snapshot.map(SnapshotView::from),
+            };
+            match format {
+                OutputFormat::Json => output::json(&view),
+                OutputFormat::Table if unix => {
+                    format!("{}\n", view.unix_uri.context("the server returned no unix-socket URI")?)
+                }
+                OutputFormat::Table => format!("{}\n", view.uri),
+            }
+        }
+        SnapshotCommand::Detach { snapshot } => {
+            let (volume, name) = split_ref(&snapshot)?;
+            let r = c.detach_snapshot(pb::DetachSnapshotRequest { volume, name }).await.map_err(ServerError::from)?;
+            let was_attached = r.into_inner().was_attached;
+            match format {
+                OutputFormat::Json => output::json(&DetachView { name: snapshot, was_attached }),
+                OutputFormat::Table if was_attached => format!("detached snapshot {snapshot}\n"),
+                OutputFormat::Table => format!("snapshot {snapshot} was not attached\n"),
             }
         }
     })

@@ -7,7 +7,14 @@
 //! * `volume list`: `{"volumes": [volume, ...]}`;
 //! * `volume attach`: `{"uri","unix_uri","export_name","volume": volume}` (`unix_uri` is null
 //!   when the daemon has no unix socket);
-//! * `volume detach`: `{"name","was_attached"}`; `volume delete`: `{"name","deleted": true}`.
+//! * `volume detach`: `{"name","was_attached"}`; `volume delete`: `{"name","deleted": true}`;
+//! * `snapshot create | show`: the snapshot object
+//!   `{"volume","name","id","size_bytes","created_unix","group","attached"}` (`group` null
+//!   unless taken by `create-group`); `snapshot list | create-group`: `{"snapshots": [...]}`;
+//!   `snapshot rollback`: the volume object; `snapshot delete | detach` as for volumes, with
+//!   `"name": "VOLUME@SNAP"`; `snapshot attach`: `{"uri","unix_uri","export_name","snapshot"}`;
+//! * `snapshot diff`: `{"from","to","size_bytes","changed_bytes","extents": [{"offset",
+//!   "length","zero"}]}` (`from`/`to` null for none / the current state).
 
 use std::fmt::Write as _;
 
@@ -65,6 +72,118 @@ pub struct DetachView {
 pub struct DeleteView {
     pub name: String,
     pub deleted: bool,
+}
+
+/// A snapshot as printed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotView {
+    pub volume: String,
+    pub name: String,
+    pub id: u64,
+    pub size_bytes: u64,
+    pub created_unix: u64,
+    pub group: Option<String>,
+    pub attached: bool,
+}
+
+impl From<pb::Snapshot> for SnapshotView {
+    fn from(s: pb::Snapshot) -> Self {
+        SnapshotView {
+            volume: s.volume,
+            name: s.name,
+            id: s.id,
+            size_bytes: s.size_bytes,
+            created_unix: s.created_unix,
+            group: Some(s.group).filter(|g| !g.is_empty()),
+            attached: s.attached,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct SnapshotList {
+    pub snapshots: Vec<SnapshotView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SnapshotAttachView {
+    pub uri: String,
+    pub unix_uri: Option<String>,
+    pub export_name: String,
+    pub snapshot: Option<SnapshotView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ExtentView {
+    pub offset: u64,
+    pub length: u64,
+    pub zero: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DiffView {
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub size_bytes: u64,
+    pub changed_bytes: u64,
+    pub extents: Vec<ExtentView>,
+}
+
+/// `snapshot show`.
+pub fn snapshot_detail(s: &SnapshotView) -> String {
+    let rows = [
+        ("snapshot", format!("{}@{}", s.volume, s.name)),
+        ("id", s.id.to_string()),
+        ("size", format!("{} ({} bytes)", format_size(s.size_bytes), s.size_bytes)),
+        ("group", s.group.clone().unwrap_or_else(|| "-".into())),
+        ("attached", yes_no(s.attached).to_string()),
+        ("created", format_time(s.created_unix)),
+    ];
+    let mut out = String::new();
+    for (k, val) in rows {
+        let _ = writeln!(out, "{:<10} {val}", format!("{k}:"));
+    }
+    out
+}
+
+/// `snapshot list`.
+pub fn snapshot_table(snaps: &[SnapshotView]) -> String {
+    if snaps.is_empty() {
+        return "no snapshots\n".to_string();
+    }
+    let header = ["SNAPSHOT", "SIZE", "GROUP", "ATTACHED", "CREATED"].map(String::from).to_vec();
+    let rows: Vec<Vec<String>> = snaps
+        .iter()
+        .map(|s| {
+            vec![
+                format!("{}@{}", s.volume, s.name),
+                format_size(s.size_bytes),
+                s.group.clone().unwrap_or_else(|| "-".into()),
+                yes_no(s.attached).to_string(),
+                format_time(s.created_unix),
+            ]
+        })
+        .collect();
+    table(&header, &rows)
+}
+
+/// `snapshot diff`: one extent per line, then a total.
+pub fn diff_table(d: &DiffView) -> String {
+    let header = ["OFFSET", "LENGTH", "KIND"].map(String::from).to_vec();
+    let rows: Vec<Vec<String>> = d
+        .extents
+        .iter()
+        .map(|e| vec![e.offset.to_string(), e.length.to_string(), if e.zero { "discarded" } else { "data" }.into()])
+        .collect();
+    let mut out = if rows.is_empty() { String::new() } else { table(&header, &rows) };
+    let _ = writeln!(
+        out,
+        "{} extents, {} changed of {}",
+        d.extents.len(),
+        format_size(d.changed_bytes),
+        format_size(d.size_bytes)
+    );
+    out
 }
 
 /// One JSON document, pretty-printed, newline-terminated.

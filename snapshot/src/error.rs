@@ -18,6 +18,24 @@ pub enum StoreError {
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("no space left on the device holding the volume's data")]
     NoSpace,
+    #[error("snapshot {0:?} not found")]
+    SnapshotNotFound(String),
+    #[error("snapshot {0:?} already exists")]
+    SnapshotExists(String),
+    #[error("invalid snapshot name {name:?}: {why}")]
+    InvalidSnapshotName { name: String, why: &'static str },
+    #[error("volume {volume:?} already has {limit} snapshots, the most allowed (delete one first)")]
+    SnapshotLimit { volume: String, limit: usize },
+    #[error("{0}")]
+    NotInLineage(String),
+    #[error("{0}")]
+    Precondition(String),
+    #[error("the volume is read-only (a snapshot)")]
+    ReadOnly,
+    /// A snapshot is stopping the volume's writes for an instant: retry after
+    /// `Volume::wait_thawed` (never reaches a client).
+    #[error("the volume is frozen for a snapshot")]
+    Frozen,
     #[error("corrupt {what}: {why}")]
     Corrupt { what: String, why: String },
     #[error("catalog: {0}")]
@@ -32,6 +50,8 @@ impl StoreError {
         match self {
             StoreError::OutOfRange { .. } | StoreError::InvalidSize { .. } => libc::EINVAL,
             StoreError::NoSpace => libc::ENOSPC,
+            StoreError::ReadOnly => libc::EPERM,
+            StoreError::Frozen => libc::EAGAIN,
             StoreError::Io(e) => match e.raw_os_error() {
                 Some(libc::ENOSPC) | Some(libc::EDQUOT) => libc::ENOSPC,
                 Some(libc::EINVAL) => libc::EINVAL,

@@ -1,7 +1,7 @@
 //! The EVS block store.
 //!
-//! A volume is a writable *head* layer on top of a chain of read-only parent layers (the
-//! snapshot issue adds parents; the on-disk format and the read path already handle them).
+//! A volume is a writable *head* layer on top of a chain of read-only parent layers, left by
+//! its snapshots ([`snapshots`]); clones share them.
 //! A layer is a sparse data file plus an allocation map at 4 KiB granularity
 //! ([`alloc_map`]). Writes go to the head at the same offset; reads take each block from the
 //! top-most layer that has it; a block no layer has reads as zeros.
@@ -16,12 +16,15 @@ pub mod catalog;
 pub mod error;
 pub mod io_engine;
 pub mod layer;
+mod merge;
+pub mod snapshots;
 pub mod store;
 pub mod volume;
 
 pub use aligned_buf::AlignedBuf;
 pub use error::StoreError;
 pub use io_engine::{Completion, EngineKind, IoEngine, Op, Segment};
+pub use snapshots::{ChangedExtent, SnapshotInfo};
 pub use store::{BlockStore, StoreOptions, VolumeInfo};
 pub use volume::{Extent, Volume, WritePlan};
 

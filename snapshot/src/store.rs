@@ -1,19 +1,25 @@
-//! The block store: the catalog plus the open volumes of one data directory.
+//! The block store: the catalog plus the open volumes and layers of one data directory.
 //!
 //! Layout of a data directory: `catalog.redb` and `layers/` (layer files, see `layer.rs`).
-//! Creating a volume writes its files first and commits the catalog last; deleting commits
+//! Creating a layer writes its files first and commits the catalog last; dropping one commits
 //! first and unlinks after. Files no catalog record names are leftovers of a crash between the
 //! two steps and are removed at open.
+//!
+//! Operations that change the catalog's shape (create, delete, extend, snapshot, rollback, the
+//! end of a merge) take one store-wide lock; the data path never does.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use parking_lot::Mutex;
-use redb::{Database, ReadableDatabase, ReadableTable};
+use parking_lot::{Mutex, MutexGuard};
+use redb::{Database, ReadableDatabase, ReadableTable, WriteTransaction};
 
-use crate::catalog::{self, LayerRecord, VolumeRecord, LAYERS, STORE_META, VOLUMES, VOLUME_NAMES};
+use crate::catalog::{
+    self, LayerRecord, SnapshotRecord, VolumeRecord, LAYERS, SNAPSHOTS, SNAPSHOT_NAMES, STORE_META, VOLUMES,
+    VOLUME_NAMES,
+};
 use crate::error::StoreError;
 use crate::io_engine::EngineKind;
 use crate::layer::{self, Layer};
@@ -25,19 +31,28 @@ use crate::MAX_VOLUME_SIZE;
 pub struct StoreOptions {
     /// Engine for the data path (chosen once at start-up).
     pub engine: EngineKind,
-    /// Open layer files a second time with O_DIRECT for small aligned writes (random writes
+    /// Open head layers a second time with O_DIRECT for small aligned writes (random writes
     /// through the page cache collapse on this kind of machine; see BENCHMARKS.md). Falls back
     /// to buffered writes where the filesystem refuses O_DIRECT.
     pub direct_writes: bool,
     /// Writes larger than this go through the page cache even when `direct_writes` is on.
     pub direct_write_max: usize,
+    /// Snapshots one volume may have.
+    pub max_snapshots: usize,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { engine: EngineKind::detect(), direct_writes: true, direct_write_max: 64 * 1024 }
+        StoreOptions {
+            engine: EngineKind::detect(),
+            direct_writes: true,
+            direct_write_max: 64 * 1024,
+            max_snapshots: DEFAULT_MAX_SNAPSHOTS,
+        }
     }
 }
+
+pub const DEFAULT_MAX_SNAPSHOTS: usize = 128;
 
 /// What the catalog says of one volume.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -47,31 +62,47 @@ pub struct VolumeInfo {
     pub owner: String,
     pub name: String,
     pub size: u64,
-    /// Bytes of data held by the volume's own head layer.
+    /// Bytes of data held by the volume's own head layer (written since its last snapshot).
     pub allocated: u64,
     /// Unix seconds.
     pub created: u64,
     /// Layer ids, head first.
     pub layers: Vec<u64>,
+    pub snapshots: usize,
 }
 
 pub struct BlockStore {
-    layers_dir: PathBuf,
-    db: Database,
-    opts: StoreOptions,
-    open: Mutex<HashMap<u64, Arc<Volume>>>,
+    pub(crate) layers_dir: PathBuf,
+    pub(crate) db: Database,
+    pub(crate) opts: StoreOptions,
+    /// Serialises changes of the catalog's shape.
+    admin: Mutex<()>,
+    pub(crate) open: Mutex<HashMap<u64, Arc<Volume>>>,
+    /// Read-only views of snapshots, by snapshot id.
+    pub(crate) views: Mutex<HashMap<u64, Arc<Volume>>>,
+    /// Every open layer, so volumes and snapshots sharing one share its map.
+    layer_cache: Mutex<HashMap<u64, Weak<Layer>>>,
+    /// The merge thread's signals and counters.
+    pub(crate) merges: Arc<crate::merge::Merges>,
 }
 
-fn now_unix() -> u64 {
+impl BlockStore {
+    /// Stops the background merge thread and closes the store once the caller's handle was
+    /// the last; the directory can be opened again right after (a plain drop may leave the
+    /// merge thread holding the store for the rest of a merge).
+    pub fn close(self: Arc<Self>) {
+        self.merges.stop_and_join();
+    }
+}
+
+impl Drop for BlockStore {
+    fn drop(&mut self) {
+        self.merges.stop();
+    }
+}
+
+pub(crate) fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt { what: what.to_string(), why: e.to_string() })
-}
-
-fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
-    serde_json::to_vec(v).expect("catalog records serialise")
 }
 
 /// Checks a requested volume size.
@@ -88,8 +119,23 @@ pub fn validate_size(size: u64) -> Result<(), StoreError> {
     Err(StoreError::InvalidSize { size, why })
 }
 
+/// Checks a volume name.
+pub fn validate_name(name: &str) -> Result<(), StoreError> {
+    let why = if name.is_empty() {
+        "must not be empty"
+    } else if name.len() > 128 {
+        "longer than 128 bytes"
+    } else if name.contains(['/', '@']) || name.chars().any(char::is_control) {
+        "must contain no '/', '@' or control characters"
+    } else {
+        return Ok(());
+    };
+    Err(StoreError::InvalidName { name: name.into(), why })
+}
+
 impl BlockStore {
     /// Opens (creating if needed) the store in `dir`: `dir/catalog.redb` and `dir/layers/`.
+    /// Starts the background thread that merges the layers of deleted snapshots.
     pub fn open(dir: &Path, opts: StoreOptions) -> Result<Arc<BlockStore>, StoreError> {
         let layers_dir = dir.join("layers");
         std::fs::create_dir_all(&layers_dir)?;
@@ -98,10 +144,19 @@ impl BlockStore {
         {
             let mut meta = txn.open_table(STORE_META)?;
             let format = meta.get(catalog::KEY_FORMAT)?.map(|v| v.value());
+            txn.open_table(VOLUMES)?;
+            txn.open_table(VOLUME_NAMES)?;
+            txn.open_table(LAYERS)?;
+            txn.open_table(SNAPSHOTS)?;
+            txn.open_table(SNAPSHOT_NAMES)?;
             match format {
                 None => {
                     meta.insert(catalog::KEY_FORMAT, catalog::FORMAT_VERSION)?;
                     meta.insert(catalog::KEY_NEXT_ID, 1)?;
+                }
+                Some(1) => {
+                    migrate_v1(&txn)?;
+                    meta.insert(catalog::KEY_FORMAT, catalog::FORMAT_VERSION)?;
                 }
                 Some(catalog::FORMAT_VERSION) => {}
                 Some(v) => {
@@ -114,14 +169,21 @@ impl BlockStore {
                     })
                 }
             }
-            txn.open_table(VOLUMES)?;
-            txn.open_table(VOLUME_NAMES)?;
-            txn.open_table(LAYERS)?;
         }
         txn.commit()?;
-        let store = BlockStore { layers_dir, db, opts, open: Mutex::new(HashMap::new()) };
+        let store = Arc::new(BlockStore {
+            layers_dir,
+            db,
+            opts,
+            admin: Mutex::new(()),
+            open: Mutex::new(HashMap::new()),
+            views: Mutex::new(HashMap::new()),
+            layer_cache: Mutex::new(HashMap::new()),
+            merges: Arc::default(),
+        });
         store.sweep_orphans()?;
-        Ok(Arc::new(store))
+        crate::merge::start(&store);
+        Ok(store)
     }
 
     /// Removes layer files that no catalog record names.
@@ -133,7 +195,7 @@ impl BlockStore {
             let name = entry.file_name();
             let Some(id) = name.to_str().and_then(layer::parse_file_name) else { continue };
             if layers.get(id)?.is_none() {
-                tracing::info!(file = ?name, "removing a layer file no volume uses (left by an interrupted create or delete)");
+                tracing::info!(file = ?name, "removing a layer file nothing uses (left by an interrupted operation)");
                 std::fs::remove_file(entry.path())?;
             }
         }
@@ -149,94 +211,185 @@ impl BlockStore {
         &self.opts
     }
 
-    fn info_of(&self, rec: VolumeRecord) -> VolumeInfo {
+    pub(crate) fn lock_admin(&self) -> MutexGuard<'_, ()> {
+        self.admin.lock()
+    }
+
+    /// The shared handle of layer `id` (opened on first use).
+    pub(crate) fn layer(&self, id: u64, want_direct: bool) -> Result<Arc<Layer>, StoreError> {
+        let mut cache = self.layer_cache.lock();
+        if let Some(l) = cache.get(&id).and_then(Weak::upgrade) {
+            return Ok(l);
+        }
+        let l = Arc::new(Layer::open(&self.layers_dir, id, want_direct)?);
+        cache.retain(|_, w| w.strong_count() > 0);
+        cache.insert(id, Arc::downgrade(&l));
+        Ok(l)
+    }
+
+    /// Creates the files of a new empty layer (not yet in the catalog).
+    pub(crate) fn new_layer(&self, id: u64, size: u64, want_direct: bool) -> Result<Arc<Layer>, StoreError> {
+        let l = Arc::new(Layer::create(&self.layers_dir, id, size, want_direct)?);
+        self.layer_cache.lock().insert(id, Arc::downgrade(&l));
+        Ok(l)
+    }
+
+    /// Unlinks the files of layers the catalog no longer has.
+    pub(crate) fn unlink_layers(&self, ids: &[u64]) {
+        let mut cache = self.layer_cache.lock();
+        for l in ids {
+            cache.remove(l);
+            for p in [layer::data_path(&self.layers_dir, *l), layer::map_path(&self.layers_dir, *l)] {
+                if let Err(e) = std::fs::remove_file(&p) {
+                    // The sweep at the next open removes it.
+                    tracing::warn!(path = %p.display(), error = %e, "could not remove a dropped layer's file");
+                }
+            }
+        }
+    }
+
+    /// Opens the layers of `ids` (top first) as a chain; the top one writable when `head`.
+    pub(crate) fn open_chain(&self, ids: &[u64], head: bool) -> Result<Chain, StoreError> {
+        let mut layers = Vec::with_capacity(ids.len());
+        for (i, l) in ids.iter().enumerate() {
+            // Only a head is written, so only a head needs an O_DIRECT descriptor.
+            layers.push(self.layer(*l, head && i == 0 && self.opts.direct_writes)?);
+        }
+        Ok(Chain { layers })
+    }
+
+    /// The layer ids of the chain that starts at `top`, top first.
+    pub(crate) fn chain_ids(&self, top: u64) -> Result<Vec<u64>, StoreError> {
+        let rtxn = self.db.begin_read()?;
+        catalog::chain(&rtxn.open_table(LAYERS)?, top)
+    }
+
+    /// Allocates `n` fresh ids.
+    pub(crate) fn alloc_ids(txn: &WriteTransaction, n: u64) -> Result<u64, StoreError> {
+        let mut meta = txn.open_table(STORE_META)?;
+        let next = meta.get(catalog::KEY_NEXT_ID)?.map(|v| v.value()).unwrap_or(1);
+        meta.insert(catalog::KEY_NEXT_ID, next + n)?;
+        Ok(next)
+    }
+
+    fn info_of(&self, rec: VolumeRecord) -> Result<VolumeInfo, StoreError> {
+        let rtxn = self.db.begin_read()?;
+        let layers = catalog::chain(&rtxn.open_table(LAYERS)?, rec.head)?;
+        let snapshots = crate::snapshots::snapshot_ids_in(&rtxn.open_table(SNAPSHOT_NAMES)?, rec.id)?.len();
         let allocated = match self.open.lock().get(&rec.id) {
             Some(v) => v.allocated_bytes(),
-            None => self.load_allocated(&rec).unwrap_or(0),
+            None => self.load_allocated(rec.head).unwrap_or(0),
         };
-        VolumeInfo {
+        Ok(VolumeInfo {
             id: rec.id,
             owner: rec.owner,
             name: rec.name,
             size: rec.size,
             allocated,
             created: rec.created,
-            layers: rec.layers,
-        }
+            layers,
+            snapshots,
+        })
     }
 
-    fn load_allocated(&self, rec: &VolumeRecord) -> Result<u64, StoreError> {
-        let head = rec.layers.first().copied().unwrap_or(0);
+    fn load_allocated(&self, head: u64) -> Result<u64, StoreError> {
         let f = std::fs::File::open(layer::map_path(&self.layers_dir, head))?;
         Ok(crate::alloc_map::AllocMap::load(&f, "allocation map")?.allocated_blocks() * crate::BLOCK_SIZE)
     }
 
-    fn record(&self, id: u64) -> Result<VolumeRecord, StoreError> {
+    pub(crate) fn record(&self, id: u64) -> Result<VolumeRecord, StoreError> {
         let rtxn = self.db.begin_read()?;
         let t = rtxn.open_table(VOLUMES)?;
-        let Some(v) = t.get(id)? else { return Err(StoreError::VolumeNotFound(format!("#{id}"))) };
-        decode(v.value(), "volume record")
+        catalog::get(&t, id, "volume record")?.ok_or_else(|| StoreError::VolumeNotFound(format!("#{id}")))
     }
 
     /// Creates a thin volume of `size` bytes (a multiple of 512, at most MAX_VOLUME_SIZE).
     pub fn create_volume(&self, owner: &str, name: &str, size: u64) -> Result<VolumeInfo, StoreError> {
+        self.create_volume_on(owner, name, size, None)
+    }
+
+    /// Creates a volume; with `from` (a snapshot id), a clone of it: a new empty head over the
+    /// snapshot's chain, which it shares.
+    pub(crate) fn create_volume_on(
+        &self,
+        owner: &str,
+        name: &str,
+        size: u64,
+        from: Option<u64>,
+    ) -> Result<VolumeInfo, StoreError> {
         validate_size(size)?;
-        if name.is_empty() || name.contains('/') {
-            return Err(StoreError::InvalidName { name: name.into(), why: "must be non-empty and contain no '/'" });
-        }
-        // One write transaction at a time: the uniqueness check, the id and the files belong
-        // together. Files first, catalog commit last.
+        validate_name(name)?;
+        let _admin = self.lock_admin();
         let txn = self.db.begin_write()?;
-        let rec = {
+        let (rec, head) = {
             let mut names = txn.open_table(VOLUME_NAMES)?;
             let key = catalog::name_key(owner, name);
             if names.get(key.as_str())?.is_some() {
                 return Err(StoreError::VolumeExists(name.into()));
             }
-            let mut meta = txn.open_table(STORE_META)?;
-            let next = meta.get(catalog::KEY_NEXT_ID)?.map(|v| v.value()).unwrap_or(1);
+            let next = Self::alloc_ids(&txn, 2)?;
             let (vol_id, layer_id) = (next, next + 1);
-            meta.insert(catalog::KEY_NEXT_ID, next + 2)?;
-            Layer::create(&self.layers_dir, layer_id, size, false)?;
             let rec = VolumeRecord {
                 id: vol_id,
                 owner: owner.into(),
                 name: name.into(),
                 size,
                 created: now_unix(),
-                layers: vec![layer_id],
+                head: layer_id,
+                layers: Vec::new(),
             };
-            txn.open_table(VOLUMES)?.insert(vol_id, encode(&rec).as_slice())?;
-            txn.open_table(LAYERS)?
-                .insert(layer_id, encode(&LayerRecord { id: layer_id, users: vec![vol_id] }).as_slice())?;
+            let parent = match from {
+                Some(snap) => {
+                    let sr: SnapshotRecord = catalog::get(&txn.open_table(SNAPSHOTS)?, snap, "snapshot")?
+                        .ok_or_else(|| StoreError::SnapshotNotFound(format!("#{snap}")))?;
+                    if size < sr.size {
+                        return Err(StoreError::InvalidSize {
+                            size,
+                            why: format!("smaller than the snapshot ({} bytes)", sr.size),
+                        });
+                    }
+                    Some(sr.layer)
+                }
+                None => None,
+            };
+            // Files first: a crash before the commit leaves orphans the next open removes.
+            let head = Layer::create(&self.layers_dir, layer_id, size, false)?;
+            let mut layers = txn.open_table(LAYERS)?;
+            if let Some(p) = parent {
+                let mut pr: LayerRecord = catalog::must(&layers, p, "layer")?;
+                pr.children.push(layer_id);
+                catalog::put(&mut layers, p, &pr)?;
+            }
+            let lr = LayerRecord { id: layer_id, parent, head_of: Some(vol_id), ..Default::default() };
+            catalog::put(&mut layers, layer_id, &lr)?;
+            catalog::put(&mut txn.open_table(VOLUMES)?, vol_id, &rec)?;
             names.insert(key.as_str(), vol_id)?;
-            rec
+            (rec, head)
         };
         if let Err(e) = txn.commit() {
-            for l in &rec.layers {
-                let _ = std::fs::remove_file(layer::data_path(&self.layers_dir, *l));
-                let _ = std::fs::remove_file(layer::map_path(&self.layers_dir, *l));
-            }
+            drop(head);
+            self.unlink_layers(&[rec.head]);
             return Err(e.into());
         }
-        Ok(self.info_of(rec))
+        drop(head);
+        self.info_of(rec)
     }
 
     pub fn find_volume(&self, owner: &str, name: &str) -> Result<VolumeInfo, StoreError> {
-        let id = {
-            let rtxn = self.db.begin_read()?;
-            let names = rtxn.open_table(VOLUME_NAMES)?;
-            let Some(id) = names.get(catalog::name_key(owner, name).as_str())?.map(|v| v.value()) else {
-                return Err(StoreError::VolumeNotFound(name.into()));
-            };
-            id
-        };
+        let id = self.find_volume_id(owner, name)?;
         self.volume_info(id)
+    }
+
+    pub(crate) fn find_volume_id(&self, owner: &str, name: &str) -> Result<u64, StoreError> {
+        let rtxn = self.db.begin_read()?;
+        let names = rtxn.open_table(VOLUME_NAMES)?;
+        let id = names.get(catalog::name_key(owner, name).as_str())?.map(|v| v.value());
+        id.ok_or_else(|| StoreError::VolumeNotFound(name.into()))
     }
 
     pub fn volume_info(&self, id: u64) -> Result<VolumeInfo, StoreError> {
         let rec = self.record(id)?;
-        Ok(self.info_of(rec))
+        self.info_of(rec)
     }
 
     /// All volumes of `owner` (all volumes when `owner` is None), by name.
@@ -247,14 +400,14 @@ impl BlockStore {
             let mut recs = Vec::new();
             for row in t.iter()? {
                 let (_, v) = row?;
-                let rec: VolumeRecord = decode(v.value(), "volume record")?;
+                let rec: VolumeRecord = catalog::decode(v.value(), "volume record")?;
                 if owner.is_none_or(|o| o == rec.owner) {
                     recs.push(rec);
                 }
             }
             recs
         };
-        let mut out: Vec<VolumeInfo> = recs.into_iter().map(|r| self.info_of(r)).collect();
+        let mut out = recs.into_iter().map(|r| self.info_of(r)).collect::<Result<Vec<_>, _>>()?;
         out.sort_by(|a, b| (&a.owner, &a.name).cmp(&(&b.owner, &b.name)));
         Ok(out)
     }
@@ -266,12 +419,8 @@ impl BlockStore {
             return Ok(v.clone());
         }
         let rec = self.record(id)?;
-        let mut layers = Vec::with_capacity(rec.layers.len());
-        for (i, l) in rec.layers.iter().enumerate() {
-            // Only the head is written, so only the head needs an O_DIRECT descriptor.
-            layers.push(Arc::new(Layer::open(&self.layers_dir, *l, i == 0 && self.opts.direct_writes)?));
-        }
-        let v = Arc::new(Volume::new(rec.id, rec.size, Chain { layers }, self.opts.direct_write_max));
+        let chain = self.open_chain(&self.chain_ids(rec.head)?, true)?;
+        let v = Arc::new(Volume::new(rec.id, rec.size, chain, self.opts.direct_write_max));
         open.insert(id, v.clone());
         Ok(v)
     }
@@ -279,6 +428,7 @@ impl BlockStore {
     /// Grows a volume online; never shrinks (InvalidSize).
     pub fn extend_volume(&self, id: u64, new_size: u64) -> Result<VolumeInfo, StoreError> {
         validate_size(new_size)?;
+        let _admin = self.lock_admin();
         let rec = self.record(id)?;
         if new_size < rec.size {
             return Err(StoreError::InvalidSize {
@@ -287,7 +437,8 @@ impl BlockStore {
             });
         }
         if new_size == rec.size {
-            return Ok(self.info_of(rec));
+            drop(_admin);
+            return self.info_of(rec);
         }
         let vol = self.open_volume(id)?;
         // Files grow first (harmless if the catalog commit is lost), then the catalog, then the
@@ -296,58 +447,62 @@ impl BlockStore {
         let txn = self.db.begin_write()?;
         let rec = {
             let mut t = txn.open_table(VOLUMES)?;
-            let mut rec: VolumeRecord = match t.get(id)? {
-                Some(v) => decode(v.value(), "volume record")?,
-                None => return Err(StoreError::VolumeNotFound(format!("#{id}"))),
-            };
+            let mut rec: VolumeRecord =
+                catalog::get(&t, id, "volume record")?.ok_or_else(|| StoreError::VolumeNotFound(format!("#{id}")))?;
             rec.size = new_size;
-            t.insert(id, encode(&rec).as_slice())?;
+            catalog::put(&mut t, id, &rec)?;
             rec
         };
         txn.commit()?;
         vol.set_size(new_size);
-        Ok(self.info_of(rec))
+        drop(_admin);
+        self.info_of(rec)
     }
 
-    /// Deletes a volume and destroys its data (its layer files are unlinked).
+    /// Deletes a volume with its snapshots and destroys their data: layers nothing else uses
+    /// (a clone may still use some) are unlinked.
     pub fn delete_volume(&self, id: u64) -> Result<(), StoreError> {
+        let _admin = self.lock_admin();
         let txn = self.db.begin_write()?;
-        let doomed = {
+        let (doomed, snaps) = {
             let mut vols = txn.open_table(VOLUMES)?;
             let rec: VolumeRecord = match vols.remove(id)? {
-                Some(v) => decode(v.value(), "volume record")?,
+                Some(v) => catalog::decode(v.value(), "volume record")?,
                 None => return Err(StoreError::VolumeNotFound(format!("#{id}"))),
             };
             txn.open_table(VOLUME_NAMES)?.remove(catalog::name_key(&rec.owner, &rec.name).as_str())?;
             let mut layers = txn.open_table(LAYERS)?;
-            let mut doomed = Vec::new();
-            for l in &rec.layers {
-                let lr: Option<LayerRecord> = match layers.get(*l)? {
-                    Some(v) => Some(decode(v.value(), "layer record")?),
-                    None => None,
-                };
-                if let Some(mut lr) = lr {
-                    lr.users.retain(|u| *u != id);
-                    if lr.users.is_empty() {
-                        layers.remove(*l)?;
-                        doomed.push(*l);
-                    } else {
-                        layers.insert(*l, encode(&lr).as_slice())?;
-                    }
+            let mut touched = vec![rec.head];
+            let mut sn = txn.open_table(SNAPSHOT_NAMES)?;
+            let snaps = crate::snapshots::snapshot_ids_in(&sn, id)?;
+            {
+                let mut st = txn.open_table(SNAPSHOTS)?;
+                for s in &snaps {
+                    let Some(sr) = catalog::get::<SnapshotRecord>(&st, *s, "snapshot")? else { continue };
+                    st.remove(*s)?;
+                    sn.remove(catalog::snapshot_key(id, &sr.name).as_str())?;
+                    let mut lr: LayerRecord = catalog::must(&layers, sr.layer, "layer")?;
+                    lr.snapshots.retain(|x| x != s);
+                    catalog::put(&mut layers, sr.layer, &lr)?;
+                    touched.push(sr.layer);
                 }
             }
-            doomed
+            let mut hr: LayerRecord = catalog::must(&layers, rec.head, "layer")?;
+            hr.head_of = None;
+            catalog::put(&mut layers, rec.head, &hr)?;
+            (catalog::collect_garbage(&mut layers, touched)?, snaps)
         };
         txn.commit()?;
         self.open.lock().remove(&id);
-        for l in doomed {
-            for p in [layer::data_path(&self.layers_dir, l), layer::map_path(&self.layers_dir, l)] {
-                if let Err(e) = std::fs::remove_file(&p) {
-                    // The sweep at the next open removes it.
-                    tracing::warn!(path = %p.display(), error = %e, "could not remove a deleted volume's file");
-                }
+        {
+            let mut views = self.views.lock();
+            for s in &snaps {
+                views.remove(s);
             }
         }
+        self.unlink_layers(&doomed);
+        drop(_admin);
+        self.kick_merges();
         Ok(())
     }
 
@@ -359,4 +514,29 @@ impl BlockStore {
         }
         Ok(())
     }
+}
+
+/// Format 1 → 2: each volume had exactly one layer, `layers[0]`.
+fn migrate_v1(txn: &WriteTransaction) -> Result<(), StoreError> {
+    let mut vols = txn.open_table(VOLUMES)?;
+    let mut layers = txn.open_table(LAYERS)?;
+    let mut recs = Vec::new();
+    for row in vols.iter()? {
+        let (_, v) = row?;
+        recs.push(catalog::decode::<VolumeRecord>(v.value(), "volume record")?);
+    }
+    for mut rec in recs {
+        let Some(&head) = rec.layers.first() else {
+            return Err(StoreError::Corrupt { what: "catalog".into(), why: format!("volume {} has no layer", rec.id) });
+        };
+        rec.head = head;
+        rec.layers.clear();
+        catalog::put(&mut vols, rec.id, &rec)?;
+        let mut lr: LayerRecord = catalog::must(&layers, head, "layer")?;
+        lr.head_of = Some(rec.id);
+        lr.users.clear();
+        catalog::put(&mut layers, head, &lr)?;
+    }
+    tracing::info!("catalog migrated from format 1 to 2");
+    Ok(())
 }

@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::aligned_buf::AlignedBuf;
 use crate::alloc_map::BlockState;
@@ -34,11 +34,61 @@ pub struct Extent {
     pub zero: bool,
 }
 
-/// A write whose data op is in flight; hand it back to [`Volume::commit_write`].
+/// A write whose data op is in flight; hand it back to [`Volume::commit_write`]. Holds the
+/// volume's write gate open (a snapshot waits for it), so drop it if the op fails.
 #[derive(Debug)]
 pub struct PendingWrite {
     layer: Arc<Layer>,
     blocks: Range<u64>,
+    _gate: GateGuard,
+}
+
+/// Bit of [`WriteGate::state`] set while the volume is frozen.
+const FROZEN: u64 = 1 << 63;
+
+/// Lets a snapshot stop a volume's writes at one instant without blocking the threads that
+/// issue them: a frozen gate refuses new mutations ([`StoreError::Frozen`]) and the freezer
+/// waits for the ones in progress to finish. A refused caller finishes its own in-flight writes
+/// first, then waits in [`Volume::wait_thawed`] and retries, so nobody waits on a thread that
+/// waits on them.
+#[derive(Debug, Default)]
+struct WriteGate {
+    /// FROZEN | number of mutations in progress.
+    state: AtomicU64,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+#[derive(Debug)]
+struct GateGuard(Arc<WriteGate>);
+
+impl Drop for GateGuard {
+    fn drop(&mut self) {
+        let prev = self.0.state.fetch_sub(1, Ordering::AcqRel);
+        if prev & FROZEN != 0 && prev & !FROZEN == 1 {
+            let _g = self.0.lock.lock();
+            self.0.cv.notify_all();
+        }
+    }
+}
+
+impl WriteGate {
+    fn enter(self: &Arc<Self>) -> Result<GateGuard, StoreError> {
+        let prev = self.state.fetch_add(1, Ordering::AcqRel);
+        let guard = GateGuard(self.clone());
+        if prev & FROZEN != 0 {
+            return Err(StoreError::Frozen);
+        }
+        Ok(guard)
+    }
+
+    fn wait(&self, until: impl Fn(u64) -> bool) {
+        let mut g = self.lock.lock();
+        while !until(self.state.load(Ordering::Acquire)) {
+            // Timed: a wake-up between the check and the wait is never lost for long.
+            self.cv.wait_for(&mut g, std::time::Duration::from_millis(5));
+        }
+    }
 }
 
 impl std::fmt::Debug for Layer {
@@ -80,6 +130,9 @@ pub struct Volume {
     chain: RwLock<Arc<Chain>>,
     rmw: Mutex<()>,
     direct_write_max: usize,
+    /// A snapshot's view: every mutation is refused.
+    read_only: bool,
+    gate: Arc<WriteGate>,
 }
 
 impl Volume {
@@ -90,7 +143,53 @@ impl Volume {
             chain: RwLock::new(Arc::new(chain)),
             rmw: Mutex::new(()),
             direct_write_max,
+            read_only: false,
+            gate: Arc::default(),
         }
+    }
+
+    /// A read-only view of a frozen chain (a snapshot); `id` is the snapshot's id.
+    pub(crate) fn new_read_only(id: u64, size: u64, chain: Chain) -> Volume {
+        Volume { read_only: true, ..Volume::new(id, size, chain, 0) }
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Starts a mutation: refused on a read-only view, and while frozen.
+    fn enter(&self) -> Result<GateGuard, StoreError> {
+        if self.read_only {
+            return Err(StoreError::ReadOnly);
+        }
+        self.gate.enter()
+    }
+
+    /// Refuses new mutations from now on ([`Volume::freeze_wait`] waits for the others).
+    pub(crate) fn freeze_begin(&self) {
+        self.gate.state.fetch_or(FROZEN, Ordering::AcqRel);
+    }
+
+    /// Waits until the mutations that started before the freeze have finished.
+    pub(crate) fn freeze_wait(&self) {
+        self.gate.wait(|s| s & !FROZEN == 0);
+    }
+
+    pub(crate) fn thaw(&self) {
+        self.gate.state.fetch_and(!FROZEN, Ordering::AcqRel);
+        let _g = self.gate.lock.lock();
+        self.gate.cv.notify_all();
+    }
+
+    /// Blocks while the volume is frozen (a snapshot is being taken). A caller refused with
+    /// [`StoreError::Frozen`] must first finish the writes it has in flight, then wait here.
+    pub fn wait_thawed(&self) {
+        self.gate.wait(|s| s & FROZEN == 0);
+    }
+
+    /// Replaces the chain (snapshot, rollback, merge); readers holding the old one finish on it.
+    pub(crate) fn set_chain(&self, chain: Chain) {
+        *self.chain.write() = Arc::new(chain);
     }
 
     pub fn id(&self) -> u64 {
@@ -171,9 +270,13 @@ impl Volume {
     }
 
     /// Plans a write of `data` at `offset`.
+    ///
+    /// Fails with [`StoreError::Frozen`] while a snapshot is being taken (see
+    /// [`Volume::wait_thawed`]).
     pub fn plan_write(&self, offset: u64, data: &[u8]) -> Result<WritePlan, StoreError> {
         let len = data.len() as u64;
         self.check_range(offset, len)?;
+        let gate = self.enter()?;
         if len == 0 {
             return Ok(WritePlan::Done);
         }
@@ -194,7 +297,7 @@ impl Volume {
         };
         let blocks = offset / BLOCK_SIZE..offset / BLOCK_SIZE + padded as u64 / BLOCK_SIZE;
         let op = Op::Write { buf, segs: vec![Segment { fd, offset, buf_offset: 0, len: padded }] };
-        Ok(WritePlan::Submit { op, pending: PendingWrite { layer: head, blocks } })
+        Ok(WritePlan::Submit { op, pending: PendingWrite { layer: head, blocks, _gate: gate } })
     }
 
     /// Records that the blocks of a completed write now live in its layer.
@@ -241,6 +344,7 @@ impl Volume {
     /// edges are left as they are (NBD TRIM is advisory).
     pub fn trim(&self, offset: u64, len: u64) -> Result<(), StoreError> {
         self.check_range(offset, len)?;
+        let _gate = self.enter()?;
         let blocks = self.inner_blocks(offset, len);
         self.discard_blocks(blocks)
     }
@@ -260,6 +364,7 @@ impl Volume {
     /// Makes the range read as zeros; with `no_hole` the blocks stay allocated.
     pub fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool) -> Result<(), StoreError> {
         self.check_range(offset, len)?;
+        let _gate = self.enter()?;
         if len == 0 {
             return Ok(());
         }
@@ -289,8 +394,12 @@ impl Volume {
         }
     }
 
-    /// Makes every completed write durable (data first, then the allocation map).
+    /// Makes every completed write durable (data first, then the allocation map). Lower
+    /// layers are frozen and were flushed when they were.
     pub fn flush(&self) -> Result<(), StoreError> {
+        if self.read_only {
+            return Ok(());
+        }
         self.chain().head().flush()
     }
 
@@ -350,9 +459,16 @@ impl Volume {
         Ok(())
     }
 
-    /// Synchronous write.
+    /// Synchronous write; waits while the volume is frozen (so it must not be called by a
+    /// thread that has writes of its own in flight on an engine).
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
         self.check_range(offset, data.len() as u64)?;
+        let _gate = loop {
+            match self.enter() {
+                Err(StoreError::Frozen) => self.wait_thawed(),
+                other => break other?,
+            }
+        };
         let end = offset + data.len() as u64;
         if offset % BLOCK_SIZE == 0 && (end % BLOCK_SIZE == 0 || end == self.size()) {
             if data.is_empty() {

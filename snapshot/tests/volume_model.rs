@@ -58,7 +58,7 @@ fn check(vol: &Volume, model: &[u8]) {
 
 fn run(acts: Vec<Act>, engine_kind: EngineKind) {
     let dir = tempfile::tempdir().unwrap();
-    let opts = StoreOptions { engine: engine_kind, direct_writes: true, direct_write_max: 8192 };
+    let opts = StoreOptions { engine: engine_kind, direct_writes: true, direct_write_max: 8192, ..Default::default() };
     let mut store = BlockStore::open(dir.path(), opts.clone()).unwrap();
     let size = 200_704u64; // 49 blocks: not a power of two
     let id = store.create_volume("t", "v", size).unwrap().id;
@@ -107,7 +107,7 @@ fn run(acts: Vec<Act>, engine_kind: EngineKind) {
             Act::Reopen => {
                 vol.flush().unwrap();
                 drop(vol);
-                drop(store);
+                store.close();
                 store = BlockStore::open(dir.path(), opts.clone()).unwrap();
                 vol = store.open_volume(id).unwrap();
                 assert_eq!(vol.size(), model.len() as u64);

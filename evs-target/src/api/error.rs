@@ -19,6 +19,14 @@ pub enum ApiError {
     VolumeExists(String),
     #[error("volume {0:?} is attached; detach it first")]
     Attached(String),
+    #[error("snapshot {0:?} not found")]
+    SnapshotNotFound(String),
+    #[error("snapshot {0:?} already exists")]
+    SnapshotExists(String),
+    #[error(
+        "volume {volume:?} has {connections} NBD connection(s); disconnect the clients (or detach) before a rollback"
+    )]
+    Connected { volume: String, connections: usize },
     #[error(
         "cannot shrink volume {name:?} from {} ({current} bytes) to {} ({requested} bytes): volumes only grow",
         HumanBytes(*current),
@@ -42,9 +50,9 @@ impl From<ApiError> for Status {
         let code = match &e {
             ApiError::Auth(_) => Code::Unauthenticated,
             ApiError::Invalid(_) | ApiError::Shrink { .. } => Code::InvalidArgument,
-            ApiError::VolumeNotFound(_) => Code::NotFound,
-            ApiError::VolumeExists(_) => Code::AlreadyExists,
-            ApiError::Attached(_) | ApiError::NoUnixSocket => Code::FailedPrecondition,
+            ApiError::VolumeNotFound(_) | ApiError::SnapshotNotFound(_) => Code::NotFound,
+            ApiError::VolumeExists(_) | ApiError::SnapshotExists(_) => Code::AlreadyExists,
+            ApiError::Attached(_) | ApiError::NoUnixSocket | ApiError::Connected { .. } => Code::FailedPrecondition,
             ApiError::TierDenied => Code::PermissionDenied,
             ApiError::Unsupported(_) => Code::Unimplemented,
             ApiError::Store(s) => store_code(s),
@@ -62,11 +70,15 @@ impl From<ApiError> for Status {
 /// The gRPC code for a block-store error.
 pub fn store_code(e: &StoreError) -> Code {
     match e {
-        StoreError::VolumeNotFound(_) => Code::NotFound,
-        StoreError::VolumeExists(_) => Code::AlreadyExists,
-        StoreError::InvalidName { .. } | StoreError::InvalidSize { .. } | StoreError::OutOfRange { .. } => {
-            Code::InvalidArgument
-        }
+        StoreError::VolumeNotFound(_) | StoreError::SnapshotNotFound(_) => Code::NotFound,
+        StoreError::VolumeExists(_) | StoreError::SnapshotExists(_) => Code::AlreadyExists,
+        StoreError::SnapshotLimit { .. } => Code::ResourceExhausted,
+        StoreError::NotInLineage(_) => Code::InvalidArgument,
+        StoreError::Precondition(_) | StoreError::ReadOnly | StoreError::Frozen => Code::FailedPrecondition,
+        StoreError::InvalidName { .. }
+        | StoreError::InvalidSnapshotName { .. }
+        | StoreError::InvalidSize { .. }
+        | StoreError::OutOfRange { .. } => Code::InvalidArgument,
         StoreError::NoSpace => Code::ResourceExhausted,
         StoreError::Io(io) if matches!(io.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) => {
             Code::ResourceExhausted

@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod snapshots;
 pub mod validate;
 
 use std::collections::BTreeSet;
@@ -104,6 +105,7 @@ impl ControlPlane {
         let w = db.begin_write().map_err(StoreError::from)?;
         w.open_table(ATTACHMENTS).map_err(StoreError::from)?;
         w.open_table(VOLUME_TIERS).map_err(StoreError::from)?;
+        w.open_table(snapshots::SNAPSHOT_ATTACHMENTS).map_err(StoreError::from)?;
         w.commit().map_err(StoreError::from)?;
 
         let tenants = Tenants::load(db)?;
@@ -111,6 +113,9 @@ impl ControlPlane {
             OpenReport { admin_token_created: tenants.bootstrap_admin(db, data_dir)?, ..Default::default() };
         let cp = ControlPlane { store, exports, tenants, endpoints, mutations: Mutex::new(()) };
         (report.attachments_loaded, report.attachments_dropped) = cp.load_attachments()?;
+        let (loaded, dropped) = cp.load_snapshot_attachments()?;
+        report.attachments_loaded += loaded;
+        report.attachments_dropped += dropped;
         Ok((Arc::new(cp), report))
     }
 
@@ -123,7 +128,7 @@ impl ControlPlane {
         for (token, volume_id) in rows {
             match self.store.open_volume(volume_id) {
                 Ok(volume) => {
-                    self.exports.insert(token, Export { volume_id, volume, read_only: false });
+                    self.exports.insert(token, Export { volume_id, volume, read_only: false, snapshot: None });
                     loaded += 1;
                 }
                 Err(StoreError::VolumeNotFound(_)) => {
@@ -210,14 +215,35 @@ impl ControlPlane {
 
     /// Creates an empty volume of `tier` ("" = default) for `owner`.
     pub fn create_volume(&self, owner: &str, name: &str, size: u64, tier: &str) -> Result<pb::Volume, ApiError> {
+        self.create_volume_from(owner, name, size, tier, "")
+    }
+
+    /// Creates a volume; with `from_snapshot` ("VOLUME@SNAP") a clone of that snapshot, of its
+    /// size when `size` is 0.
+    pub fn create_volume_from(
+        &self,
+        owner: &str,
+        name: &str,
+        size: u64,
+        tier: &str,
+        from_snapshot: &str,
+    ) -> Result<pb::Volume, ApiError> {
         validate_volume_name(name)?;
-        validate_volume_size(size)?;
+        if from_snapshot.is_empty() || size != 0 {
+            validate_volume_size(size)?;
+        }
         let tier = validate_tier(tier)?;
         if tier == UNLIMITED_TIER && owner != ADMIN_TENANT {
             return Err(ApiError::TierDenied);
         }
         let _g = self.mutations.lock();
-        let info = match self.store.create_volume(owner, name, size) {
+        let created = if from_snapshot.is_empty() {
+            self.store.create_volume(owner, name, size)
+        } else {
+            let snap = self.snapshot_ref(owner, from_snapshot)?;
+            self.store.clone_snapshot(owner, name, snap, (size != 0).then_some(size))
+        };
+        let info = match created {
             Err(StoreError::VolumeExists(_)) => return Err(ApiError::VolumeExists(name.to_string())),
             other => other?,
         };
@@ -259,6 +285,8 @@ impl ControlPlane {
         if self.exports.is_attached(info.id) || !self.tokens_of(info.id)?.is_empty() {
             return Err(ApiError::Attached(name.to_string()));
         }
+        let snaps: Vec<u64> = self.store.list_snapshots(info.id)?.iter().map(|s| s.id).collect();
+        self.revoke_snapshot_attachments(&snaps)?;
         self.store.delete_volume(info.id)?;
         // The volume is gone; a leftover tier row would only be noise (ids are not reused).
         let w = self.store.catalog().begin_write().map_err(StoreError::from)?;
@@ -314,7 +342,8 @@ impl ControlPlane {
                     // Persisted but not in the registry (cannot happen after a normal start,
                     // but make the table the truth either way).
                     let volume = self.store.open_volume(info.id)?;
-                    self.exports.insert(token.clone(), Export { volume_id: info.id, volume, read_only: false });
+                    self.exports
+                        .insert(token.clone(), Export { volume_id: info.id, volume, read_only: false, snapshot: None });
                 }
                 token
             }
@@ -328,7 +357,8 @@ impl ControlPlane {
                     .insert(token.as_str(), info.id)
                     .map_err(StoreError::from)?;
                 w.commit().map_err(StoreError::from)?;
-                self.exports.insert(token.clone(), Export { volume_id: info.id, volume, read_only: false });
+                self.exports
+                    .insert(token.clone(), Export { volume_id: info.id, volume, read_only: false, snapshot: None });
                 tracing::info!(owner, volume = name, id = info.id, "volume attached");
                 token
             }
@@ -452,13 +482,10 @@ impl VolumeService for VolumeApi {
         let m = req.get_ref().clone();
         let volume = self
             .run(&req, move |cp, owner| {
-                if !m.from_snapshot.is_empty() {
-                    return Err(ApiError::Unsupported("creating a volume from a snapshot (from_snapshot)"));
-                }
                 if !m.from_backup.is_empty() {
                     return Err(ApiError::Unsupported("creating a volume from a backup (from_backup)"));
                 }
-                cp.create_volume(owner, &m.name, m.size_bytes, &m.tier)
+                cp.create_volume_from(owner, &m.name, m.size_bytes, &m.tier, &m.from_snapshot)
             })
             .await?;
         Ok(Response::new(pb::CreateVolumeResponse { volume: Some(volume) }))
@@ -570,7 +597,8 @@ mod control_tests {
     use evs_snapshot::{EngineKind, StoreOptions};
 
     fn open(dir: &Path, unix: Option<PathBuf>) -> (Arc<ControlPlane>, OpenReport, Arc<ExportRegistry>) {
-        let opts = StoreOptions { engine: EngineKind::Portable, direct_writes: false, direct_write_max: 0 };
+        let opts =
+            StoreOptions { engine: EngineKind::Portable, direct_writes: false, direct_write_max: 0, max_snapshots: 4 };
         let store = BlockStore::open(dir, opts).unwrap();
         let exports = ExportRegistry::new();
         let endpoints = NbdEndpoints { tcp: "127.0.0.1:10809".parse().unwrap(), unix };

@@ -25,6 +25,28 @@ pub enum ValidationError {
     Size { size: u64, why: String },
     #[error("unknown tier {0:?} (expected one of: common, high, gpssd, ultra-high, essd, unlimited)")]
     Tier(String),
+    #[error("invalid snapshot name {name:?}: {why}")]
+    SnapshotName { name: String, why: &'static str },
+    #[error("invalid snapshot reference {0:?}: expected VOLUME@SNAP")]
+    SnapshotRef(String),
+    #[error("a group snapshot needs at least one volume, each listed once")]
+    GroupVolumes,
+}
+
+/// A snapshot name: the same rules as a volume name.
+pub fn validate_snapshot_name(name: &str) -> Result<(), ValidationError> {
+    validate_volume_name(name).map_err(|e| match e {
+        ValidationError::Name { name, why } => ValidationError::SnapshotName { name, why },
+        other => other,
+    })
+}
+
+/// Splits `VOLUME@SNAP` into its two valid names.
+pub fn parse_snapshot_ref(s: &str) -> Result<(&str, &str), ValidationError> {
+    let (v, n) = s.split_once('@').ok_or_else(|| ValidationError::SnapshotRef(s.to_string()))?;
+    validate_volume_name(v)?;
+    validate_snapshot_name(n)?;
+    Ok((v, n))
 }
 
 /// A volume name: 1 to 63 characters of `[A-Za-z0-9._-]`, starting with a letter or a digit.

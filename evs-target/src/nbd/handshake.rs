@@ -59,11 +59,13 @@ pub const MAX_OPTION_LEN: u32 = 64 << 10;
 pub const MAX_OPTION_DISCARD: u32 = 1 << 20;
 
 /// What the server knows about an export when a client names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportInfo {
     /// Size in bytes.
     pub size: u64,
     pub read_only: bool,
+    /// Metadata contexts the export offers.
+    pub contexts: Vec<MetaContext>,
 }
 
 /// The outcome of a handshake that entered transmission.
@@ -311,7 +313,7 @@ fn export_name<S: Read + Write, T>(
     let Some((export, info)) = lookup(name) else {
         return Err(HandshakeError::UnknownExport);
     };
-    let negotiated = state.negotiated(name, export, info);
+    let negotiated = state.negotiated(name, export, &info);
     proto::push_export_name_reply(&mut conn.out, info.size, negotiated.transmission_flags, state.no_zeroes);
     Ok(Step::Transmission(negotiated))
 }
@@ -334,7 +336,7 @@ fn info_or_go<S: Read + Write, T>(
         conn.error(opt, NBD_REP_ERR_UNKNOWN, "unknown export");
         return Ok(Step::Continue);
     };
-    let negotiated = state.negotiated(name, export, export_info);
+    let negotiated = state.negotiated(name, export, &export_info);
 
     proto::push_info_export(&mut conn.out, opt, export_info.size, negotiated.transmission_flags);
     // Always sent, requested or not: the maximum is enforced either way, and clients that
@@ -381,11 +383,11 @@ fn meta_context<S: Read + Write, T>(
             return;
         }
     };
-    if lookup(req.export).is_none() {
+    let Some((_, info)) = lookup(req.export) else {
         conn.error(opt, NBD_REP_ERR_UNKNOWN, "unknown export");
         return;
-    }
-    let available = MetaContext::all();
+    };
+    let available = info.contexts;
 
     let selected = if req.queries.is_empty() {
         // No query: LIST returns everything, SET selects nothing.
@@ -434,7 +436,7 @@ fn meta_context<S: Read + Write, T>(
 
 impl State {
     /// The session a GO / EXPORT_NAME for `name` would enter, with the state as it is now.
-    fn negotiated<T>(&self, name: &str, export: T, info: ExportInfo) -> Negotiated<T> {
+    fn negotiated<T>(&self, name: &str, export: T, info: &ExportInfo) -> Negotiated<T> {
         // The selection only applies if the last SET_META_CONTEXT named this export.
         let meta_contexts = match &self.meta {
             Some((meta_name, chosen)) if meta_name == name && self.structured_replies => chosen.clone(),
@@ -559,8 +561,17 @@ mod tests {
 
     fn lookup(name: &str) -> Option<(&'static str, ExportInfo)> {
         match name {
-            "vol" => Some(("vol-handle", ExportInfo { size: VOL_SIZE, read_only: false })),
-            "ro" => Some(("ro-handle", ExportInfo { size: RO_SIZE, read_only: true })),
+            "vol" => {
+                Some(("vol-handle", ExportInfo { size: VOL_SIZE, read_only: false, contexts: MetaContext::all() }))
+            }
+            "ro" => Some((
+                "ro-handle",
+                ExportInfo {
+                    size: RO_SIZE,
+                    read_only: true,
+                    contexts: vec![MetaContext::BaseAllocation, MetaContext::Changed("base".into())],
+                },
+            )),
             _ => None,
         }
     }

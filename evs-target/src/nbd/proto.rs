@@ -665,18 +665,29 @@ pub fn parse_option_reply_header(buf: &[u8]) -> Result<Option<OptionReplyHeader>
 pub enum MetaContext {
     /// `base:allocation`: extents flagged with [`NBD_STATE_HOLE`] / [`NBD_STATE_ZERO`].
     BaseAllocation,
+    /// `evs:changed:<snapshot>` on a snapshot export: extents flagged [`EVS_STATE_CHANGED`]
+    /// where the export differs from that older snapshot (and also [`EVS_STATE_DISCARDED`]
+    /// where it was discarded), in the spirit of `qemu:dirty-bitmap:<name>`.
+    Changed(String),
 }
+
+/// Namespace and leaf prefix of the changed-block contexts.
+pub const EVS_CHANGED_PREFIX: &str = "evs:changed:";
+/// `evs:changed:*` flag: the extent differs from the base snapshot.
+pub const EVS_STATE_CHANGED: u32 = 1;
+/// `evs:changed:*` flag: the extent was discarded since the base snapshot (reads as zeros).
+pub const EVS_STATE_DISCARDED: u32 = 2;
 
 impl MetaContext {
     /// The context's name on the wire.
     pub fn name(&self) -> Cow<'static, str> {
         match self {
             MetaContext::BaseAllocation => Cow::Borrowed(BASE_ALLOCATION),
+            MetaContext::Changed(base) => Cow::Owned(format!("{EVS_CHANGED_PREFIX}{base}")),
         }
     }
 
-    /// Every context an export offers. Per-export contexts (such as changed-block tracking
-    /// against a snapshot) will take the export's description as an argument.
+    /// The contexts every export offers; a snapshot export adds [`MetaContext::Changed`].
     pub fn all() -> Vec<MetaContext> {
         vec![MetaContext::BaseAllocation]
     }
