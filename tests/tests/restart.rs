@@ -93,9 +93,10 @@ fn sigterm_then_start_keeps_volumes_attachments_and_data() {
         }
         bu.disconnect().expect("disconnect");
 
-        // More data for the next round, again without FLUSH, again left connected.
+        // More data for the next round, again without FLUSH, again left connected; above every
+        // earlier piece (the first ones end below 952 MiB), so no expected piece is overwritten.
         b = connect(&b_tcp);
-        let off = 900 * MIB + round * MIB;
+        let off = 1000 * MIB + round * MIB;
         let data = rng.bytes(123_457);
         b.write(off, &data).expect("write b");
         pieces_b.push((off, data));

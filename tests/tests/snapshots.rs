@@ -89,6 +89,10 @@ fn snapshot_clone_rollback_and_changed_blocks_over_nbd() {
     // Generation 2: overwrite part, add new data, discard a range that held data.
     qemu_io_ok(&uri, &["write -P 0x21 512k 256k", "write -P 0x22 32M 1M", "discard 8M 64k", "flush"]);
     d.evsctl_ok(&["snapshot", "create", "db", "s2"]);
+    // A copy of the volume at the same instant as s2 (nothing writes in between).
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("at-s2.raw");
+    run_tool(Command::new(require_tool("qemu-img")).args(["convert", "-f", "raw", "-O", "raw", &uri]).arg(&copy));
     // Generation 3 lives only in the volume.
     qemu_io_ok(&uri, &["write -P 0x31 0 4k"]);
 
@@ -116,12 +120,9 @@ fn snapshot_clone_rollback_and_changed_blocks_over_nbd() {
     assert_eq!(c.read(0, 4096).unwrap(), vec![0x11; 4096], "the refused write changed nothing");
     drop(c);
 
-    // qemu-img compare of the s2 export against a copy made from it, and against the volume
-    // (which differs in generation 3's block).
+    // qemu-img compare of the s2 export against the copy taken at its instant, and of the
+    // volume against it (the volume differs in generation 3's block).
     let s2_uri = attach_snapshot(&d, "db@s2");
-    let dir = tempfile::tempdir().unwrap();
-    let copy = dir.path().join("s2.raw");
-    run_tool(Command::new(require_tool("qemu-img")).args(["convert", "-f", "raw", "-O", "raw", &s2_uri]).arg(&copy));
     run_tool(Command::new(require_tool("qemu-img")).args(["compare", "-f", "raw", "-F", "raw", &s2_uri]).arg(&copy));
     let cmp = output_with_timeout(
         Command::new(require_tool("qemu-img")).args(["compare", "-f", "raw", "-F", "raw", &uri]).arg(&copy),
