@@ -84,6 +84,22 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
+/// How to start a daemon beyond the defaults of [`Daemon::start`].
+#[derive(Debug, Clone, Default)]
+pub struct DaemonOptions {
+    /// Extra command-line arguments of `evs-target`, after the harness's own.
+    pub args: Vec<String>,
+    /// Text of a TOML config file, written to `<root>/evs-target.toml` and passed as
+    /// `--config`.
+    pub config: Option<String>,
+    /// Scheme of the API endpoint the harness gives evsctl (`http` unless the test serves the
+    /// API over TLS: `https`).
+    pub api_scheme: Option<String>,
+    /// Extra global arguments of every `evsctl` call made through the harness (e.g.
+    /// `--ca-cert FILE`).
+    pub evsctl_args: Vec<String>,
+}
+
 /// One running (or stopped) `evs-target`. Dropping it kills the process and removes its
 /// directory (set `EVS_TEST_KEEP=1` to keep the directory; its path is printed).
 pub struct Daemon {
@@ -99,11 +115,17 @@ pub struct Daemon {
     token: String,
     /// How many times the process was started (names the log files).
     starts: u32,
+    opts: DaemonOptions,
 }
 
 impl Daemon {
     /// Starts a daemon on a fresh data directory and waits until it is ready.
     pub fn start() -> Daemon {
+        Daemon::start_with(DaemonOptions::default())
+    }
+
+    /// [`start`](Self::start) with extra arguments and/or a config file.
+    pub fn start_with(opts: DaemonOptions) -> Daemon {
         let dir = tempfile::Builder::new().prefix("evs-test-").tempdir().expect("create temp dir");
         let root = dir.path().to_path_buf();
         let data_dir = root.join("data");
@@ -120,7 +142,11 @@ impl Daemon {
             child: None,
             token: String::new(),
             starts: 0,
+            opts,
         };
+        if let Some(text) = &d.opts.config {
+            fs::write(d.config_path(), text).expect("write the daemon's config file");
+        }
         // A port picked here can be taken by someone else before the daemon binds it: try
         // again with new ports when the daemon says so.
         for attempt in 0.. {
@@ -172,7 +198,16 @@ impl Daemon {
             .env("RUST_LOG", std::env::var("EVS_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .env_remove("EVS_TOKEN")
             .env_remove("EVS_ENDPOINT");
+        if self.opts.config.is_some() {
+            c.arg("--config").arg(self.config_path());
+        }
+        c.args(&self.opts.args);
         c
+    }
+
+    /// Where the config file of [`DaemonOptions::config`] is written.
+    pub fn config_path(&self) -> PathBuf {
+        self.root.join("evs-target.toml")
     }
 
     /// Path of the stderr log of the current (or last) process.
@@ -321,9 +356,9 @@ impl Daemon {
         &self.token
     }
 
-    /// `http://127.0.0.1:PORT` of the gRPC API.
+    /// `http://127.0.0.1:PORT` of the gRPC API (`https://` when the options say so).
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.api_addr)
+        format!("{}://{}", self.opts.api_scheme.as_deref().unwrap_or("http"), self.api_addr)
     }
 
     // ---- evsctl ----
@@ -339,8 +374,13 @@ impl Daemon {
 
     /// Runs `evsctl --endpoint ... --token ... ARGS` and returns its output, whatever the status.
     pub fn evsctl(&self, args: &[&str]) -> Output {
+        self.evsctl_as(&self.token, args)
+    }
+
+    /// Runs `evsctl` with another tenant's token (same endpoint and options).
+    pub fn evsctl_as(&self, token: &str, args: &[&str]) -> Output {
         let mut c = self.evsctl_bare();
-        c.arg("--endpoint").arg(self.endpoint()).arg("--token").arg(&self.token).args(args);
+        c.arg("--endpoint").arg(self.endpoint()).arg("--token").arg(token).args(&self.opts.evsctl_args).args(args);
         output_with_timeout(&mut c, EVSCTL_TIMEOUT)
     }
 

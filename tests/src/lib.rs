@@ -22,6 +22,6 @@ pub mod nbd_client;
 pub mod tools;
 pub mod util;
 
-pub use daemon::{bin_path, io_backend, name_field, u64_field, volume_list, volume_object, Daemon};
+pub use daemon::{bin_path, io_backend, name_field, u64_field, volume_list, volume_object, Daemon, DaemonOptions};
 pub use nbd_client::{ConnectOptions, NbdClient, NbdUri, RawConn};
 pub use tools::{require_tool, run_tool, tool};
