@@ -44,6 +44,7 @@ impl Fixture {
             None => tempfile::Builder::new().prefix("evs-bench").tempdir(),
         }
         .expect("temporary directory");
+        evs_snapshot::layer::raise_open_file_limit().expect("raise the open file limit");
         let engine = engine_kind();
         let store = BlockStore::open(dir.path(), store_options(engine)).expect("open block store");
         let info = store.create_volume(OWNER, name, size).expect("create volume");

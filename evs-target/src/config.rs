@@ -14,6 +14,8 @@ use clap::Parser;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::qos::{default_tiers, RateSpec, TierSpec, MB};
+
 pub const DEFAULT_DATA_DIR: &str = "./evs-data";
 pub const DEFAULT_AZ: &str = "az1";
 pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
@@ -65,7 +67,7 @@ pub struct Flags {
 }
 
 /// The resolved configuration the daemon runs with.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub data_dir: PathBuf,
     pub az: String,
@@ -78,9 +80,23 @@ pub struct Config {
     pub direct_writes: bool,
     /// Snapshots one volume may have (config file `max_snapshots_per_volume`, default 128).
     pub max_snapshots: usize,
+    /// The QoS tiers (config file `[tiers.NAME]`, defaults as the service description).
+    pub tiers: Vec<TierSpec>,
+    /// Quotas of a tenant created without explicit ones (config file `[quotas]`).
+    pub default_quota: Quota,
     /// None: `RUST_LOG` if set, else `info`.
     pub log: Option<String>,
 }
+
+/// A tenant's quotas; 0 means unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub max_volumes: u64,
+    pub max_capacity: u64,
+}
+
+/// Default quotas of a new tenant: 200 volumes, 1 PiB of provisioned capacity.
+pub const DEFAULT_QUOTA: Quota = Quota { max_volumes: 200, max_capacity: 1 << 50 };
 
 /// Default of `max_snapshots_per_volume`.
 pub const DEFAULT_MAX_SNAPSHOTS: usize = 128;
@@ -129,6 +145,8 @@ impl Config {
             io_backend: flags.io_backend.or(file.io_backend).unwrap_or(IoBackend::Auto),
             direct_writes: flags.direct_writes.or(file.direct_writes).map(|o| o.0).unwrap_or(true),
             max_snapshots: file.max_snapshots.unwrap_or(DEFAULT_MAX_SNAPSHOTS),
+            tiers: file.tiers.unwrap_or_else(default_tiers),
+            default_quota: file.default_quota.unwrap_or(DEFAULT_QUOTA),
             log: flags.log.or(file.log),
             data_dir,
         })
@@ -136,8 +154,10 @@ impl Config {
 }
 
 /// The settings a config file may hold, each validated.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq)]
 struct FileConfig {
+    tiers: Option<Vec<TierSpec>>,
+    default_quota: Option<Quota>,
     data_dir: Option<PathBuf>,
     az: Option<String>,
     nbd_listen: Option<ListenAddr>,
@@ -167,6 +187,33 @@ struct RawFile {
     direct_writes: Option<Spanned<toml::Value>>,
     max_snapshots_per_volume: Option<Spanned<i64>>,
     log: Option<Spanned<String>>,
+    /// `[tiers.NAME]`: overrides of the default tiers, key by key.
+    tiers: Option<std::collections::BTreeMap<Spanned<String>, RawTier>>,
+    quotas: Option<RawQuotas>,
+}
+
+/// One `[tiers.NAME]` table. IOPS in I/O units per second, bandwidth in MB/s (10^6 bytes).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTier {
+    iops_baseline: Option<Spanned<f64>>,
+    iops_per_gib: Option<Spanned<f64>>,
+    iops_max: Option<Spanned<f64>>,
+    iops_burst: Option<Spanned<f64>>,
+    mbps_baseline: Option<Spanned<f64>>,
+    mbps_per_gib: Option<Spanned<f64>>,
+    mbps_max: Option<Spanned<f64>>,
+    mbps_burst: Option<Spanned<f64>>,
+    burst_seconds: Option<Spanned<f64>>,
+}
+
+/// The `[quotas]` table.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuotas {
+    max_volumes_per_tenant: Option<Spanned<i64>>,
+    /// Bytes, or a size string ("100T").
+    max_capacity_per_tenant: Option<Spanned<toml::Value>>,
 }
 
 impl FileConfig {
@@ -228,7 +275,62 @@ impl FileConfig {
                 })
             }
         };
+        let value_err = |key: &'static str, at: usize, message: String| ConfigError::Value {
+            path: path.to_path_buf(),
+            line: line_col(text, at).0,
+            key,
+            message,
+        };
+        let tiers = match raw.tiers {
+            None => None,
+            Some(tables) => {
+                let mut tiers = default_tiers();
+                for (name, t) in tables {
+                    let Some(tier) = tiers.iter_mut().find(|x| &x.name == name.get_ref()) else {
+                        return Err(value_err(
+                            "tiers",
+                            name.span().start,
+                            format!(
+                                "unknown tier {:?} (the tiers are common, high, gpssd, ultra-high and essd; \
+                                 unlimited has no limits to set)",
+                                name.get_ref()
+                            ),
+                        ));
+                    };
+                    apply_tier(tier, t, name.span().start, &value_err)?;
+                }
+                Some(tiers)
+            }
+        };
+        let default_quota = match raw.quotas {
+            None => None,
+            Some(q) => {
+                let mut quota = DEFAULT_QUOTA;
+                if let Some(v) = q.max_volumes_per_tenant {
+                    if *v.get_ref() < 0 {
+                        return Err(value_err(
+                            "max_volumes_per_tenant",
+                            v.span().start,
+                            format!("{} is negative (0 means unlimited)", v.get_ref()),
+                        ));
+                    }
+                    quota.max_volumes = *v.get_ref() as u64;
+                }
+                if let Some(v) = q.max_capacity_per_tenant {
+                    let parsed = match v.get_ref() {
+                        toml::Value::Integer(n) if *n >= 0 => Ok(*n as u64),
+                        toml::Value::Integer(n) => Err(format!("{n} is negative (0 means unlimited)")),
+                        toml::Value::String(s) => parse_size(s),
+                        other => Err(format!("expected bytes or a size like \"100T\", found a {}", other.type_str())),
+                    };
+                    quota.max_capacity = parsed.map_err(|m| value_err("max_capacity_per_tenant", v.span().start, m))?;
+                }
+                Some(quota)
+            }
+        };
         Ok(FileConfig {
+            tiers,
+            default_quota,
             max_snapshots,
             data_dir: check(text, path, "data_dir", raw.data_dir, parse_data_dir)?,
             az: check(text, path, "az", raw.az, parse_az)?,
@@ -242,6 +344,76 @@ impl FileConfig {
             log: check(text, path, "log", raw.log, parse_log)?,
         })
     }
+}
+
+/// Applies one `[tiers.NAME]` table to `tier`, checking every value.
+fn apply_tier(
+    tier: &mut TierSpec,
+    t: RawTier,
+    at: usize,
+    err: &impl Fn(&'static str, usize, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    // (key, value, target, scale): MB/s values are stored in bytes per second.
+    let fields: [(&'static str, Option<Spanned<f64>>, &mut f64, f64); 8] = [
+        ("iops_baseline", t.iops_baseline, &mut tier.iops.baseline, 1.0),
+        ("iops_per_gib", t.iops_per_gib, &mut tier.iops.per_gib, 1.0),
+        ("iops_max", t.iops_max, &mut tier.iops.max, 1.0),
+        ("iops_burst", t.iops_burst, &mut tier.iops.burst, 1.0),
+        ("mbps_baseline", t.mbps_baseline, &mut tier.bandwidth.baseline, MB),
+        ("mbps_per_gib", t.mbps_per_gib, &mut tier.bandwidth.per_gib, MB),
+        ("mbps_max", t.mbps_max, &mut tier.bandwidth.max, MB),
+        ("mbps_burst", t.mbps_burst, &mut tier.bandwidth.burst, MB),
+    ];
+    for (key, v, target, scale) in fields {
+        if let Some(v) = v {
+            let x = *v.get_ref();
+            if !x.is_finite() || x < 0.0 {
+                return Err(err(key, v.span().start, format!("{x} is not a finite number >= 0")));
+            }
+            *target = x * scale;
+        }
+    }
+    if let Some(v) = t.burst_seconds {
+        let x = *v.get_ref();
+        if !x.is_finite() || x < 0.0 {
+            return Err(err("burst_seconds", v.span().start, format!("{x} is not a finite number >= 0")));
+        }
+        tier.burst_seconds = x;
+    }
+    let positive = |r: &RateSpec| r.max > 0.0 && r.baseline + r.per_gib > 0.0;
+    if !positive(&tier.iops) || !positive(&tier.bandwidth) {
+        return Err(err(
+            "tiers",
+            at,
+            format!(
+                "tier {:?}: a limit is zero (iops_max, mbps_max and the baseline + per-GiB rates must be above 0)",
+                tier.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A size: bytes, or a number with a binary suffix K, M, G, T or P ("100T").
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                'P' => 50,
+                _ => return Err(format!("invalid size {s:?}: unknown suffix {c:?} (use K, M, G, T or P)")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 =
+        digits.parse().map_err(|_| format!("invalid size {s:?}: expected a whole number with K, M, G, T or P"))?;
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("invalid size {s:?}: too large"))
 }
 
 /// 1-based line and column of byte offset `at`.
@@ -692,6 +864,45 @@ backup_store = "s3://backups/evs/node1?endpoint=http://127.0.0.1:3900&region=gar
             assert!(e.contains(why), "{bad}: {e}");
             assert!(e.contains(bad), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn tiers_and_quotas_from_the_file() {
+        let c = Config::load(flags(&[])).unwrap();
+        assert_eq!(c.tiers, default_tiers());
+        assert_eq!(c.default_quota, DEFAULT_QUOTA);
+        let toml = "[tiers.common]\niops_baseline = 500\nmbps_max = 10.5\nburst_seconds = 2\n\n[quotas]\nmax_volumes_per_tenant = 3\nmax_capacity_per_tenant = \"10G\"\n";
+        let c = with_file(toml, &[]).unwrap();
+        let common = c.tiers.iter().find(|t| t.name == "common").unwrap();
+        assert_eq!(common.iops.baseline, 500.0);
+        assert_eq!(common.iops.max, 1000.0, "keys not given keep their defaults");
+        assert_eq!(common.bandwidth.max, 10.5e6);
+        assert_eq!(common.burst_seconds, 2.0);
+        assert_eq!(c.tiers.iter().find(|t| t.name == "essd"), default_tiers().iter().find(|t| t.name == "essd"));
+        assert_eq!(c.default_quota, Quota { max_volumes: 3, max_capacity: 10 << 30 });
+
+        let e = with_file("\n[tiers.fast]\niops_max = 1\n", &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::Value { line: 2, key: "tiers", .. }), "{e}");
+        assert!(e.to_string().contains("unknown tier \"fast\""), "{e}");
+        let e = with_file("[tiers.high]\n\niops_max = -3\n", &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::Value { line: 3, key: "iops_max", .. }), "{e}");
+        let e = with_file("[tiers.high]\niops_speed = 3\n", &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::Syntax { line: 2, .. }), "{e}");
+        assert!(e.to_string().contains("iops_speed"), "{e}");
+        let e = with_file("[quotas]\nmax_capacity_per_tenant = \"lots\"\n", &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::Value { line: 2, key: "max_capacity_per_tenant", .. }), "{e}");
+        let e = with_file("[quotas]\nmax_volumes_per_tenant = -1\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("negative"), "{e}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size("1p"), Ok(1 << 50));
+        assert!(parse_size("1.5G").is_err());
+        assert!(parse_size("10X").unwrap_err().contains("suffix"));
+        assert!(parse_size("99999999999P").unwrap_err().contains("too large"));
     }
 
     #[test]

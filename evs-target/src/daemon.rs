@@ -16,19 +16,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
+use evs_proto::v1::audit_service_server::AuditServiceServer;
+use evs_proto::v1::server_service_server::ServerServiceServer;
 use evs_proto::v1::snapshot_service_server::SnapshotServiceServer;
+use evs_proto::v1::tenant_service_server::TenantServiceServer;
 use evs_proto::v1::volume_service_server::VolumeServiceServer;
 use evs_snapshot::io_engine::uring::UringEngine;
 use evs_snapshot::{BlockStore, EngineKind, StoreOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
-use crate::api::{ControlPlane, Gauges, NbdEndpoints, VolumeApi};
+use crate::api::{ControlOptions, ControlPlane, NbdEndpoints, VolumeApi};
 use crate::config::{Config, IoBackend, ListenAddr, DIRECT_WRITE_MAX};
 use crate::exports::ExportRegistry;
+use crate::metrics::{serve_metrics, MetricsInfo};
 use crate::nbd::server::NbdServer;
 
 /// How long in-flight gRPC calls get to finish at shutdown.
@@ -111,6 +114,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
 
+    match evs_snapshot::layer::raise_open_file_limit() {
+        Ok(n) => tracing::debug!(limit = n, "open file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit; many snapshots may exhaust it"),
+    }
     let engine = choose_engine(config.io_backend)?;
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
@@ -149,7 +156,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let endpoints = NbdEndpoints { tcp: nbd_addr, unix: nbd_unix.as_ref().map(|(_, p)| p.clone()) };
     let (cp, report) = {
         let (store, exports, dir) = (store.clone(), exports.clone(), data_dir.clone());
-        tokio::task::spawn_blocking(move || ControlPlane::open(store, exports, &dir, endpoints))
+        let opts = ControlOptions { tiers: config.tiers.clone(), default_quota: config.default_quota };
+        tokio::task::spawn_blocking(move || ControlPlane::open(store, exports, &dir, endpoints, opts))
             .await
             .context("opening the control plane")?
             .context("cannot open the control plane tables in the catalog")?
@@ -187,6 +195,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         let router = tonic::transport::Server::builder()
             .add_service(VolumeServiceServer::new(VolumeApi::new(cp.clone())))
             .add_service(SnapshotServiceServer::new(VolumeApi::new(cp.clone())))
+            .add_service(TenantServiceServer::new(VolumeApi::new(cp.clone())))
+            .add_service(ServerServiceServer::new(VolumeApi::new(cp.clone())))
+            .add_service(AuditServiceServer::new(VolumeApi::new(cp.clone())))
             .add_service(reflection)
             .add_service(reflection_alpha);
         let incoming = TcpIncoming::from(api_listener).with_nodelay(Some(true));
@@ -266,173 +277,5 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             tracing::info!("evs-target stopped");
             Ok(())
         }
-    }
-}
-
-/// Fixed labels of the metrics.
-struct MetricsInfo {
-    io_backend: &'static str,
-    az: String,
-}
-
-/// `GET /metrics` in the Prometheus text format. One endpoint needs no HTTP framework: a
-/// request head is read (bounded in size and time), one response is written, the connection
-/// is closed.
-async fn serve_metrics(listener: TcpListener, cp: Arc<ControlPlane>, info: Arc<MetricsInfo>) {
-    loop {
-        match listener.accept().await {
-            Ok((sock, _)) => {
-                tokio::spawn(metrics_conn(sock, cp.clone(), info.clone()));
-            }
-            Err(e) => {
-                // EMFILE and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "metrics accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-/// Largest request head the metrics endpoint reads.
-const MAX_HEAD: usize = 8192;
-
-async fn metrics_conn(mut sock: TcpStream, cp: Arc<ControlPlane>, info: Arc<MetricsInfo>) {
-    let head = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut buf = Vec::with_capacity(512);
-        let mut chunk = [0u8; 1024];
-        loop {
-            let n = sock.read(&mut chunk).await.ok()?;
-            if n == 0 {
-                return None;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") {
-                return Some(buf);
-            }
-            if buf.len() > MAX_HEAD {
-                return Some(buf);
-            }
-        }
-    })
-    .await;
-    let Ok(Some(head)) = head else { return };
-    let line = head.split(|&b| b == b'\n').next().unwrap_or(&[]);
-    let line = String::from_utf8_lossy(line);
-    let response = match route(&line) {
-        Route::Metrics { head_only } => {
-            let gauges = {
-                let cp = cp.clone();
-                tokio::task::spawn_blocking(move || cp.gauges()).await
-            };
-            match gauges {
-                Ok(Ok(g)) => http_response(200, "OK", &render_metrics(&g, &info), head_only),
-                Ok(Err(e)) => http_response(500, "Internal Server Error", &format!("catalog error: {e}\n"), head_only),
-                Err(e) => http_response(500, "Internal Server Error", &format!("{e}\n"), head_only),
-            }
-        }
-        Route::NotFound => http_response(404, "Not Found", "not found: try /metrics\n", false),
-        Route::MethodNotAllowed => http_response(405, "Method Not Allowed", "only GET\n", false),
-        Route::BadRequest => http_response(400, "Bad Request", "bad request\n", false),
-    };
-    let _ = sock.write_all(response.as_bytes()).await;
-    let _ = sock.shutdown().await;
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Route {
-    Metrics { head_only: bool },
-    NotFound,
-    MethodNotAllowed,
-    BadRequest,
-}
-
-/// Routes an HTTP request line (`GET /metrics HTTP/1.1`).
-fn route(request_line: &str) -> Route {
-    let mut parts = request_line.split_whitespace();
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next()) else {
-        return Route::BadRequest;
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Route::BadRequest;
-    }
-    let path = target.split('?').next().unwrap_or("");
-    if path != "/metrics" {
-        return Route::NotFound;
-    }
-    match method {
-        "GET" => Route::Metrics { head_only: false },
-        "HEAD" => Route::Metrics { head_only: true },
-        _ => Route::MethodNotAllowed,
-    }
-}
-
-fn http_response(code: u16, reason: &str, body: &str, head_only: bool) -> String {
-    let ctype = if code == 200 { "text/plain; version=0.0.4; charset=utf-8" } else { "text/plain; charset=utf-8" };
-    let mut r = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    if !head_only {
-        r.push_str(body);
-    }
-    r
-}
-
-/// The Prometheus text exposition of the gauges.
-fn render_metrics(g: &Gauges, info: &MetricsInfo) -> String {
-    let mut out = String::new();
-    let mut gauge = |name: &str, help: &str, labels: &str, value: u64| {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name}{labels} {value}\n"));
-    };
-    gauge("evs_up", "1 while the EVS target serves.", "", 1);
-    gauge("evs_volumes", "Volumes in the catalog.", "", g.volumes);
-    gauge("evs_attached_volumes", "Volumes exported over NBD (attached).", "", g.attached_volumes);
-    let labels = format!(
-        "{{version=\"{}\",io_backend=\"{}\",az=\"{}\"}}",
-        env!("CARGO_PKG_VERSION"),
-        info.io_backend,
-        escape_label(&info.az)
-    );
-    gauge("evs_build_info", "Version, I/O backend and AZ of this target.", &labels, 1);
-    out
-}
-
-/// Escapes a Prometheus label value.
-fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn routes() {
-        assert_eq!(route("GET /metrics HTTP/1.1\r"), Route::Metrics { head_only: false });
-        assert_eq!(route("GET /metrics?x=1 HTTP/1.0"), Route::Metrics { head_only: false });
-        assert_eq!(route("HEAD /metrics HTTP/1.1"), Route::Metrics { head_only: true });
-        assert_eq!(route("POST /metrics HTTP/1.1"), Route::MethodNotAllowed);
-        assert_eq!(route("GET / HTTP/1.1"), Route::NotFound);
-        assert_eq!(route("garbage"), Route::BadRequest);
-        assert_eq!(route("GET /metrics SPDY/3"), Route::BadRequest);
-    }
-
-    #[test]
-    fn metrics_text() {
-        let info = MetricsInfo { io_backend: "uring", az: "az\"1".into() };
-        let text = render_metrics(&Gauges { volumes: 3, attached_volumes: 1 }, &info);
-        assert!(text.contains("# TYPE evs_up gauge\nevs_up 1\n"), "{text}");
-        assert!(text.contains("\nevs_volumes 3\n"), "{text}");
-        assert!(text.contains("\nevs_attached_volumes 1\n"), "{text}");
-        assert!(text.contains("io_backend=\"uring\",az=\"az\\\"1\"} 1\n"), "{text}");
-    }
-
-    #[test]
-    fn http_framing() {
-        let r = http_response(200, "OK", "abc", false);
-        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"));
-        assert!(r.contains("Content-Length: 3\r\n"));
-        assert!(r.ends_with("\r\n\r\nabc"));
-        assert!(http_response(200, "OK", "abc", true).ends_with("\r\n\r\n"));
     }
 }

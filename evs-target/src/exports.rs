@@ -10,6 +10,8 @@ use std::sync::Arc;
 use evs_snapshot::Volume;
 use parking_lot::Mutex;
 
+use crate::volume_io::VolumeIo;
+
 /// Shuts down one connection's socket (a handle on a clone of the socket).
 pub type Closer = Arc<dyn Fn(std::net::Shutdown) + Send + Sync>;
 
@@ -22,6 +24,8 @@ pub struct Export {
     pub read_only: bool,
     /// The snapshot served (a read-only export), if it is one.
     pub snapshot: Option<u64>,
+    /// The volume's QoS limiter and counters (a snapshot export shares its volume's).
+    pub io: Arc<VolumeIo>,
 }
 
 #[derive(Default)]

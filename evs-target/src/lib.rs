@@ -5,4 +5,7 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod exports;
+pub mod metrics;
 pub mod nbd;
+pub mod qos;
+pub mod volume_io;

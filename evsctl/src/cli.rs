@@ -42,6 +42,73 @@ pub enum Command {
     /// Snapshots: create, create-group, list, show, delete, rollback, diff, attach, detach.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Tenants and their quotas (admin): create, list, show, delete, set-quota.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Servers, named sets of volumes (a VM's disks): create, list, show, delete.
+    #[command(subcommand)]
+    Server(ServerCommand),
+    /// The audit log of mutating calls (admin).
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Create a tenant and print its token (shown only this once).
+    Create {
+        name: String,
+        /// Most volumes the tenant may own [default: the daemon's [quotas]; 0 = unlimited].
+        #[arg(long, value_name = "N")]
+        max_volumes: Option<u64>,
+        /// Most provisioned capacity (sum of volume sizes) [default: the daemon's [quotas]].
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        max_capacity: Option<u64>,
+    },
+    /// List tenants with their usage and quotas.
+    List,
+    /// Show one tenant (a tenant may show itself).
+    Show { name: String },
+    /// Delete a tenant that owns no volumes.
+    Delete { name: String },
+    /// Change a tenant's quotas (0 = unlimited).
+    SetQuota {
+        name: String,
+        #[arg(long, value_name = "N")]
+        max_volumes: Option<u64>,
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        max_capacity: Option<u64>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServerCommand {
+    /// Create a server from volumes (each volume belongs to one server at most).
+    Create {
+        name: String,
+        /// The server's volumes, comma-separated, in disk order.
+        #[arg(long, value_delimiter = ',', required = true, num_args = 1..)]
+        volumes: Vec<String>,
+    },
+    /// List the tenant's servers.
+    List,
+    /// Show one server.
+    Show { name: String },
+    /// Delete a server (its volumes stay).
+    Delete { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// The newest entries, oldest first.
+    List {
+        /// Only this tenant's calls ("-" for refused authentications).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// How many entries [default: 100, at most 10000].
+        #[arg(long, default_value_t = 0, hide_default_value = true)]
+        limit: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -52,8 +119,11 @@ pub enum SnapshotCommand {
     CreateGroup {
         name: String,
         /// The volumes, comma-separated.
-        #[arg(long, value_delimiter = ',', required = true, num_args = 1..)]
+        #[arg(long, value_delimiter = ',', num_args = 1.., required_unless_present = "server", conflicts_with = "server")]
         volumes: Vec<String>,
+        /// Every volume of this server.
+        #[arg(long)]
+        server: Option<String>,
     },
     /// List a volume's snapshots, oldest first.
     List { volume: String },

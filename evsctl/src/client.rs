@@ -5,7 +5,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
+use evs_proto::v1::audit_service_client::AuditServiceClient;
+use evs_proto::v1::server_service_client::ServerServiceClient;
 use evs_proto::v1::snapshot_service_client::SnapshotServiceClient;
+use evs_proto::v1::tenant_service_client::TenantServiceClient;
 use evs_proto::v1::volume_service_client::VolumeServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
@@ -15,11 +18,17 @@ use tonic::transport::{Channel, Endpoint};
 /// The volume client with the tenant's token on every call.
 pub type VolumeClient = VolumeServiceClient<InterceptedService<Channel, BearerAuth>>;
 pub type SnapshotClient = SnapshotServiceClient<InterceptedService<Channel, BearerAuth>>;
+pub type TenantClient = TenantServiceClient<InterceptedService<Channel, BearerAuth>>;
+pub type ServerClient = ServerServiceClient<InterceptedService<Channel, BearerAuth>>;
+pub type AuditClient = AuditServiceClient<InterceptedService<Channel, BearerAuth>>;
 
 /// The clients of every service, over one connection.
 pub struct Api {
     pub volume: VolumeClient,
     pub snapshot: SnapshotClient,
+    pub tenant: TenantClient,
+    pub server: ServerClient,
+    pub audit: AuditClient,
 }
 
 /// Adds `authorization: Bearer <token>` to every request.
@@ -100,9 +109,13 @@ pub async fn connect(endpoint: &str, token: &str) -> anyhow::Result<Api> {
         .connect()
         .await
         .with_context(|| format!("cannot connect to the EVS API at {url}"))?;
+    let auth = BearerAuth(value);
     Ok(Api {
-        volume: VolumeServiceClient::with_interceptor(channel.clone(), BearerAuth(value.clone())),
-        snapshot: SnapshotServiceClient::with_interceptor(channel, BearerAuth(value)),
+        volume: VolumeServiceClient::with_interceptor(channel.clone(), auth.clone()),
+        snapshot: SnapshotServiceClient::with_interceptor(channel.clone(), auth.clone()),
+        tenant: TenantServiceClient::with_interceptor(channel.clone(), auth.clone()),
+        server: ServerServiceClient::with_interceptor(channel.clone(), auth.clone()),
+        audit: AuditServiceClient::with_interceptor(channel, auth),
     })
 }
 

@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod control;
 pub mod output;
 pub mod size;
 
@@ -33,6 +34,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let out = match cli.command {
         Command::Volume(cmd) => volume(&mut c.volume, cmd, cli.output).await?,
         Command::Snapshot(cmd) => snapshot(&mut c.snapshot, cmd, cli.output).await?,
+        Command::Tenant(cmd) => control::tenant(&mut c.tenant, cmd, cli.output).await?,
+        Command::Server(cmd) => control::server(&mut c.server, cmd, cli.output).await?,
+        Command::Audit(cmd) => control::audit(&mut c.audit, cmd, cli.output).await?,
     };
     emit(&out)
 }
@@ -159,9 +163,13 @@ async fn snapshot(c: &mut SnapshotClient, cmd: SnapshotCommand, format: OutputFo
             let r = c.create_snapshot(pb::CreateSnapshotRequest { volume, name }).await.map_err(ServerError::from)?;
             one_snapshot(snapshot_of(r.into_inner().snapshot)?, format)
         }
-        SnapshotCommand::CreateGroup { name, volumes } => {
+        SnapshotCommand::CreateGroup { name, volumes, server } => {
             let r = c
-                .create_group_snapshot(pb::CreateGroupSnapshotRequest { name, volumes })
+                .create_group_snapshot(pb::CreateGroupSnapshotRequest {
+                    name,
+                    volumes,
+                    server: server.unwrap_or_default(),
+                })
                 .await
                 .map_err(ServerError::from)?;
             let snapshots: Vec<SnapshotView> = r.into_inner().snapshots.into_iter().map(SnapshotView::from).collect();

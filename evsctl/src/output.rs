@@ -3,7 +3,11 @@
 //!
 //! JSON shapes (field names as in the .proto, sizes in bytes, times in Unix seconds):
 //! * `volume create | show | extend | set-tier`: the volume object
-//!   `{"name","id","size_bytes","allocated_bytes","created_unix","tier","attached"}`;
+//!   `{"name","id","size_bytes","allocated_bytes","created_unix","tier","attached","server",
+//!   "qos"}` (`server` null unless the volume belongs to one; `qos` null for the `unlimited`
+//!   tier, else `{"iops_limit","iops_peak","iops_burst_capacity","iops_burst_balance",
+//!   "bandwidth_limit","bandwidth_peak","bandwidth_burst_capacity","bandwidth_burst_balance"}`,
+//!   bandwidth in bytes per second, burst figures in I/O units or bytes);
 //! * `volume list`: `{"volumes": [volume, ...]}`;
 //! * `volume attach`: `{"uri","unix_uri","export_name","volume": volume}` (`unix_uri` is null
 //!   when the daemon has no unix socket);
@@ -24,7 +28,7 @@ use serde::Serialize;
 use crate::size::format_size;
 
 /// A volume as printed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VolumeView {
     pub name: String,
     pub id: u64,
@@ -33,6 +37,36 @@ pub struct VolumeView {
     pub created_unix: u64,
     pub tier: String,
     pub attached: bool,
+    pub server: Option<String>,
+    pub qos: Option<QosView>,
+}
+
+/// A volume's effective QoS limits.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QosView {
+    pub iops_limit: f64,
+    pub iops_peak: f64,
+    pub iops_burst_capacity: f64,
+    pub iops_burst_balance: f64,
+    pub bandwidth_limit: f64,
+    pub bandwidth_peak: f64,
+    pub bandwidth_burst_capacity: f64,
+    pub bandwidth_burst_balance: f64,
+}
+
+impl From<pb::QosLimits> for QosView {
+    fn from(q: pb::QosLimits) -> Self {
+        QosView {
+            iops_limit: q.iops_limit,
+            iops_peak: q.iops_peak,
+            iops_burst_capacity: q.iops_burst_capacity,
+            iops_burst_balance: q.iops_burst_balance,
+            bandwidth_limit: q.bandwidth_limit,
+            bandwidth_peak: q.bandwidth_peak,
+            bandwidth_burst_capacity: q.bandwidth_burst_capacity,
+            bandwidth_burst_balance: q.bandwidth_burst_balance,
+        }
+    }
 }
 
 impl From<pb::Volume> for VolumeView {
@@ -45,6 +79,8 @@ impl From<pb::Volume> for VolumeView {
             created_unix: v.created_unix,
             tier: v.tier,
             attached: v.attached,
+            server: Some(v.server).filter(|s| !s.is_empty()),
+            qos: v.qos.map(QosView::from),
         }
     }
 }
@@ -202,11 +238,37 @@ pub fn volume_detail(v: &VolumeView) -> String {
         ("allocated", format!("{} ({} bytes)", format_size(v.allocated_bytes), v.allocated_bytes)),
         ("tier", v.tier.clone()),
         ("attached", yes_no(v.attached).to_string()),
+        ("server", v.server.clone().unwrap_or_else(|| "-".into())),
         ("created", format_time(v.created_unix)),
     ];
     let mut out = String::new();
     for (k, val) in rows {
         let _ = writeln!(out, "{:<10} {val}", format!("{k}:"));
+    }
+    match &v.qos {
+        None => out.push_str("qos:       none (unlimited tier)\n"),
+        Some(q) => {
+            let _ = writeln!(
+                out,
+                "iops:      {} (burst {} while credits last; credits {} of {} I/Os)",
+                q.iops_limit.round(),
+                q.iops_peak.round(),
+                q.iops_burst_balance.floor(),
+                q.iops_burst_capacity.round()
+            );
+            let mbps = |b: f64| format!("{:.1} MB/s", b / 1e6);
+            let _ = write!(out, "bandwidth: {}", mbps(q.bandwidth_limit));
+            if q.bandwidth_peak > q.bandwidth_limit {
+                let _ = write!(
+                    out,
+                    " (burst {}; credits {} of {})",
+                    mbps(q.bandwidth_peak),
+                    format_size(q.bandwidth_burst_balance as u64),
+                    format_size(q.bandwidth_burst_capacity as u64)
+                );
+            }
+            out.push('\n');
+        }
     }
     out
 }
@@ -300,6 +362,17 @@ mod tests {
             created_unix: 1_700_000_000,
             tier: "gpssd".into(),
             attached: true,
+            server: None,
+            qos: Some(QosView {
+                iops_limit: 1920.0,
+                iops_peak: 8000.0,
+                iops_burst_capacity: 14_400_000.0,
+                iops_burst_balance: 14_399_000.5,
+                bandwidth_limit: 105e6,
+                bandwidth_peak: 105e6,
+                bandwidth_burst_capacity: 0.0,
+                bandwidth_burst_balance: 0.0,
+            }),
         }
     }
 
@@ -327,6 +400,14 @@ mod tests {
         assert!(d.contains("name:      db\n"), "{d}");
         assert!(d.contains("size:      10 GiB (10737418240 bytes)\n"), "{d}");
         assert!(d.contains("attached:  yes\n"), "{d}");
+        assert!(
+            d.contains("iops:      1920 (burst 8000 while credits last; credits 14399000 of 14400000 I/Os)\n"),
+            "{d}"
+        );
+        assert!(d.contains("bandwidth: 105.0 MB/s\n"), "{d}");
+        let mut u = vol("u");
+        u.qos = None;
+        assert!(volume_detail(&u).contains("qos:       none (unlimited tier)\n"));
     }
 
     #[test]

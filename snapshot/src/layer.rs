@@ -22,6 +22,19 @@ use crate::alloc_map::AllocMap;
 use crate::error::StoreError;
 use crate::BLOCK_SIZE;
 
+/// Raises this process's soft limit of open files to its hard limit and returns the new soft
+/// limit. Every open layer holds three descriptors (data, O_DIRECT data, map), so a store with
+/// many snapshots outgrows the usual soft limit of 1024 long before the hard one.
+pub fn raise_open_file_limit() -> std::io::Result<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current != l.maximum {
+        l.current = l.maximum;
+        setrlimit(Resource::Nofile, l)?;
+    }
+    Ok(getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX))
+}
+
 pub struct Layer {
     pub id: u64,
     data: File,

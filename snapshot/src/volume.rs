@@ -274,6 +274,13 @@ impl Volume {
     /// Fails with [`StoreError::Frozen`] while a snapshot is being taken (see
     /// [`Volume::wait_thawed`]).
     pub fn plan_write(&self, offset: u64, data: &[u8]) -> Result<WritePlan, StoreError> {
+        self.plan_write_in(offset, data, AlignedBuf::zeroed(0))
+    }
+
+    /// [`plan_write`](Self::plan_write) copying `data` into `buf` (a recycled buffer: it is
+    /// grown if too small), so a hot caller allocates and page-faults nothing per write.
+    /// The op hands `buf` back at completion.
+    pub fn plan_write_in(&self, offset: u64, data: &[u8], buf: AlignedBuf) -> Result<WritePlan, StoreError> {
         let len = data.len() as u64;
         self.check_range(offset, len)?;
         let gate = self.enter()?;
@@ -287,8 +294,11 @@ impl Volume {
             return Ok(WritePlan::Done);
         }
         let padded = len.next_multiple_of(BLOCK_SIZE) as usize;
-        let mut buf = AlignedBuf::zeroed(padded);
+        let mut buf = if buf.capacity() >= padded { buf } else { AlignedBuf::zeroed(padded) };
+        buf.set_len(padded);
         buf[..data.len()].copy_from_slice(data);
+        // The padding of a write that ends at an unaligned end of the volume.
+        buf[data.len()..].fill(0);
         let chain = self.chain();
         let head = chain.head().clone();
         let fd = match head.direct_fd() {

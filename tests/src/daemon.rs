@@ -356,6 +356,11 @@ impl Daemon {
         &self.token
     }
 
+    /// A scrape of the metrics endpoint.
+    pub fn metrics(&self) -> crate::metrics::Metrics {
+        crate::metrics::Metrics::parse(&crate::metrics::http_get(self.metrics_addr, "/metrics"))
+    }
+
     /// `http://127.0.0.1:PORT` of the gRPC API (`https://` when the options say so).
     pub fn endpoint(&self) -> String {
         format!("{}://{}", self.opts.api_scheme.as_deref().unwrap_or("http"), self.api_addr)

@@ -104,6 +104,20 @@ impl Tenants {
         Ok(())
     }
 
+    /// Removes tenant `name` (its token stops working at once).
+    pub fn remove(&self, db: &Database, name: &str) -> Result<(), StoreError> {
+        let w = db.begin_write()?;
+        w.open_table(TENANTS)?.remove(name)?;
+        w.commit()?;
+        self.by_hash.write().retain(|_, n| n != name);
+        Ok(())
+    }
+
+    /// Every tenant's name.
+    pub fn names(&self) -> Vec<String> {
+        self.by_hash.read().values().cloned().collect()
+    }
+
     /// Whether tenant `name` exists.
     pub fn contains(&self, name: &str) -> bool {
         self.by_hash.read().values().any(|n| n == name)

@@ -39,25 +39,92 @@ pub enum ApiError {
     NoUnixSocket,
     #[error("{0} is not supported yet")]
     Unsupported(&'static str),
+    #[error("permission denied: {0} is for the admin tenant only")]
+    PermissionDenied(&'static str),
+    #[error("tenant {0:?} not found")]
+    TenantNotFound(String),
+    #[error("tenant {0:?} already exists")]
+    TenantExists(String),
+    #[error("the admin tenant cannot be deleted")]
+    AdminTenant,
+    #[error("tenant {tenant:?} still owns {volumes} volume(s); delete them first")]
+    TenantHasVolumes { tenant: String, volumes: u64 },
+    #[error("quota exceeded: tenant {tenant:?} has {used} of its {max} volumes")]
+    QuotaVolumes { tenant: String, used: u64, max: u64 },
+    #[error(
+        "quota exceeded: tenant {tenant:?} uses {} of its {} capacity; {} more does not fit",
+        HumanBytes(*used),
+        HumanBytes(*max),
+        HumanBytes(*asked)
+    )]
+    QuotaCapacity { tenant: String, used: u64, asked: u64, max: u64 },
+    #[error("server {0:?} not found")]
+    ServerNotFound(String),
+    #[error("server {0:?} already exists")]
+    ServerExists(String),
+    #[error("volume {volume:?} belongs to server {server:?}; delete the server first")]
+    VolumeInServer { volume: String, server: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("internal error: {0}")]
     Internal(String),
 }
 
-impl From<ApiError> for Status {
-    fn from(e: ApiError) -> Status {
-        let code = match &e {
+impl ApiError {
+    /// The gRPC code of this error.
+    pub fn code(&self) -> Code {
+        match self {
             ApiError::Auth(_) => Code::Unauthenticated,
             ApiError::Invalid(_) | ApiError::Shrink { .. } => Code::InvalidArgument,
-            ApiError::VolumeNotFound(_) | ApiError::SnapshotNotFound(_) => Code::NotFound,
-            ApiError::VolumeExists(_) | ApiError::SnapshotExists(_) => Code::AlreadyExists,
-            ApiError::Attached(_) | ApiError::NoUnixSocket | ApiError::Connected { .. } => Code::FailedPrecondition,
-            ApiError::TierDenied => Code::PermissionDenied,
+            ApiError::VolumeNotFound(_)
+            | ApiError::SnapshotNotFound(_)
+            | ApiError::TenantNotFound(_)
+            | ApiError::ServerNotFound(_) => Code::NotFound,
+            ApiError::VolumeExists(_)
+            | ApiError::SnapshotExists(_)
+            | ApiError::TenantExists(_)
+            | ApiError::ServerExists(_) => Code::AlreadyExists,
+            ApiError::Attached(_)
+            | ApiError::NoUnixSocket
+            | ApiError::Connected { .. }
+            | ApiError::AdminTenant
+            | ApiError::TenantHasVolumes { .. }
+            | ApiError::VolumeInServer { .. } => Code::FailedPrecondition,
+            ApiError::TierDenied | ApiError::PermissionDenied(_) => Code::PermissionDenied,
+            ApiError::QuotaVolumes { .. } | ApiError::QuotaCapacity { .. } => Code::ResourceExhausted,
             ApiError::Unsupported(_) => Code::Unimplemented,
             ApiError::Store(s) => store_code(s),
             ApiError::Internal(_) => Code::Internal,
-        };
+        }
+    }
+}
+
+/// The name of a gRPC code as the audit log writes it (`NOT_FOUND`).
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        let code = e.code();
         if code == Code::Internal {
             // The client gets the message too (a single-node service: the operator is the
             // user), but the log keeps it with the daemon's context.
@@ -129,5 +196,21 @@ mod tests {
         assert_eq!(status(ApiError::NoUnixSocket).code(), Code::FailedPrecondition);
         assert_eq!(status(ApiError::Unsupported("x")).code(), Code::Unimplemented);
         assert_eq!(status(ApiError::VolumeNotFound("v".into())).code(), Code::NotFound);
+        assert_eq!(status(ApiError::PermissionDenied("creating tenants")).code(), Code::PermissionDenied);
+        assert_eq!(status(ApiError::TenantNotFound("t".into())).code(), Code::NotFound);
+        assert_eq!(status(ApiError::TenantExists("t".into())).code(), Code::AlreadyExists);
+        assert_eq!(status(ApiError::AdminTenant).code(), Code::FailedPrecondition);
+        let s = status(ApiError::QuotaCapacity { tenant: "t".into(), used: 1 << 30, asked: 2 << 30, max: 2 << 30 });
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert!(s.message().contains("1 GiB of its 2 GiB"), "{}", s.message());
+        let s = status(ApiError::QuotaVolumes { tenant: "t".into(), used: 3, max: 3 });
+        assert_eq!(
+            (s.code(), s.message()),
+            (Code::ResourceExhausted, "quota exceeded: tenant \"t\" has 3 of its 3 volumes")
+        );
+        let s = status(ApiError::VolumeInServer { volume: "v".into(), server: "vm".into() });
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert_eq!(code_name(Code::NotFound), "NOT_FOUND");
+        assert_eq!(code_name(ApiError::ServerExists("s".into()).code()), "ALREADY_EXISTS");
     }
 }

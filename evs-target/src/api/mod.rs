@@ -5,13 +5,21 @@
 //! * [`VolumeApi`] is the tonic service: it authenticates, validates, and runs the work on
 //!   tokio's blocking pool.
 //!
-//! Besides the store's own tables, the control plane keeps two tables in the catalog:
-//! `attachments` (attach token → volume id, reloaded into the [`ExportRegistry`] at start)
-//! and `volume_tiers` (volume id → tier name), plus the `tenants` table of [`auth`].
+//! Besides the store's own tables, the control plane keeps its tables in the catalog:
+//! `attachments` (attach token → volume id, reloaded into the [`ExportRegistry`] at start),
+//! `volume_tiers` (volume id → tier name), the `tenants` table of [`auth`], tenant quotas
+//! ([`tenants`]), servers ([`servers`]) and the audit log ([`audit`]).
+//!
+//! QoS: a volume's tier and size give its limits ([`crate::qos`]); the limiter every
+//! connection of the volume shares lives in the [`VolumeIoRegistry`], created at attach and
+//! retuned by `set-tier` and `extend`.
 
+pub mod audit;
 pub mod auth;
 pub mod error;
+pub mod servers;
 pub mod snapshots;
+pub mod tenants;
 pub mod validate;
 
 use std::collections::BTreeSet;
@@ -26,7 +34,11 @@ use parking_lot::Mutex;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use tonic::{Request, Response, Status};
 
+use crate::config::{Quota, DEFAULT_QUOTA};
 use crate::exports::{Export, ExportRegistry};
+use crate::qos::{default_tiers, Limits, TierSpec};
+use crate::volume_io::{VolumeIo, VolumeIoRegistry};
+use audit::AuditLog;
 pub use auth::{Tenants, ADMIN_TENANT, ADMIN_TOKEN_FILE};
 pub use error::ApiError;
 use validate::{validate_tier, validate_volume_name, validate_volume_size, ValidationError, UNLIMITED_TIER};
@@ -50,6 +62,7 @@ pub struct NbdEndpoints {
 pub struct Gauges {
     pub volumes: u64,
     pub attached_volumes: u64,
+    pub tenants: u64,
 }
 
 /// What an attach hands to the caller.
@@ -59,12 +72,30 @@ pub struct Attachment {
     pub volume: pb::Volume,
 }
 
+/// What the control plane is configured with.
+#[derive(Debug, Clone)]
+pub struct ControlOptions {
+    pub tiers: Vec<TierSpec>,
+    /// Quotas of tenants created without explicit ones.
+    pub default_quota: Quota,
+}
+
+impl Default for ControlOptions {
+    fn default() -> Self {
+        ControlOptions { tiers: default_tiers(), default_quota: DEFAULT_QUOTA }
+    }
+}
+
 /// The control plane's state and synchronous operations. Every method may block.
 pub struct ControlPlane {
     store: Arc<BlockStore>,
     exports: Arc<ExportRegistry>,
     tenants: Tenants,
     endpoints: NbdEndpoints,
+    tiers: Vec<TierSpec>,
+    default_quota: Quota,
+    volume_io: Arc<VolumeIoRegistry>,
+    audit: AuditLog,
     /// Serialises the operations that check then change (attach mints a token only if none
     /// exists; delete proceeds only if not attached): without it two concurrent calls could
     /// both pass the check.
@@ -100,18 +131,34 @@ impl ControlPlane {
         exports: Arc<ExportRegistry>,
         data_dir: &Path,
         endpoints: NbdEndpoints,
+        opts: ControlOptions,
     ) -> Result<(Arc<ControlPlane>, OpenReport), OpenError> {
         let db = store.catalog();
         let w = db.begin_write().map_err(StoreError::from)?;
         w.open_table(ATTACHMENTS).map_err(StoreError::from)?;
         w.open_table(VOLUME_TIERS).map_err(StoreError::from)?;
         w.open_table(snapshots::SNAPSHOT_ATTACHMENTS).map_err(StoreError::from)?;
+        w.open_table(tenants::TENANT_INFO).map_err(StoreError::from)?;
+        w.open_table(servers::SERVERS).map_err(StoreError::from)?;
+        w.open_table(servers::VOLUME_SERVERS).map_err(StoreError::from)?;
+        w.open_table(servers::CONTROL_COUNTERS).map_err(StoreError::from)?;
         w.commit().map_err(StoreError::from)?;
 
         let tenants = Tenants::load(db)?;
+        let audit = AuditLog::open(db)?;
         let mut report =
             OpenReport { admin_token_created: tenants.bootstrap_admin(db, data_dir)?, ..Default::default() };
-        let cp = ControlPlane { store, exports, tenants, endpoints, mutations: Mutex::new(()) };
+        let cp = ControlPlane {
+            store,
+            exports,
+            tenants,
+            endpoints,
+            tiers: opts.tiers,
+            default_quota: opts.default_quota,
+            volume_io: VolumeIoRegistry::new(),
+            audit,
+            mutations: Mutex::new(()),
+        };
         (report.attachments_loaded, report.attachments_dropped) = cp.load_attachments()?;
         let (loaded, dropped) = cp.load_snapshot_attachments()?;
         report.attachments_loaded += loaded;
@@ -128,7 +175,8 @@ impl ControlPlane {
         for (token, volume_id) in rows {
             match self.store.open_volume(volume_id) {
                 Ok(volume) => {
-                    self.exports.insert(token, Export { volume_id, volume, read_only: false, snapshot: None });
+                    let io = self.io_of(volume_id)?;
+                    self.exports.insert(token, Export { volume_id, volume, read_only: false, snapshot: None, io });
                     loaded += 1;
                 }
                 Err(StoreError::VolumeNotFound(_)) => {
@@ -172,6 +220,31 @@ impl ControlPlane {
         &self.tenants
     }
 
+    /// The per-volume data-path state (QoS, counters), for the metrics endpoint.
+    pub fn volume_io(&self) -> &Arc<VolumeIoRegistry> {
+        &self.volume_io
+    }
+
+    /// The QoS limits of `tier` for a volume of `size` bytes (None: unlimited).
+    pub fn limits_for(&self, tier: &str, size: u64) -> Option<Limits> {
+        self.tiers.iter().find(|t| t.name == tier).map(|t| t.limits(size))
+    }
+
+    /// The shared data-path state of a volume, created with its tier's limits on first use.
+    pub(crate) fn io_of(&self, volume_id: u64) -> Result<Arc<VolumeIo>, StoreError> {
+        if let Some(io) = self.volume_io.get(volume_id) {
+            return Ok(io);
+        }
+        let info = self.store.volume_info(volume_id)?;
+        let limits = self.limits_for(&self.tier_of(volume_id)?, info.size);
+        Ok(self.volume_io.get_or_create(volume_id, &info.owner, &info.name, limits))
+    }
+
+    /// Applies a volume's current tier and size to its live connections.
+    fn retune(&self, volume_id: u64, tier: &str, size: u64) {
+        self.volume_io.retune(volume_id, self.limits_for(tier, size));
+    }
+
     pub fn store(&self) -> &Arc<BlockStore> {
         &self.store
     }
@@ -202,6 +275,26 @@ impl ControlPlane {
     }
 
     fn describe(&self, info: &VolumeInfo, tier: String) -> pb::Volume {
+        // The live limiter's balance when the volume is served, else what it would start with.
+        let now = std::time::Instant::now();
+        let status = match self.volume_io.get(info.id) {
+            Some(io) => io.limiter.status(now),
+            None => crate::qos::Limiter::new(self.limits_for(&tier, info.size), now).status(now),
+        };
+        let qos = status.limits.map(|l| pb::QosLimits {
+            iops_limit: l.iops,
+            iops_peak: l.iops_peak,
+            iops_burst_capacity: l.iops_credits,
+            iops_burst_balance: status.iops_burst_balance,
+            bandwidth_limit: l.bps,
+            bandwidth_peak: l.bps_peak,
+            bandwidth_burst_capacity: l.bps_credits,
+            bandwidth_burst_balance: status.bps_burst_balance,
+        });
+        let server = self.server_of(info.id).unwrap_or_else(|e| {
+            tracing::warn!(volume = info.name, error = %e, "cannot read the volume's server");
+            None
+        });
         pb::Volume {
             name: info.name.clone(),
             id: info.id,
@@ -210,6 +303,8 @@ impl ControlPlane {
             created_unix: info.created,
             tier,
             attached: self.exports.is_attached(info.id),
+            qos,
+            server: server.unwrap_or_default(),
         }
     }
 
@@ -238,9 +333,12 @@ impl ControlPlane {
         }
         let _g = self.mutations.lock();
         let created = if from_snapshot.is_empty() {
+            self.check_quota(owner, 1, size)?;
             self.store.create_volume(owner, name, size)
         } else {
             let snap = self.snapshot_ref(owner, from_snapshot)?;
+            let snap_size = self.store.snapshot_info(snap)?.size;
+            self.check_quota(owner, 1, size.max(snap_size))?;
             self.store.clone_snapshot(owner, name, snap, (size != 0).then_some(size))
         };
         let info = match created {
@@ -285,6 +383,9 @@ impl ControlPlane {
         if self.exports.is_attached(info.id) || !self.tokens_of(info.id)?.is_empty() {
             return Err(ApiError::Attached(name.to_string()));
         }
+        if let Some(server) = self.server_of(info.id)? {
+            return Err(ApiError::VolumeInServer { volume: name.to_string(), server });
+        }
         let snaps: Vec<u64> = self.store.list_snapshots(info.id)?.iter().map(|s| s.id).collect();
         self.revoke_snapshot_attachments(&snaps)?;
         self.store.delete_volume(info.id)?;
@@ -292,6 +393,7 @@ impl ControlPlane {
         let w = self.store.catalog().begin_write().map_err(StoreError::from)?;
         w.open_table(VOLUME_TIERS).map_err(StoreError::from)?.remove(info.id).map_err(StoreError::from)?;
         w.commit().map_err(StoreError::from)?;
+        self.volume_io.remove(info.id);
         tracing::info!(owner, volume = name, id = info.id, "volume deleted");
         Ok(())
     }
@@ -305,9 +407,15 @@ impl ControlPlane {
         if size < info.size {
             return Err(ApiError::Shrink { name: name.to_string(), current: info.size, requested: size });
         }
+        if size > info.size {
+            self.check_quota(owner, 0, size - info.size)?;
+        }
         let info = if size == info.size { info } else { self.store.extend_volume(info.id, size)? };
+        let tier = self.tier_of(info.id)?;
+        // Limits grow with the size, online.
+        self.retune(info.id, &tier, info.size);
         tracing::info!(owner, volume = name, id = info.id, size, "volume extended");
-        Ok(self.describe(&info, self.tier_of(info.id)?))
+        Ok(self.describe(&info, tier))
     }
 
     /// Records a volume's tier (QoS enforcement reads it; see the QoS issue).
@@ -323,6 +431,7 @@ impl ControlPlane {
         let _g = self.mutations.lock();
         let info = self.find(owner, name)?;
         self.set_tier_row(info.id, tier)?;
+        self.retune(info.id, tier, info.size);
         tracing::info!(owner, volume = name, id = info.id, tier, "volume tier set");
         Ok(self.describe(&info, tier.to_string()))
     }
@@ -342,8 +451,11 @@ impl ControlPlane {
                     // Persisted but not in the registry (cannot happen after a normal start,
                     // but make the table the truth either way).
                     let volume = self.store.open_volume(info.id)?;
-                    self.exports
-                        .insert(token.clone(), Export { volume_id: info.id, volume, read_only: false, snapshot: None });
+                    let io = self.io_of(info.id)?;
+                    self.exports.insert(
+                        token.clone(),
+                        Export { volume_id: info.id, volume, read_only: false, snapshot: None, io },
+                    );
                 }
                 token
             }
@@ -357,8 +469,9 @@ impl ControlPlane {
                     .insert(token.as_str(), info.id)
                     .map_err(StoreError::from)?;
                 w.commit().map_err(StoreError::from)?;
+                let io = self.io_of(info.id)?;
                 self.exports
-                    .insert(token.clone(), Export { volume_id: info.id, volume, read_only: false, snapshot: None });
+                    .insert(token.clone(), Export { volume_id: info.id, volume, read_only: false, snapshot: None, io });
                 tracing::info!(owner, volume = name, id = info.id, "volume attached");
                 token
             }
@@ -397,7 +510,7 @@ impl ControlPlane {
     pub fn gauges(&self) -> Result<Gauges, StoreError> {
         let volumes = self.store.list_volumes(None)?.len() as u64;
         let attached: BTreeSet<u64> = self.attachment_rows()?.into_iter().map(|(_, id)| id).collect();
-        Ok(Gauges { volumes, attached_volumes: attached.len() as u64 })
+        Ok(Gauges { volumes, attached_volumes: attached.len() as u64, tenants: self.tenants.names().len() as u64 })
     }
 
     /// `nbd://HOST:PORT/TOKEN`. When the listener is bound to a wildcard address, HOST is the
@@ -471,6 +584,41 @@ impl VolumeApi {
             .map_err(|e| ApiError::Internal(format!("the operation did not complete: {e}")))?
             .map_err(Status::from)
     }
+
+    /// [`run`](Self::run) for a mutating call: the outcome goes to the audit log as
+    /// `method` on `target`, with the caller (or "-" when authentication failed).
+    async fn run_mut<Q, T>(
+        &self,
+        req: &Request<Q>,
+        method: &'static str,
+        target: String,
+        f: impl FnOnce(&ControlPlane, &str) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, Status>
+    where
+        T: Send + 'static,
+    {
+        let cp = self.cp.clone();
+        let tenant = self.cp.authenticate(req.metadata());
+        tokio::task::spawn_blocking(move || {
+            let (who, r) = match tenant {
+                Ok(t) => {
+                    let r = f(&cp, &t);
+                    (t, r)
+                }
+                Err(e) => (audit::UNAUTHENTICATED.to_string(), Err(e)),
+            };
+            let (result, message) = match &r {
+                Ok(_) => ("OK", String::new()),
+                Err(e) => (error::code_name(e.code()), e.to_string()),
+            };
+            if let Err(e) = cp.audit.record(cp.store.catalog(), &who, method, &target, result, &message) {
+                tracing::error!(error = %e, method, "cannot write the audit log");
+            }
+            r.map_err(Status::from)
+        })
+        .await
+        .map_err(|e| Status::from(ApiError::Internal(format!("the operation did not complete: {e}"))))?
+    }
 }
 
 #[tonic::async_trait]
@@ -480,8 +628,9 @@ impl VolumeService for VolumeApi {
         req: Request<pb::CreateVolumeRequest>,
     ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
         let m = req.get_ref().clone();
+        let target = format!("volume {}", m.name);
         let volume = self
-            .run(&req, move |cp, owner| {
+            .run_mut(&req, "VolumeService/CreateVolume", target, move |cp, owner| {
                 if !m.from_backup.is_empty() {
                     return Err(ApiError::Unsupported("creating a volume from a backup (from_backup)"));
                 }
@@ -510,7 +659,9 @@ impl VolumeService for VolumeApi {
         req: Request<pb::DeleteVolumeRequest>,
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
         let name = req.get_ref().name.clone();
-        self.run(&req, move |cp, owner| cp.delete_volume(owner, &name)).await?;
+        let target = format!("volume {name}");
+        self.run_mut(&req, "VolumeService/DeleteVolume", target, move |cp, owner| cp.delete_volume(owner, &name))
+            .await?;
         Ok(Response::new(pb::DeleteVolumeResponse {}))
     }
 
@@ -519,7 +670,12 @@ impl VolumeService for VolumeApi {
         req: Request<pb::ExtendVolumeRequest>,
     ) -> Result<Response<pb::ExtendVolumeResponse>, Status> {
         let pb::ExtendVolumeRequest { name, size_bytes } = req.get_ref().clone();
-        let volume = self.run(&req, move |cp, owner| cp.extend_volume(owner, &name, size_bytes)).await?;
+        let target = format!("volume {name}");
+        let volume = self
+            .run_mut(&req, "VolumeService/ExtendVolume", target, move |cp, owner| {
+                cp.extend_volume(owner, &name, size_bytes)
+            })
+            .await?;
         Ok(Response::new(pb::ExtendVolumeResponse { volume: Some(volume) }))
     }
 
@@ -528,7 +684,12 @@ impl VolumeService for VolumeApi {
         req: Request<pb::SetVolumeTierRequest>,
     ) -> Result<Response<pb::SetVolumeTierResponse>, Status> {
         let pb::SetVolumeTierRequest { name, tier } = req.get_ref().clone();
-        let volume = self.run(&req, move |cp, owner| cp.set_volume_tier(owner, &name, &tier)).await?;
+        let target = format!("volume {name}");
+        let volume = self
+            .run_mut(&req, "VolumeService/SetVolumeTier", target, move |cp, owner| {
+                cp.set_volume_tier(owner, &name, &tier)
+            })
+            .await?;
         Ok(Response::new(pb::SetVolumeTierResponse { volume: Some(volume) }))
     }
 
@@ -538,8 +699,9 @@ impl VolumeService for VolumeApi {
     ) -> Result<Response<pb::AttachVolumeResponse>, Status> {
         let pb::AttachVolumeRequest { name, require_unix } = req.get_ref().clone();
         let api_local = req.local_addr();
+        let target = format!("volume {name}");
         let (a, uri, unix_uri) = self
-            .run(&req, move |cp, owner| {
+            .run_mut(&req, "VolumeService/AttachVolume", target, move |cp, owner| {
                 let a = cp.attach_volume(owner, &name, require_unix)?;
                 let uri = cp.tcp_uri(&a.token, api_local);
                 let unix_uri = cp.unix_uri(&a.token).unwrap_or_default();
@@ -554,7 +716,10 @@ impl VolumeService for VolumeApi {
         req: Request<pb::DetachVolumeRequest>,
     ) -> Result<Response<pb::DetachVolumeResponse>, Status> {
         let name = req.get_ref().name.clone();
-        let was_attached = self.run(&req, move |cp, owner| cp.detach_volume(owner, &name)).await?;
+        let target = format!("volume {name}");
+        let was_attached = self
+            .run_mut(&req, "VolumeService/DetachVolume", target, move |cp, owner| cp.detach_volume(owner, &name))
+            .await?;
         Ok(Response::new(pb::DetachVolumeResponse { was_attached }))
     }
 }
@@ -602,7 +767,8 @@ mod control_tests {
         let store = BlockStore::open(dir, opts).unwrap();
         let exports = ExportRegistry::new();
         let endpoints = NbdEndpoints { tcp: "127.0.0.1:10809".parse().unwrap(), unix };
-        let (cp, report) = ControlPlane::open(store, exports.clone(), dir, endpoints).unwrap();
+        let (cp, report) =
+            ControlPlane::open(store, exports.clone(), dir, endpoints, ControlOptions::default()).unwrap();
         (cp, report, exports)
     }
 
@@ -648,7 +814,7 @@ mod control_tests {
         assert_eq!(a1.token, a2.token);
         assert!(a1.volume.attached);
         assert_eq!(exports.lookup(&a1.token).map(|e| e.volume_id), Some(v.id));
-        assert_eq!(cp.gauges().unwrap(), Gauges { volumes: 1, attached_volumes: 1 });
+        assert_eq!(cp.gauges().unwrap(), Gauges { volumes: 1, attached_volumes: 1, tenants: 1 });
         assert!(matches!(cp.delete_volume(A, "v"), Err(ApiError::Attached(_))));
 
         // Detach revokes; a second detach is a no-op.
@@ -657,7 +823,7 @@ mod control_tests {
         assert!(!cp.detach_volume(A, "v").unwrap());
         cp.delete_volume(A, "v").unwrap();
         assert!(matches!(cp.get_volume(A, "v"), Err(ApiError::VolumeNotFound(_))));
-        assert_eq!(cp.gauges().unwrap(), Gauges { volumes: 0, attached_volumes: 0 });
+        assert_eq!(cp.gauges().unwrap(), Gauges { volumes: 0, attached_volumes: 0, tenants: 1 });
     }
 
     #[test]

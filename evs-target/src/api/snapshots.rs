@@ -173,9 +173,10 @@ impl ControlPlane {
                     .insert(token.as_str(), s.id)
                     .map_err(StoreError::from)?;
                 w.commit().map_err(StoreError::from)?;
+                let io = self.io_of(vid)?;
                 self.exports.insert(
                     token.clone(),
-                    Export { volume_id: vid, volume: view, read_only: true, snapshot: Some(s.id) },
+                    Export { volume_id: vid, volume: view, read_only: true, snapshot: Some(s.id), io },
                 );
                 tracing::info!(owner, volume, snapshot = name, "snapshot attached");
                 token
@@ -229,8 +230,9 @@ impl ControlPlane {
         for (token, snap) in self.snapshot_attachment_rows()? {
             match self.store.snapshot_info(snap).and_then(|s| Ok((s.volume, self.store.open_snapshot(snap)?))) {
                 Ok((volume_id, view)) => {
+                    let io = self.io_of(volume_id)?;
                     self.exports
-                        .insert(token, Export { volume_id, volume: view, read_only: true, snapshot: Some(snap) });
+                        .insert(token, Export { volume_id, volume: view, read_only: true, snapshot: Some(snap), io });
                     loaded += 1;
                 }
                 Err(StoreError::SnapshotNotFound(_)) => stale.push(snap),
@@ -259,7 +261,12 @@ impl SnapshotService for VolumeApi {
         req: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
         let pb::CreateSnapshotRequest { volume, name } = req.get_ref().clone();
-        let snapshot = self.run(&req, move |cp, owner| cp.create_snapshot(owner, &volume, &name)).await?;
+        let target = format!("snapshot {volume}@{name}");
+        let snapshot = self
+            .run_mut(&req, "SnapshotService/CreateSnapshot", target, move |cp, owner| {
+                cp.create_snapshot(owner, &volume, &name)
+            })
+            .await?;
         Ok(Response::new(pb::CreateSnapshotResponse { snapshot: Some(snapshot) }))
     }
 
@@ -267,8 +274,24 @@ impl SnapshotService for VolumeApi {
         &self,
         req: Request<pb::CreateGroupSnapshotRequest>,
     ) -> Result<Response<pb::CreateGroupSnapshotResponse>, Status> {
-        let pb::CreateGroupSnapshotRequest { name, volumes } = req.get_ref().clone();
-        let snapshots = self.run(&req, move |cp, owner| cp.create_group_snapshot(owner, &name, &volumes)).await?;
+        let pb::CreateGroupSnapshotRequest { name, volumes, server } = req.get_ref().clone();
+        let target = if server.is_empty() {
+            format!("group snapshot {name} of {}", volumes.join(","))
+        } else {
+            format!("group snapshot {name} of server {server}")
+        };
+        let snapshots = self
+            .run_mut(&req, "SnapshotService/CreateGroupSnapshot", target, move |cp, owner| {
+                if server.is_empty() {
+                    return cp.create_group_snapshot(owner, &name, &volumes);
+                }
+                if !volumes.is_empty() {
+                    return Err(ValidationError::GroupVolumesAndServer.into());
+                }
+                let volumes = cp.server_volume_names(owner, &server)?;
+                cp.create_group_snapshot(owner, &name, &volumes)
+            })
+            .await?;
         Ok(Response::new(pb::CreateGroupSnapshotResponse { snapshots }))
     }
 
@@ -295,7 +318,11 @@ impl SnapshotService for VolumeApi {
         req: Request<pb::DeleteSnapshotRequest>,
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
         let pb::DeleteSnapshotRequest { volume, name } = req.get_ref().clone();
-        self.run(&req, move |cp, owner| cp.delete_snapshot(owner, &volume, &name)).await?;
+        let target = format!("snapshot {volume}@{name}");
+        self.run_mut(&req, "SnapshotService/DeleteSnapshot", target, move |cp, owner| {
+            cp.delete_snapshot(owner, &volume, &name)
+        })
+        .await?;
         Ok(Response::new(pb::DeleteSnapshotResponse {}))
     }
 
@@ -304,7 +331,12 @@ impl SnapshotService for VolumeApi {
         req: Request<pb::RollbackSnapshotRequest>,
     ) -> Result<Response<pb::RollbackSnapshotResponse>, Status> {
         let pb::RollbackSnapshotRequest { volume, name } = req.get_ref().clone();
-        let volume = self.run(&req, move |cp, owner| cp.rollback_snapshot(owner, &volume, &name)).await?;
+        let target = format!("snapshot {volume}@{name}");
+        let volume = self
+            .run_mut(&req, "SnapshotService/RollbackSnapshot", target, move |cp, owner| {
+                cp.rollback_snapshot(owner, &volume, &name)
+            })
+            .await?;
         Ok(Response::new(pb::RollbackSnapshotResponse { volume: Some(volume) }))
     }
 
@@ -341,8 +373,9 @@ impl SnapshotService for VolumeApi {
     ) -> Result<Response<pb::AttachSnapshotResponse>, Status> {
         let pb::AttachSnapshotRequest { volume, name, require_unix } = req.get_ref().clone();
         let api_local = req.local_addr();
+        let target = format!("snapshot {volume}@{name}");
         let (a, uri, unix_uri) = self
-            .run(&req, move |cp, owner| {
+            .run_mut(&req, "SnapshotService/AttachSnapshot", target, move |cp, owner| {
                 let a = cp.attach_snapshot(owner, &volume, &name, require_unix)?;
                 let uri = cp.tcp_uri(&a.token, api_local);
                 let unix_uri = cp.unix_uri(&a.token).unwrap_or_default();
@@ -362,7 +395,12 @@ impl SnapshotService for VolumeApi {
         req: Request<pb::DetachSnapshotRequest>,
     ) -> Result<Response<pb::DetachSnapshotResponse>, Status> {
         let pb::DetachSnapshotRequest { volume, name } = req.get_ref().clone();
-        let was_attached = self.run(&req, move |cp, owner| cp.detach_snapshot(owner, &volume, &name)).await?;
+        let target = format!("snapshot {volume}@{name}");
+        let was_attached = self
+            .run_mut(&req, "SnapshotService/DetachSnapshot", target, move |cp, owner| {
+                cp.detach_snapshot(owner, &volume, &name)
+            })
+            .await?;
         Ok(Response::new(pb::DetachSnapshotResponse { was_attached }))
     }
 }

@@ -31,6 +31,30 @@ pub enum ValidationError {
     SnapshotRef(String),
     #[error("a group snapshot needs at least one volume, each listed once")]
     GroupVolumes,
+    #[error("a group snapshot takes either volumes or a server, not both")]
+    GroupVolumesAndServer,
+    #[error("invalid tenant name {name:?}: {why}")]
+    TenantName { name: String, why: &'static str },
+    #[error("invalid server name {name:?}: {why}")]
+    ServerName { name: String, why: &'static str },
+    #[error("a server needs 1 to {max} volumes, each listed once (got {got})")]
+    ServerVolumes { got: usize, max: usize },
+}
+
+/// A tenant name: the same rules as a volume name.
+pub fn validate_tenant_name(name: &str) -> Result<(), ValidationError> {
+    validate_volume_name(name).map_err(|e| match e {
+        ValidationError::Name { name, why } => ValidationError::TenantName { name, why },
+        other => other,
+    })
+}
+
+/// A server name: the same rules as a volume name.
+pub fn validate_server_name(name: &str) -> Result<(), ValidationError> {
+    validate_volume_name(name).map_err(|e| match e {
+        ValidationError::Name { name, why } => ValidationError::ServerName { name, why },
+        other => other,
+    })
 }
 
 /// A snapshot name: the same rules as a volume name.

@@ -10,13 +10,19 @@
 //! run inline. A FLUSH covers every write this server has replied to, on any connection,
 //! because a write's allocation bits are set before its reply and the flush persists the
 //! volume's shared map: so CAN_MULTI_CONN holds.
+//!
+//! QoS: before a request starts, its cost is reserved on the volume's shared limiter
+//! ([`crate::qos`]). When the limiter says "not before t", the connection keeps that request
+//! at the head of its receive buffer, stops reading the socket (the client feels the
+//! back-pressure), keeps completing what it has in flight, and starts the request at t. Nothing
+//! is ever refused for QoS. Counters and latencies go to the volume's [`VolumeIo`].
 
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use evs_snapshot::io_engine::SendBuf;
 use evs_snapshot::volume::{PendingWrite, ZERO_FD};
@@ -28,6 +34,8 @@ use parking_lot::{Condvar, Mutex};
 use super::handshake::{self, ExportInfo, Negotiated, MAX_REQUEST_LEN};
 use super::proto::{self, Command, MetaContext, Request};
 use crate::exports::{Closer, Export, ExportRegistry};
+use crate::qos::Cost;
+use crate::volume_io::VolumeIo;
 
 /// How long a client may take to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -37,6 +45,9 @@ const MAX_IN_FLIGHT: usize = 256;
 const MAX_BYTES_IN_FLIGHT: usize = 128 << 20;
 /// Receive buffer size; grows for a larger write payload.
 const RECV_BUF: usize = 256 << 10;
+/// A receive buffer grown for large writes is kept up to this size (a stream of 1 MiB writes
+/// would otherwise allocate and fault in a fresh buffer per request).
+const RECV_BUF_KEEP: usize = 4 << 20;
 /// Buffers kept for reuse per connection (avoids page faults on fresh large buffers).
 const POOL_MAX: usize = 64;
 /// Requests started per turn of the event loop. The replies of one turn go out while the next
@@ -241,10 +252,28 @@ impl Stream for std::os::unix::net::UnixStream {
     }
 }
 
-/// A request whose engine op is in flight.
+/// A request whose engine op is in flight; `start` is when it was received.
 enum InFlight {
-    Read { cookie: u64, offset: u64, len: usize, hdr: usize },
-    Write { cookie: u64, pending: PendingWrite, fua: bool, len: usize },
+    Read { cookie: u64, offset: u64, len: usize, hdr: usize, start: Instant },
+    Write { cookie: u64, pending: PendingWrite, fua: bool, len: usize, start: Instant },
+}
+
+/// The request at the head of the receive buffer, charged to the limiter and waiting for its
+/// deadline.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    deadline: Instant,
+    /// When it was received (its latency counts from here).
+    since: Instant,
+}
+
+/// What a request costs the volume's QoS budget (see [`crate::qos`] for the rules).
+fn request_cost(req: &Request) -> Cost {
+    match req.cmd {
+        Command::Read | Command::Write | Command::Cache => Cost::transfer(req.len as u64),
+        Command::Trim | Command::WriteZeroes => Cost::metadata(),
+        Command::Flush | Command::BlockStatus | Command::Disc | Command::Unknown(_) => Cost::FREE,
+    }
 }
 
 /// The transmission phase of one connection.
@@ -288,6 +317,12 @@ struct Transmission<'a> {
     store: Arc<BlockStore>,
     volume_id: u64,
     snapshot: Option<u64>,
+    /// The volume's limiter and counters, shared with its other connections.
+    io: Arc<VolumeIo>,
+    /// Error replies sent (to tell, after an inline request, whether it failed).
+    errors: u64,
+    /// A reserved request waiting for its QoS deadline.
+    held: Option<Held>,
     /// Changed extents per `evs:changed:*` context id, computed on first use (a snapshot
     /// never changes).
     changed: HashMap<u32, Result<Vec<ChangedExtent>, StoreError>>,
@@ -328,6 +363,9 @@ impl<'a> Transmission<'a> {
             store,
             volume_id: neg.export.volume_id,
             snapshot: neg.export.snapshot,
+            io: neg.export.io.clone(),
+            held: None,
+            errors: 0,
             changed: HashMap::new(),
         }
     }
@@ -342,7 +380,9 @@ impl<'a> Transmission<'a> {
                 && self.bytes_in_flight < MAX_BYTES_IN_FLIGHT
             {
                 more = self.parse_and_dispatch();
+                // A held request keeps the receive buffer (and stops reading: back-pressure).
                 if !more
+                    && self.held.is_none()
                     && !self.closing
                     && self.in_flight < MAX_IN_FLIGHT
                     && self.bytes_in_flight < MAX_BYTES_IN_FLIGHT
@@ -358,12 +398,27 @@ impl<'a> Transmission<'a> {
                 continue;
             }
             // With requests still waiting in the buffer, only submit: the next turn starts them.
-            self.wait_engine(if more { 0 } else { 1 }, &mut done)?;
+            // A held request wakes the loop at its deadline.
+            let deadline = if more { None } else { self.held.map(|h| h.deadline) };
+            self.wait_engine_until(if more { 0 } else { 1 }, deadline, &mut done)?;
         }
     }
 
     fn wait_engine(&mut self, min: usize, done: &mut Vec<Completion>) -> io::Result<()> {
-        if let Err(e) = self.engine.wait(min) {
+        self.wait_engine_until(min, None, done)
+    }
+
+    fn wait_engine_until(
+        &mut self,
+        min: usize,
+        deadline: Option<Instant>,
+        done: &mut Vec<Completion>,
+    ) -> io::Result<()> {
+        let r = match deadline {
+            Some(d) => self.engine.wait_until(min, d),
+            None => self.engine.wait(min),
+        };
+        if let Err(e) = r {
             if e.kind() != io::ErrorKind::Interrupted {
                 return Err(e);
             }
@@ -515,14 +570,34 @@ impl<'a> Transmission<'a> {
                 }
                 break;
             }
+            // QoS: charge the request once; start it only at its deadline.
+            let now = Instant::now();
+            let since = match self.held {
+                Some(h) if now < h.deadline => break,
+                Some(h) => {
+                    self.held = None;
+                    self.io.stats.add_throttled(now.saturating_duration_since(h.since));
+                    h.since
+                }
+                None => {
+                    let cost = if self.request_is_valid(&req) { request_cost(&req) } else { Cost::FREE };
+                    if let Some(deadline) = self.io.limiter.reserve(cost, now) {
+                        if deadline > now {
+                            self.held = Some(Held { deadline, since: now });
+                            break;
+                        }
+                    }
+                    now
+                }
+            };
             let start = self.rpos + proto::REQUEST_LEN;
             self.rpos += need;
-            self.dispatch(req, &rbuf[start..start + payload]);
+            self.dispatch(req, &rbuf[start..start + payload], since);
         }
         if self.rpos == self.rend {
             self.rpos = 0;
             self.rend = 0;
-            if rbuf.len() > RECV_BUF {
+            if rbuf.len() > RECV_BUF_KEEP {
                 rbuf = AlignedBuf::zeroed(RECV_BUF);
             }
         }
@@ -543,25 +618,61 @@ impl<'a> Transmission<'a> {
         }
     }
 
-    fn dispatch(&mut self, req: Request, payload: &[u8]) {
+    fn request_is_valid(&self, req: &Request) -> bool {
+        proto::validate_request(req, self.volume.size(), MAX_REQUEST_LEN, self.read_only, &self.flags).is_ok()
+    }
+
+    /// Runs a request received at `since`; the ones that finish inline are counted here, the
+    /// engine ops when they complete.
+    fn dispatch(&mut self, req: Request, payload: &[u8], since: Instant) {
+        let stats = &self.io.stats;
+        stats.queue_depth.fetch_add(1, Ordering::Relaxed);
+        let errors_before = self.errors;
+        if self.dispatch_inner(req, payload, since) {
+            return; // an engine op: counted at completion
+        }
+        let stats = &self.io.stats;
+        stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
+        if self.errors != errors_before {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+        } else if req.cmd == Command::Write {
+            // Unaligned writes complete inline (read-modify-write).
+            stats.write_ops.fetch_add(1, Ordering::Relaxed);
+            stats.write_bytes.fetch_add(req.len as u64, Ordering::Relaxed);
+            stats.write_latency.observe(since.elapsed());
+        } else if req.cmd == Command::Read {
+            stats.read_ops.fetch_add(1, Ordering::Relaxed);
+            stats.read_latency.observe(since.elapsed());
+        } else if req.cmd != Command::Disc {
+            stats.other_ops.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Returns true when the request became an engine op (its reply comes at completion).
+    fn dispatch_inner(&mut self, req: Request, payload: &[u8], since: Instant) -> bool {
         if let Err(errno) =
             proto::validate_request(&req, self.volume.size(), MAX_REQUEST_LEN, self.read_only, &self.flags)
         {
             tracing::debug!(cmd = ?req.cmd, flags = req.flags, offset = req.offset, len = req.len, errno, "NBD request refused");
             self.reply_error(req.cookie, errno, "invalid request");
-            return;
+            return false;
         }
         let fua = req.flags & proto::NBD_CMD_FLAG_FUA != 0;
         let r: Result<(), StoreError> = match req.cmd {
-            Command::Read => return self.start_read(req),
-            Command::Write => match self.while_frozen(|v| v.plan_write(req.offset, payload)) {
+            Command::Read => return self.start_read(req, since),
+            Command::Write => match self.plan_write(req.offset, payload) {
                 Ok(WritePlan::Submit { op, pending }) => {
-                    let slot =
-                        self.alloc_slot(InFlight::Write { cookie: req.cookie, pending, fua, len: payload.len() });
+                    let slot = self.alloc_slot(InFlight::Write {
+                        cookie: req.cookie,
+                        pending,
+                        fua,
+                        len: payload.len(),
+                        start: since,
+                    });
                     self.bytes_in_flight += payload.len();
                     self.writes_in_flight += 1;
                     self.engine.push(slot as u64, op);
-                    return;
+                    return true;
                 }
                 Ok(WritePlan::Done) => self.flush_if(fua),
                 Err(e) => Err(e),
@@ -576,16 +687,34 @@ impl<'a> Transmission<'a> {
                     .and_then(|()| self.flush_if(fua))
             }
             Command::Cache => self.volume.prefetch(req.offset, req.len as u64),
-            Command::BlockStatus => return self.block_status(req),
+            Command::BlockStatus => {
+                self.block_status(req);
+                return false;
+            }
             Command::Disc => {
                 self.closing = true;
-                return;
+                return false;
             }
             Command::Unknown(_) => Err(StoreError::Io(io::Error::from_raw_os_error(libc::EINVAL))),
         };
         match r {
             Ok(()) => self.reply_ok(req.cookie),
             Err(e) => self.reply_store_error(req.cookie, &e),
+        }
+        false
+    }
+
+    /// Plans an aligned write into a pooled buffer (waiting out a snapshot's freeze).
+    fn plan_write(&mut self, offset: u64, payload: &[u8]) -> Result<WritePlan, StoreError> {
+        loop {
+            let buf = self.take_buf(payload.len().next_multiple_of(4096));
+            match self.volume.plan_write_in(offset, payload, buf) {
+                Err(StoreError::Frozen) => {
+                    self.finish_writes();
+                    self.volume.wait_thawed();
+                }
+                other => return other,
+            }
         }
     }
 
@@ -611,11 +740,12 @@ impl<'a> Transmission<'a> {
         }
     }
 
-    fn start_read(&mut self, req: Request) {
+    /// Returns true when the read became an engine op.
+    fn start_read(&mut self, req: Request, since: Instant) -> bool {
         let len = req.len as usize;
         if len == 0 {
             self.reply_ok(req.cookie);
-            return;
+            return false;
         }
         let hdr = if self.structured { proto::OFFSET_DATA_HEADER_LEN } else { proto::SIMPLE_REPLY_LEN };
         let mut buf = self.take_buf(hdr + len);
@@ -623,7 +753,7 @@ impl<'a> Transmission<'a> {
         if let Err(e) = self.volume.read_segments(req.offset, len as u64, hdr, &mut self.segs) {
             self.recycle(buf);
             self.reply_store_error(req.cookie, &e);
-            return;
+            return false;
         }
         // Holes are filled here; only data segments go to the engine.
         let mut segs = Vec::with_capacity(self.segs.len());
@@ -634,9 +764,10 @@ impl<'a> Transmission<'a> {
                 segs.push(*s);
             }
         }
-        let slot = self.alloc_slot(InFlight::Read { cookie: req.cookie, offset: req.offset, len, hdr });
+        let slot = self.alloc_slot(InFlight::Read { cookie: req.cookie, offset: req.offset, len, hdr, start: since });
         self.bytes_in_flight += len;
         self.engine.push(slot as u64, Op::Read { buf, segs });
+        true
     }
 
     fn request_done(&mut self, slot: usize, c: Completion) {
@@ -646,12 +777,17 @@ impl<'a> Transmission<'a> {
         };
         self.free_slots.push(slot);
         self.in_flight -= 1;
+        let stats = &self.io.stats;
+        stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
         match state {
-            InFlight::Read { cookie, offset, len, hdr } => {
+            InFlight::Read { cookie, offset, len, hdr, start } => {
                 self.bytes_in_flight -= len;
                 let Op::Read { mut buf, .. } = c.op else { unreachable!("read slot on another op") };
                 match c.result {
                     Ok(_) => {
+                        stats.read_ops.fetch_add(1, Ordering::Relaxed);
+                        stats.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                        stats.read_latency.observe(start.elapsed());
                         if self.structured {
                             proto::write_offset_data_header(&mut buf[..hdr], true, cookie, offset, len as u32);
                         } else {
@@ -660,25 +796,38 @@ impl<'a> Transmission<'a> {
                         self.big.push(SendBuf { data: buf, start: 0, end: hdr + len });
                     }
                     Err(e) => {
+                        stats.errors.fetch_add(1, Ordering::Relaxed);
                         self.recycle(buf);
                         self.reply_io_error(cookie, &e);
                     }
                 }
             }
-            InFlight::Write { cookie, pending, fua, len } => {
+            InFlight::Write { cookie, pending, fua, len, start } => {
                 self.bytes_in_flight -= len;
                 self.writes_in_flight -= 1;
                 let Op::Write { buf, .. } = c.op else { unreachable!("write slot on another op") };
-                drop(buf);
+                self.recycle(buf);
                 match c.result {
                     Ok(_) => {
                         self.volume.commit_write(pending);
                         match self.flush_if(fua) {
-                            Ok(()) => self.reply_ok(cookie),
-                            Err(e) => self.reply_store_error(cookie, &e),
+                            Ok(()) => {
+                                let stats = &self.io.stats;
+                                stats.write_ops.fetch_add(1, Ordering::Relaxed);
+                                stats.write_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                                stats.write_latency.observe(start.elapsed());
+                                self.reply_ok(cookie)
+                            }
+                            Err(e) => {
+                                self.io.stats.errors.fetch_add(1, Ordering::Relaxed);
+                                self.reply_store_error(cookie, &e)
+                            }
                         }
                     }
-                    Err(e) => self.reply_io_error(cookie, &e),
+                    Err(e) => {
+                        self.io.stats.errors.fetch_add(1, Ordering::Relaxed);
+                        self.reply_io_error(cookie, &e)
+                    }
                 }
             }
         }
@@ -774,6 +923,7 @@ impl<'a> Transmission<'a> {
     }
 
     fn reply_error(&mut self, cookie: u64, errno: u32, msg: &str) {
+        self.errors += 1;
         if self.structured {
             proto::push_error_chunk(&mut self.small, true, cookie, errno, msg);
         } else {

@@ -3,6 +3,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::{Completion, EngineKind, IoEngine, Op};
 
@@ -32,6 +33,11 @@ impl IoEngine for FaultyEngine {
     fn wait(&mut self, min_complete: usize) -> io::Result<()> {
         let min = min_complete.saturating_sub(self.failed.len());
         self.inner.wait(min)
+    }
+
+    fn wait_until(&mut self, min_complete: usize, deadline: Instant) -> io::Result<()> {
+        let min = min_complete.saturating_sub(self.failed.len());
+        self.inner.wait_until(min, deadline)
     }
 
     fn drain(&mut self, out: &mut Vec<Completion>) {

@@ -17,6 +17,7 @@ pub mod uring;
 
 use std::io;
 use std::os::fd::RawFd;
+use std::time::Instant;
 
 use crate::aligned_buf::AlignedBuf;
 
@@ -71,6 +72,10 @@ pub trait IoEngine: Send {
     /// Starts everything queued and blocks until at least `min_complete` ops have completed
     /// since the last `drain` (0: do not block), then returns.
     fn wait(&mut self, min_complete: usize) -> io::Result<()>;
+    /// As [`wait`](Self::wait), but returns at `deadline` at the latest, however few ops have
+    /// completed (a throttled NBD connection waits for its QoS deadline this way, still
+    /// reaping the completions of what it has in flight).
+    fn wait_until(&mut self, min_complete: usize, deadline: Instant) -> io::Result<()>;
     /// Moves the completed ops into `out`.
     fn drain(&mut self, out: &mut Vec<Completion>);
     /// Ops pushed and not yet drained.

@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::time::{Duration, Instant};
 
 use super::{Completion, EngineKind, IoEngine, Op, Segment};
 
@@ -143,6 +144,39 @@ fn execute(op: &mut Op) -> io::Result<usize> {
     }
 }
 
+/// Whether `fd` becomes readable (or hung up) within `timeout`.
+fn readable_within(fd: std::os::fd::RawFd, timeout: Duration) -> io::Result<bool> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    // SAFETY: the descriptor belongs to the queued recv's socket, open for as long as the op
+    // is queued; borrowing it for the duration of poll() is sound.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+    let ts = Timespec { tv_sec: timeout.as_secs() as _, tv_nsec: timeout.subsec_nanos() as _ };
+    loop {
+        match poll(&mut fds, Some(&ts)) {
+            Ok(n) => return Ok(n > 0),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+impl PortableEngine {
+    /// Runs every queued op but the recvs (which may block), keeping the recvs queued in order.
+    fn run_ready(&mut self) {
+        let mut recvs = VecDeque::new();
+        while let Some((tag, mut op)) = self.queue.pop_front() {
+            if matches!(op, Op::Recv { .. }) {
+                recvs.push_back((tag, op));
+                continue;
+            }
+            let result = execute(&mut op);
+            self.done.push(Completion { tag, result, op });
+        }
+        self.queue = recvs;
+    }
+}
+
 impl IoEngine for PortableEngine {
     fn push(&mut self, tag: u64, op: Op) {
         self.queue.push_back((tag, op));
@@ -150,21 +184,38 @@ impl IoEngine for PortableEngine {
 
     fn wait(&mut self, min_complete: usize) -> io::Result<()> {
         loop {
-            let mut recvs = VecDeque::new();
-            while let Some((tag, mut op)) = self.queue.pop_front() {
-                if matches!(op, Op::Recv { .. }) {
-                    recvs.push_back((tag, op));
-                    continue;
-                }
-                let result = execute(&mut op);
-                self.done.push(Completion { tag, result, op });
-            }
-            self.queue = recvs;
+            self.run_ready();
             if self.done.len() >= min_complete {
                 return Ok(());
             }
             // Nothing else can complete: block on the oldest recv.
             let Some((tag, mut op)) = self.queue.pop_front() else { return Ok(()) };
+            let result = execute(&mut op);
+            self.done.push(Completion { tag, result, op });
+        }
+    }
+
+    fn wait_until(&mut self, min_complete: usize, deadline: Instant) -> io::Result<()> {
+        // Everything but a recv completes at once; a recv is run only if its socket becomes
+        // readable before the deadline, so the wait never outlasts it.
+        loop {
+            self.run_ready();
+            let now = Instant::now();
+            if self.done.len() >= min_complete || now >= deadline {
+                return Ok(());
+            }
+            let left = deadline - now;
+            let fd = match self.queue.front() {
+                Some((_, Op::Recv { seg, .. })) => seg.fd,
+                _ => {
+                    std::thread::sleep(left);
+                    return Ok(());
+                }
+            };
+            if !readable_within(fd, left)? {
+                return Ok(());
+            }
+            let (tag, mut op) = self.queue.pop_front().expect("checked above");
             let result = execute(&mut op);
             self.done.push(Completion { tag, result, op });
         }

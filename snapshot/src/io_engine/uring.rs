@@ -8,12 +8,17 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::time::Instant;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use super::{Completion, EngineKind, IoEngine, Op};
 
 const SEG_BITS: u32 = 24;
+/// File transfers at least this long are handed to io_uring's worker threads (IOSQE_ASYNC):
+/// the page-cache copy of a 1 MiB read or buffered write then runs on another core while this
+/// thread goes on parsing and sending, instead of inline in `io_uring_enter`.
+const ASYNC_MIN: usize = 128 << 10;
 const SEG_MASK: u64 = (1 << SEG_BITS) - 1;
 
 /// The kernel-visible parts of a send, boxed so their addresses are stable.
@@ -51,6 +56,10 @@ impl UringEngine {
     /// Whether io_uring can be set up here (sandboxes may refuse `io_uring_setup`).
     pub fn probe() -> io::Result<()> {
         let ring = IoUring::new(4)?;
+        // Timed waits (QoS deadlines) need IORING_ENTER_EXT_ARG (Linux 5.11).
+        if !ring.params().is_feature_ext_arg() {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "io_uring lacks IORING_FEAT_EXT_ARG"));
+        }
         let mut probe = io_uring::Probe::new();
         ring.submitter().register_probe(&mut probe)?;
         for code in
@@ -99,20 +108,30 @@ impl UringEngine {
                 assert!(s.buf_offset + s.len <= buf.len(), "read segment outside its buffer");
                 // SAFETY: in bounds (asserted); the buffer is owned by the slot until completion.
                 let ptr = unsafe { buf.as_mut_ptr().add(s.buf_offset + done) };
-                opcode::Read::new(types::Fd(s.fd), ptr, (s.len - done) as u32)
+                let e = opcode::Read::new(types::Fd(s.fd), ptr, (s.len - done) as u32)
                     .offset(s.offset + done as u64)
                     .build()
-                    .user_data(ud)
+                    .user_data(ud);
+                if s.len - done >= ASYNC_MIN {
+                    e.flags(squeue::Flags::ASYNC)
+                } else {
+                    e
+                }
             }
             Op::Write { buf, segs } => {
                 let s = segs[seg];
                 assert!(s.buf_offset + s.len <= buf.len(), "write segment outside its buffer");
                 // SAFETY: as above.
                 let ptr = unsafe { buf.as_ptr().add(s.buf_offset + done) };
-                opcode::Write::new(types::Fd(s.fd), ptr, (s.len - done) as u32)
+                let e = opcode::Write::new(types::Fd(s.fd), ptr, (s.len - done) as u32)
                     .offset(s.offset + done as u64)
                     .build()
-                    .user_data(ud)
+                    .user_data(ud);
+                if s.len - done >= ASYNC_MIN {
+                    e.flags(squeue::Flags::ASYNC)
+                } else {
+                    e
+                }
             }
             Op::Sync { fd, datasync } => {
                 let flags = if *datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
@@ -278,6 +297,28 @@ impl IoEngine for UringEngine {
                 }
                 return Ok(());
             }
+        }
+    }
+
+    fn wait_until(&mut self, min_complete: usize, deadline: Instant) -> io::Result<()> {
+        loop {
+            self.fill_sq();
+            let now = Instant::now();
+            if self.done.len() >= min_complete || now >= deadline {
+                if !self.backlog.is_empty() || !self.ring.submission().is_empty() {
+                    self.ring.submit()?;
+                }
+                return Ok(());
+            }
+            let ts = types::Timespec::from(deadline - now);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EBUSY)) => {}
+                Err(e) => return Err(e),
+            }
+            self.reap();
         }
     }
 
