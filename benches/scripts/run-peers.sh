@@ -68,14 +68,9 @@ bytes=$(numfmt --from=iec "${SIZE^^}") || die "SIZE=$SIZE is not a size (e.g. 4G
 [[ $(stat -f -c %T "$BENCH_DIR") != tmpfs ]] || die "BENCH_DIR=$BENCH_DIR is tmpfs: put it on the disk under test"
 
 # ---------------------------------------------------------------- build
-target_dir=${CARGO_TARGET_DIR:-$root/target}
-if [[ $NO_BUILD != 1 ]]; then
-  say "building release binaries"
-  (cd "$root" && cargo build --release -p evs-target -p evsctl)
-fi
-evs_target=$target_dir/release/evs-target
-evsctl_bin=$target_dir/release/evsctl
-[[ -x $evs_target && -x $evsctl_bin ]] || die "no release binaries in $target_dir/release (run without NO_BUILD=1)"
+# shellcheck source=daemon.sh
+source "$here/daemon.sh"
+evs_build
 
 # ---------------------------------------------------------------- work dir and cleanup
 work=$(mktemp -d "$BENCH_DIR/evs-bench.XXXXXX")
@@ -104,45 +99,15 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# wait_export URI NAME LOG PID — until nbdinfo answers (30 s), or the server died.
-wait_export() {
-  for _ in $(seq 300); do
-    nbdinfo --size "$1" >/dev/null 2>&1 && return 0
-    kill -0 "$4" 2>/dev/null || { tail -n 20 "$3" >&2; die "$2 exited at start-up (log above)"; }
-    sleep 0.1
-  done
-  tail -n 20 "$3" >&2
-  die "$2 does not answer on $1"
-}
+wait_export() { evs_wait_export "$@"; }
 
 # ---------------------------------------------------------------- our daemon
-read -r nbd_port api_port metrics_port < <(python3 -c '
-import socket
-s = [socket.socket() for _ in range(3)]
-for x in s: x.bind(("127.0.0.1", 0))
-print(*[x.getsockname()[1] for x in s])')
 data=$work/evs-data
-daemon_args=(--data-dir "$data" --nbd-listen "127.0.0.1:$nbd_port" --nbd-socket "$socks/evs.sock"
-  --api-listen "127.0.0.1:$api_port" --metrics-listen "127.0.0.1:$metrics_port"
-  --io-backend "$IO_BACKEND")
+daemon_args=(--io-backend "$IO_BACKEND")
 [[ -z $DIRECT_WRITES ]] || daemon_args+=(--direct-writes "$DIRECT_WRITES")
 say "starting evs-target ${daemon_args[*]}"
-"$evs_target" "${daemon_args[@]}" >"$work/evs-target.log" 2>&1 &
-evs_pid=$!
+evs_start "$data" "$socks/evs.sock" "$work/evs-target.log" "${daemon_args[@]}"
 pids+=("$evs_pid")
-
-export EVS_ENDPOINT=http://127.0.0.1:$api_port
-evsctl() { "$evsctl_bin" "$@"; }
-for i in $(seq 300); do
-  kill -0 "$evs_pid" 2>/dev/null || { tail -n 20 "$work/evs-target.log" >&2; die "evs-target exited at start-up"; }
-  if [[ -r $data/admin.token ]]; then
-    EVS_TOKEN=$(<"$data/admin.token")
-    export EVS_TOKEN
-    evsctl volume list >/dev/null 2>&1 && break
-  fi
-  ((i < 300)) || die "evs-target API does not answer on $EVS_ENDPOINT"
-  sleep 0.1
-done
 
 say "creating volume bench ($SIZE = $bytes bytes, tier $TIER) and attaching it"
 evsctl volume create bench --size "$bytes" --tier "$TIER" >/dev/null
