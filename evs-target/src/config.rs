@@ -14,6 +14,8 @@ use clap::Parser;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::jobs::{JobOptions, DEFAULT_MAX_RUNNING_PER_TENANT};
+
 pub const DEFAULT_DATA_DIR: &str = "./evs-data";
 pub const DEFAULT_AZ: &str = "az1";
 pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
@@ -78,6 +80,8 @@ pub struct Config {
     pub direct_writes: bool,
     /// Snapshots one volume may have (config file `max_snapshots_per_volume`, default 128).
     pub max_snapshots: usize,
+    /// Job limits (config file `max_running_jobs_per_tenant`, `delete_bytes_per_second`).
+    pub jobs: JobOptions,
     /// None: `RUST_LOG` if set, else `info`.
     pub log: Option<String>,
 }
@@ -86,6 +90,11 @@ pub struct Config {
 pub const DEFAULT_MAX_SNAPSHOTS: usize = 128;
 /// Largest accepted `max_snapshots_per_volume`.
 pub const MAX_MAX_SNAPSHOTS: i64 = 4096;
+/// Largest accepted `max_running_jobs_per_tenant` (each running job is a thread).
+pub const MAX_MAX_RUNNING_JOBS: i64 = 64;
+/// Smallest accepted `delete_bytes_per_second` (1 MiB/s): slower would make a deletion of a
+/// large volume take days.
+pub const MIN_DELETE_BYTES_PER_SECOND: i64 = 1 << 20;
 
 /// A configuration problem; the message names the flag or the file, line and key.
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +138,10 @@ impl Config {
             io_backend: flags.io_backend.or(file.io_backend).unwrap_or(IoBackend::Auto),
             direct_writes: flags.direct_writes.or(file.direct_writes).map(|o| o.0).unwrap_or(true),
             max_snapshots: file.max_snapshots.unwrap_or(DEFAULT_MAX_SNAPSHOTS),
+            jobs: JobOptions {
+                max_running_per_tenant: file.max_running_jobs.unwrap_or(DEFAULT_MAX_RUNNING_PER_TENANT),
+                delete_bytes_per_second: file.delete_bytes_per_second,
+            },
             log: flags.log.or(file.log),
             data_dir,
         })
@@ -148,6 +161,8 @@ struct FileConfig {
     io_backend: Option<IoBackend>,
     direct_writes: Option<OnOff>,
     max_snapshots: Option<usize>,
+    max_running_jobs: Option<usize>,
+    delete_bytes_per_second: Option<u64>,
     log: Option<String>,
 }
 
@@ -166,6 +181,8 @@ struct RawFile {
     /// `true`/`false` or `"on"`/`"off"`, like the flag.
     direct_writes: Option<Spanned<toml::Value>>,
     max_snapshots_per_volume: Option<Spanned<i64>>,
+    max_running_jobs_per_tenant: Option<Spanned<i64>>,
+    delete_bytes_per_second: Option<Spanned<i64>>,
     log: Option<Spanned<String>>,
 }
 
@@ -228,8 +245,25 @@ impl FileConfig {
                 })
             }
         };
+        let int = |key: &'static str, v: Option<Spanned<i64>>, lo: i64, hi: i64| -> Result<Option<i64>, ConfigError> {
+            let Some(v) = v else { return Ok(None) };
+            check_int(*v.get_ref(), lo, hi).map(Some).map_err(|message| ConfigError::Value {
+                path: path.to_path_buf(),
+                line: line_col(text, v.span().start).0,
+                key,
+                message,
+            })
+        };
+        let max_running_jobs =
+            int("max_running_jobs_per_tenant", raw.max_running_jobs_per_tenant, 1, MAX_MAX_RUNNING_JOBS)?
+                .map(|n| n as usize);
+        let delete_bytes_per_second =
+            int("delete_bytes_per_second", raw.delete_bytes_per_second, MIN_DELETE_BYTES_PER_SECOND, i64::MAX)?
+                .map(|n| n as u64);
         Ok(FileConfig {
             max_snapshots,
+            max_running_jobs,
+            delete_bytes_per_second,
             data_dir: check(text, path, "data_dir", raw.data_dir, parse_data_dir)?,
             az: check(text, path, "az", raw.az, parse_az)?,
             nbd_listen: check(text, path, "nbd_listen", raw.nbd_listen, parse_listen)?,
@@ -241,6 +275,15 @@ impl FileConfig {
             direct_writes,
             log: check(text, path, "log", raw.log, parse_log)?,
         })
+    }
+}
+
+/// An integer setting in `lo..=hi` (`hi` = i64::MAX: no upper bound).
+fn check_int(v: i64, lo: i64, hi: i64) -> Result<i64, String> {
+    match (v, hi) {
+        (v, _) if (lo..=hi).contains(&v) => Ok(v),
+        (v, i64::MAX) => Err(format!("{v} is less than the minimum, {lo}")),
+        (v, hi) => Err(format!("{v} is not between {lo} and {hi}")),
     }
 }
 
@@ -528,6 +571,25 @@ mod tests {
         assert_eq!(c.io_backend, IoBackend::Auto);
         assert!(c.direct_writes);
         assert_eq!(c.log, None);
+        assert_eq!(c.jobs, JobOptions { max_running_per_tenant: 5, delete_bytes_per_second: None });
+    }
+
+    #[test]
+    fn job_settings() {
+        let c = with_file("max_running_jobs_per_tenant = 2\ndelete_bytes_per_second = 67108864\n", &[]).unwrap();
+        assert_eq!(c.jobs, JobOptions { max_running_per_tenant: 2, delete_bytes_per_second: Some(64 << 20) });
+        for (toml, key, why) in [
+            ("max_running_jobs_per_tenant = 0\n", "max_running_jobs_per_tenant", "0 is not between 1 and 64"),
+            ("\nmax_running_jobs_per_tenant = 65\n", "max_running_jobs_per_tenant", "65 is not between 1 and 64"),
+            ("delete_bytes_per_second = 1000\n", "delete_bytes_per_second", "less than the minimum, 1048576"),
+        ] {
+            let e = with_file(toml, &[]).unwrap_err();
+            let line = if toml.starts_with('\n') { 2 } else { 1 };
+            assert!(matches!(&e, ConfigError::Value { key: k, line: l, .. } if *k == key && *l == line), "{e}");
+            assert!(e.to_string().contains(why), "{e}");
+        }
+        let e = with_file("max_running_jobs_per_tenant = \"five\"\n", &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::Syntax { line: 1, .. }), "{e}");
     }
 
     #[test]

@@ -5,4 +5,5 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod exports;
+pub mod jobs;
 pub mod nbd;
