@@ -8,7 +8,9 @@
 //!
 //! Shutdown order: stop accepting (gRPC server asked to stop, NBD accept loops dropped),
 //! close NBD connections after their in-flight requests, wait for the connection threads,
-//! let in-flight gRPC calls finish (bounded), flush every volume, exit 0.
+//! let in-flight gRPC calls finish (bounded), stop the running jobs at their next check
+//! (bounded; they stay `running` in the catalog and resume at the next start), flush every
+//! volume, exit 0.
 
 use std::io::IsTerminal;
 use std::path::Path;
@@ -16,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
+use evs_proto::v1::job_service_server::JobServiceServer;
 use evs_proto::v1::snapshot_service_server::SnapshotServiceServer;
 use evs_proto::v1::volume_service_server::VolumeServiceServer;
 use evs_snapshot::io_engine::uring::UringEngine;
@@ -33,6 +36,8 @@ use crate::nbd::server::NbdServer;
 
 /// How long in-flight gRPC calls get to finish at shutdown.
 const GRPC_DRAIN: Duration = Duration::from_secs(10);
+/// How long running jobs get to reach their next check at shutdown.
+const JOBS_DRAIN: Duration = Duration::from_secs(10);
 
 /// Runs the daemon until SIGTERM/SIGINT. Errors are start-up failures (named address, path)
 /// or a failed final flush.
@@ -148,8 +153,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let exports = ExportRegistry::new();
     let endpoints = NbdEndpoints { tcp: nbd_addr, unix: nbd_unix.as_ref().map(|(_, p)| p.clone()) };
     let (cp, report) = {
-        let (store, exports, dir) = (store.clone(), exports.clone(), data_dir.clone());
-        tokio::task::spawn_blocking(move || ControlPlane::open(store, exports, &dir, endpoints))
+        let (store, exports, dir, jobs) = (store.clone(), exports.clone(), data_dir.clone(), config.jobs);
+        tokio::task::spawn_blocking(move || ControlPlane::open_with_jobs(store, exports, &dir, endpoints, jobs))
             .await
             .context("opening the control plane")?
             .context("cannot open the control plane tables in the catalog")?
@@ -162,6 +167,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             loaded = report.attachments_loaded,
             dropped = report.attachments_dropped,
             "attachments reloaded"
+        );
+    }
+    let j = report.jobs;
+    if j.queued + j.resumed + j.failed + j.cancelled > 0 {
+        tracing::info!(
+            queued = j.queued,
+            resumed = j.resumed,
+            failed = j.failed,
+            cancelled = j.cancelled,
+            "jobs reloaded (resumed: interrupted by the last stop, running again)"
         );
     }
 
@@ -187,6 +202,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         let router = tonic::transport::Server::builder()
             .add_service(VolumeServiceServer::new(VolumeApi::new(cp.clone())))
             .add_service(SnapshotServiceServer::new(VolumeApi::new(cp.clone())))
+            .add_service(JobServiceServer::new(VolumeApi::new(cp.clone())))
             .add_service(reflection)
             .add_service(reflection_alpha);
         let incoming = TcpIncoming::from(api_listener).with_nodelay(Some(true));
@@ -247,6 +263,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 tracing::warn!("gRPC calls still running after {GRPC_DRAIN:?}; stopping anyway");
                 grpc.abort();
             }
+        }
+    }
+    // Jobs stop at their next check and resume at the next start.
+    {
+        let jobs = cp.jobs().clone();
+        let left = tokio::task::spawn_blocking(move || jobs.shutdown(JOBS_DRAIN)).await.context("stopping jobs")?;
+        if left > 0 {
+            tracing::warn!(
+                jobs = left,
+                "jobs still running after {JOBS_DRAIN:?}; stopping anyway (they resume at the next start)"
+            );
         }
     }
     // Flush: everything acknowledged to a client is durable before we exit.

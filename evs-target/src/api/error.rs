@@ -5,6 +5,7 @@ use tonic::{Code, Status};
 
 use super::auth::AuthError;
 use super::validate::{HumanBytes, ValidationError};
+use crate::jobs::JobsError;
 
 /// Everything a volume call can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +20,10 @@ pub enum ApiError {
     VolumeExists(String),
     #[error("volume {0:?} is attached; detach it first")]
     Attached(String),
+    #[error("volume {name:?} is being deleted (job {job})")]
+    BeingDeleted { name: String, job: u64 },
+    #[error(transparent)]
+    Jobs(#[from] JobsError),
     #[error("snapshot {0:?} not found")]
     SnapshotNotFound(String),
     #[error("snapshot {0:?} already exists")]
@@ -52,7 +57,16 @@ impl From<ApiError> for Status {
             ApiError::Invalid(_) | ApiError::Shrink { .. } => Code::InvalidArgument,
             ApiError::VolumeNotFound(_) | ApiError::SnapshotNotFound(_) => Code::NotFound,
             ApiError::VolumeExists(_) | ApiError::SnapshotExists(_) => Code::AlreadyExists,
-            ApiError::Attached(_) | ApiError::NoUnixSocket | ApiError::Connected { .. } => Code::FailedPrecondition,
+            ApiError::Attached(_)
+            | ApiError::NoUnixSocket
+            | ApiError::Connected { .. }
+            | ApiError::BeingDeleted { .. } => Code::FailedPrecondition,
+            ApiError::Jobs(j) => match j {
+                JobsError::NotFound(_) => Code::NotFound,
+                JobsError::Finished { .. } | JobsError::PastPointOfNoReturn { .. } => Code::FailedPrecondition,
+                JobsError::ShuttingDown => Code::Unavailable,
+                JobsError::Store(s) => store_code(s),
+            },
             ApiError::TierDenied => Code::PermissionDenied,
             ApiError::Unsupported(_) => Code::Unimplemented,
             ApiError::Store(s) => store_code(s),
@@ -129,5 +143,21 @@ mod tests {
         assert_eq!(status(ApiError::NoUnixSocket).code(), Code::FailedPrecondition);
         assert_eq!(status(ApiError::Unsupported("x")).code(), Code::Unimplemented);
         assert_eq!(status(ApiError::VolumeNotFound("v".into())).code(), Code::NotFound);
+        let s = status(ApiError::BeingDeleted { name: "db".into(), job: 7 });
+        assert_eq!((s.code(), s.message()), (Code::FailedPrecondition, "volume \"db\" is being deleted (job 7)"));
+    }
+
+    #[test]
+    fn job_errors_map_to_codes() {
+        use crate::jobs::JobState;
+        let s = status(JobsError::NotFound(7));
+        assert_eq!((s.code(), s.message()), (Code::NotFound, "job 7 not found"));
+        let s = status(JobsError::Finished { id: 7, state: JobState::Succeeded });
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert!(s.message().contains("already succeeded"), "{}", s.message());
+        let s = status(JobsError::PastPointOfNoReturn { id: 7, what: "x".into() });
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert_eq!(status(JobsError::ShuttingDown).code(), Code::Unavailable);
+        assert_eq!(status(JobsError::Store(StoreError::Catalog("x".into()))).code(), Code::Internal);
     }
 }

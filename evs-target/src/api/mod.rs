@@ -7,10 +7,12 @@
 //!
 //! Besides the store's own tables, the control plane keeps two tables in the catalog:
 //! `attachments` (attach token → volume id, reloaded into the [`ExportRegistry`] at start)
-//! and `volume_tiers` (volume id → tier name), plus the `tenants` table of [`auth`].
+//! and `volume_tiers` (volume id → tier name), plus the `tenants` table of [`auth`] and the
+//! job tables of [`crate::jobs`] (volume delete runs as a job: [`jobs`]).
 
 pub mod auth;
 pub mod error;
+pub mod jobs;
 pub mod snapshots;
 pub mod validate;
 
@@ -27,6 +29,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use tonic::{Request, Response, Status};
 
 use crate::exports::{Export, ExportRegistry};
+use crate::jobs::{JobKind, JobManager, JobOptions, JobRecord, RecoveryReport};
 pub use auth::{Tenants, ADMIN_TENANT, ADMIN_TOKEN_FILE};
 pub use error::ApiError;
 use validate::{validate_tier, validate_volume_name, validate_volume_size, ValidationError, UNLIMITED_TIER};
@@ -65,6 +68,8 @@ pub struct ControlPlane {
     exports: Arc<ExportRegistry>,
     tenants: Tenants,
     endpoints: NbdEndpoints,
+    /// Long operations (volume delete); the control plane runs them (`jobs::JobExecutor`).
+    jobs: Arc<JobManager>,
     /// Serialises the operations that check then change (attach mints a token only if none
     /// exists; delete proceeds only if not attached): without it two concurrent calls could
     /// both pass the check.
@@ -80,6 +85,8 @@ pub struct OpenReport {
     pub attachments_loaded: usize,
     /// Attachments dropped because their volume no longer exists.
     pub attachments_dropped: usize,
+    /// What the restart rule did to the jobs.
+    pub jobs: RecoveryReport,
 }
 
 /// Failures of [`ControlPlane::open`].
@@ -94,12 +101,24 @@ pub enum OpenError {
 impl ControlPlane {
     /// Creates the control plane's tables if needed, creates the admin tenant on first start
     /// (token in `<data_dir>/admin.token`) and reloads the persisted attachments into
-    /// `exports`.
+    /// `exports`. Jobs run with the default options.
     pub fn open(
         store: Arc<BlockStore>,
         exports: Arc<ExportRegistry>,
         data_dir: &Path,
         endpoints: NbdEndpoints,
+    ) -> Result<(Arc<ControlPlane>, OpenReport), OpenError> {
+        Self::open_with_jobs(store, exports, data_dir, endpoints, JobOptions::default())
+    }
+
+    /// [`open`](Self::open), and the job manager with `job_opts`: interrupted jobs are
+    /// resumed or failed, queued ones start.
+    pub fn open_with_jobs(
+        store: Arc<BlockStore>,
+        exports: Arc<ExportRegistry>,
+        data_dir: &Path,
+        endpoints: NbdEndpoints,
+        job_opts: JobOptions,
     ) -> Result<(Arc<ControlPlane>, OpenReport), OpenError> {
         let db = store.catalog();
         let w = db.begin_write().map_err(StoreError::from)?;
@@ -111,12 +130,17 @@ impl ControlPlane {
         let tenants = Tenants::load(db)?;
         let mut report =
             OpenReport { admin_token_created: tenants.bootstrap_admin(db, data_dir)?, ..Default::default() };
-        let cp = ControlPlane { store, exports, tenants, endpoints, mutations: Mutex::new(()) };
+        let (jobs, jobs_report) = JobManager::open(store.clone(), job_opts)?;
+        report.jobs = jobs_report;
+        let cp = ControlPlane { store, exports, tenants, endpoints, jobs, mutations: Mutex::new(()) };
         (report.attachments_loaded, report.attachments_dropped) = cp.load_attachments()?;
         let (loaded, dropped) = cp.load_snapshot_attachments()?;
         report.attachments_loaded += loaded;
         report.attachments_dropped += dropped;
-        Ok((Arc::new(cp), report))
+        let cp = Arc::new(cp);
+        let executor: Arc<dyn crate::jobs::JobExecutor> = cp.clone();
+        cp.jobs.start(Arc::downgrade(&executor));
+        Ok((cp, report))
     }
 
     /// Mirrors the `attachments` table into the export registry. Rows whose volume is gone
@@ -176,6 +200,10 @@ impl ControlPlane {
         &self.store
     }
 
+    pub fn jobs(&self) -> &Arc<JobManager> {
+        &self.jobs
+    }
+
     /// The tenant that a call's metadata authenticates.
     pub fn authenticate(&self, metadata: &tonic::metadata::MetadataMap) -> Result<String, ApiError> {
         Ok(self.tenants.authenticate(metadata)?)
@@ -210,7 +238,15 @@ impl ControlPlane {
             created_unix: info.created,
             tier,
             attached: self.exports.is_attached(info.id),
+            state: self.volume_state(info.id).to_string(),
         }
+    }
+
+    /// A volume that may be changed: found, and not being deleted.
+    fn find_live(&self, owner: &str, name: &str) -> Result<VolumeInfo, ApiError> {
+        let info = self.find(owner, name)?;
+        self.ensure_not_deleting(name, info.id)?;
+        Ok(info)
     }
 
     /// Creates an empty volume of `tier` ("" = default) for `owner`.
@@ -244,7 +280,13 @@ impl ControlPlane {
             self.store.clone_snapshot(owner, name, snap, (size != 0).then_some(size))
         };
         let info = match created {
-            Err(StoreError::VolumeExists(_)) => return Err(ApiError::VolumeExists(name.to_string())),
+            Err(StoreError::VolumeExists(_)) => {
+                // The name frees up when the delete job has removed the volume.
+                if let Ok(old) = self.find(owner, name) {
+                    self.ensure_not_deleting(name, old.id)?;
+                }
+                return Err(ApiError::VolumeExists(name.to_string()));
+            }
             other => other?,
         };
         if let Err(e) = self.set_tier_row(info.id, tier) {
@@ -277,23 +319,22 @@ impl ControlPlane {
         Ok(self.describe(&info, self.tier_of(info.id)?))
     }
 
-    /// Deletes a detached volume and its data.
-    pub fn delete_volume(&self, owner: &str, name: &str) -> Result<(), ApiError> {
+    /// Queues the deletion of a detached volume and its data (a job: see [`jobs`]); from
+    /// here on the volume is `deleting`. Deleting a volume that is being deleted returns its
+    /// delete job.
+    pub fn delete_volume(&self, owner: &str, name: &str) -> Result<JobRecord, ApiError> {
         validate_volume_name(name)?;
         let _g = self.mutations.lock();
         let info = self.find(owner, name)?;
+        if let Some(job) = self.delete_job_of(info.id) {
+            return Ok(job);
+        }
         if self.exports.is_attached(info.id) || !self.tokens_of(info.id)?.is_empty() {
             return Err(ApiError::Attached(name.to_string()));
         }
-        let snaps: Vec<u64> = self.store.list_snapshots(info.id)?.iter().map(|s| s.id).collect();
-        self.revoke_snapshot_attachments(&snaps)?;
-        self.store.delete_volume(info.id)?;
-        // The volume is gone; a leftover tier row would only be noise (ids are not reused).
-        let w = self.store.catalog().begin_write().map_err(StoreError::from)?;
-        w.open_table(VOLUME_TIERS).map_err(StoreError::from)?.remove(info.id).map_err(StoreError::from)?;
-        w.commit().map_err(StoreError::from)?;
-        tracing::info!(owner, volume = name, id = info.id, "volume deleted");
-        Ok(())
+        let job = self.jobs.submit(owner, JobKind::DeleteVolume { volume_id: info.id, name: name.to_string() })?;
+        tracing::info!(owner, volume = name, id = info.id, job = job.id, "volume delete queued");
+        Ok(job)
     }
 
     /// Grows a volume; the same size is a no-op, a smaller one an error.
@@ -301,7 +342,7 @@ impl ControlPlane {
         validate_volume_name(name)?;
         validate_volume_size(size)?;
         let _g = self.mutations.lock();
-        let info = self.find(owner, name)?;
+        let info = self.find_live(owner, name)?;
         if size < info.size {
             return Err(ApiError::Shrink { name: name.to_string(), current: info.size, requested: size });
         }
@@ -321,7 +362,7 @@ impl ControlPlane {
             return Err(ApiError::TierDenied);
         }
         let _g = self.mutations.lock();
-        let info = self.find(owner, name)?;
+        let info = self.find_live(owner, name)?;
         self.set_tier_row(info.id, tier)?;
         tracing::info!(owner, volume = name, id = info.id, tier, "volume tier set");
         Ok(self.describe(&info, tier.to_string()))
@@ -335,7 +376,7 @@ impl ControlPlane {
             return Err(ApiError::NoUnixSocket);
         }
         let _g = self.mutations.lock();
-        let info = self.find(owner, name)?;
+        let info = self.find_live(owner, name)?;
         let token = match self.tokens_of(info.id)?.into_iter().next() {
             Some(token) => {
                 if self.exports.lookup(&token).is_none() {
@@ -510,8 +551,8 @@ impl VolumeService for VolumeApi {
         req: Request<pb::DeleteVolumeRequest>,
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
         let name = req.get_ref().name.clone();
-        self.run(&req, move |cp, owner| cp.delete_volume(owner, &name)).await?;
-        Ok(Response::new(pb::DeleteVolumeResponse {}))
+        let job = self.run(&req, move |cp, owner| cp.delete_volume(owner, &name)).await?;
+        Ok(Response::new(pb::DeleteVolumeResponse { job: Some(jobs::job_to_pb(&job)) }))
     }
 
     async fn extend_volume(
@@ -655,7 +696,9 @@ mod control_tests {
         assert!(cp.detach_volume(A, "v").unwrap());
         assert!(exports.lookup(&a1.token).is_none());
         assert!(!cp.detach_volume(A, "v").unwrap());
-        cp.delete_volume(A, "v").unwrap();
+        let job = cp.delete_volume(A, "v").unwrap();
+        let done = cp.jobs().wait(job.id, std::time::Duration::from_secs(30)).expect("the delete job ends");
+        assert_eq!(done.state, crate::jobs::JobState::Succeeded, "{done:?}");
         assert!(matches!(cp.get_volume(A, "v"), Err(ApiError::VolumeNotFound(_))));
         assert_eq!(cp.gauges().unwrap(), Gauges { volumes: 0, attached_volumes: 0 });
     }
