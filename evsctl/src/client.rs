@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
+use evs_proto::v1::job_service_client::JobServiceClient;
 use evs_proto::v1::snapshot_service_client::SnapshotServiceClient;
 use evs_proto::v1::volume_service_client::VolumeServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -15,11 +16,13 @@ use tonic::transport::{Channel, Endpoint};
 /// The volume client with the tenant's token on every call.
 pub type VolumeClient = VolumeServiceClient<InterceptedService<Channel, BearerAuth>>;
 pub type SnapshotClient = SnapshotServiceClient<InterceptedService<Channel, BearerAuth>>;
+pub type JobClient = JobServiceClient<InterceptedService<Channel, BearerAuth>>;
 
 /// The clients of every service, over one connection.
 pub struct Api {
     pub volume: VolumeClient,
     pub snapshot: SnapshotClient,
+    pub job: JobClient,
 }
 
 /// Adds `authorization: Bearer <token>` to every request.
@@ -102,7 +105,8 @@ pub async fn connect(endpoint: &str, token: &str) -> anyhow::Result<Api> {
         .with_context(|| format!("cannot connect to the EVS API at {url}"))?;
     Ok(Api {
         volume: VolumeServiceClient::with_interceptor(channel.clone(), BearerAuth(value.clone())),
-        snapshot: SnapshotServiceClient::with_interceptor(channel, BearerAuth(value)),
+        snapshot: SnapshotServiceClient::with_interceptor(channel.clone(), BearerAuth(value.clone())),
+        job: JobServiceClient::with_interceptor(channel, BearerAuth(value)),
     })
 }
 
