@@ -95,9 +95,11 @@ async fn poll(c: &mut JobClient, id: u64, bar: Option<&ProgressBar>) -> anyhow::
 
 fn new_bar(id: u64) -> ProgressBar {
     let b = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-    let style = ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
-        .expect("a valid progress template")
-        .progress_chars("=> ");
+    // The bar takes what the terminal leaves, so the line never wraps.
+    let style =
+        ProgressStyle::with_template("{msg} [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
+            .expect("a valid progress template")
+            .progress_chars("=> ");
     b.set_style(style);
     b.set_message(format!("job {id}"));
     b.enable_steady_tick(Duration::from_millis(250));
@@ -106,7 +108,7 @@ fn new_bar(id: u64) -> ProgressBar {
 
 fn show(b: &ProgressBar, job: &pb::Job) {
     let state = crate::output::job_state_name(job.state);
-    b.set_message(format!("job {} {} {}: {state}", job.id, job.kind, job.target));
+    b.set_message(format!("job {} ({}) {state}", job.id, job.target));
     if job.bytes_total > 0 {
         b.set_length(job.bytes_total);
     }

@@ -343,3 +343,29 @@ fn sigterm_mid_delete_resumes_and_destroys_once() {
 fn kill9_mid_delete_resumes_and_destroys_once() {
     restart_mid_delete(true);
 }
+
+/// `job wait` draws a progress bar only when stderr is a terminal (here a pty from
+/// util-linux's `script`); without one it prints nothing while waiting.
+#[test]
+fn job_wait_draws_a_progress_bar_on_a_terminal_only() {
+    let d = daemon(None, 4 * MIB);
+    volume_with_data(&d, "bar", 8 * MIB, 7);
+    let id = delete_no_wait(&d, "bar");
+    let evsctl = evs_tests::bin_path("evsctl");
+    let cmd = format!("{} --endpoint {} --token {} job wait {id}", evsctl.display(), d.endpoint(), d.token());
+    let o = evs_tests::tools::output_with_timeout(
+        std::process::Command::new(evs_tests::require_tool("script")).args(["-qec", &cmd, "/dev/null"]),
+        Duration::from_secs(120),
+    );
+    assert!(o.status.success(), "{}", format_output(&o));
+    let tty = String::from_utf8_lossy(&o.stdout);
+    assert!(tty.contains(&format!("job {id} (volume bar) running")), "no progress bar on the terminal:\n{tty}");
+    assert!(tty.contains("MiB/8.00 MiB"), "the bar counts bytes:\n{tty}");
+    assert!(tty.contains("state:     succeeded"), "{tty}");
+
+    volume_with_data(&d, "quiet", 4 * MIB, 8);
+    let id = delete_no_wait(&d, "quiet");
+    let o = d.evsctl(&["job", "wait", &id.to_string()]);
+    assert!(o.status.success(), "{}", format_output(&o));
+    assert!(o.stderr.is_empty(), "`job wait` without a terminal printed on stderr\n{}", format_output(&o));
+}
