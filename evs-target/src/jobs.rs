@@ -23,7 +23,7 @@
 //! What a job does is the [`JobExecutor`]'s business (the control plane); this module only
 //! queues, runs, records and reports.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -303,6 +303,8 @@ struct State {
     /// Queued job ids per tenant, oldest first.
     queues: BTreeMap<String, VecDeque<u64>>,
     running: BTreeMap<String, usize>,
+    /// Queued and running jobs (what `find_active` looks through, on every volume listing).
+    active: BTreeSet<u64>,
     executor: Option<Weak<dyn JobExecutor>>,
     shutting_down: bool,
     /// Worker threads alive.
@@ -378,6 +380,7 @@ impl JobManager {
             if rec.state == JobState::Queued {
                 report.queued += 1;
                 st.queues.entry(rec.tenant.clone()).or_default().push_back(rec.id);
+                st.active.insert(rec.id);
             }
             st.jobs.insert(rec.id, Entry { rec, point_of_no_return: None, last_persist: Instant::now() });
         }
@@ -447,6 +450,7 @@ impl JobManager {
             // Still under `persist`: ids enter the queue in the order they were allocated.
             let mut st = self.state.lock();
             st.queues.entry(rec.tenant.clone()).or_default().push_back(rec.id);
+            st.active.insert(rec.id);
             st.jobs.insert(rec.id, Entry { rec: rec.clone(), point_of_no_return: None, last_persist: Instant::now() });
             rec
         };
@@ -470,7 +474,8 @@ impl JobManager {
 
     /// The first queued or running job whose kind matches.
     pub fn find_active(&self, pred: impl Fn(&JobKind) -> bool) -> Option<JobRecord> {
-        self.state.lock().jobs.values().find(|e| !e.rec.state.is_finished() && pred(&e.rec.kind)).map(|e| e.rec.clone())
+        let st = self.state.lock();
+        st.active.iter().filter_map(|id| st.jobs.get(id)).find(|e| pred(&e.rec.kind)).map(|e| e.rec.clone())
     }
 
     /// Jobs per state, every state listed (finished ones: those still kept). For metrics.
@@ -510,6 +515,7 @@ impl JobManager {
                         if let Some(q) = st.queues.get_mut(tenant) {
                             q.retain(|j| *j != id);
                         }
+                        st.active.remove(&id);
                     }
                 }
                 e.rec.clone()
@@ -647,6 +653,7 @@ impl JobManager {
             }
             if !interrupted {
                 e.rec.finished = Some(now_unix());
+                st.active.remove(&id);
             }
             if let Some(n) = st.running.get_mut(&tenant) {
                 *n = n.saturating_sub(1);
@@ -850,7 +857,6 @@ impl JobContext {
 mod tests {
     use super::*;
     use evs_snapshot::{EngineKind, StoreOptions};
-    use std::collections::BTreeSet;
 
     fn rec(id: u64, state: JobState) -> JobRecord {
         JobRecord {
@@ -1031,6 +1037,9 @@ mod tests {
         assert_eq!(states(&m, "a"), [Running, Running, Running, Running, Running, Queued, Queued, Queued]);
         assert_eq!(states(&m, "b"), [Running, Running], "another tenant's jobs do not wait for a's");
         assert_eq!(m.counts_by_state()[..2], [(Queued, 3), (Running, 7)]);
+        let found = m.find_active(|k| k.deletes_volume() == Some(7)).expect("a's job on volume 7, queued");
+        assert_eq!((found.id, found.tenant.as_str()), (a[7], "a"));
+        assert!(m.find_active(|k| k.deletes_volume() == Some(99)).is_none());
 
         // Finishing a's jobs one at a time (not in order) starts its queued ones in FIFO order.
         for (i, id) in [a[3], a[0], a[6], a[1], a[2], a[4], a[5], a[7]].into_iter().enumerate() {
@@ -1054,6 +1063,7 @@ mod tests {
             assert!(r.started.is_some() && r.finished.is_some());
         }
         assert_eq!(m.counts_by_state(), [(Queued, 0), (Running, 0), (Succeeded, 10), (Failed, 0), (Cancelled, 0)]);
+        assert!(m.find_active(|_| true).is_none(), "no job is active any more");
     }
 
     #[test]
