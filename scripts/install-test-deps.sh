@@ -4,7 +4,8 @@
 #   scripts/install-test-deps.sh
 #
 # * Debian/Ubuntu packages: qemu-utils (qemu-img, qemu-io, qemu-nbd), libnbd-bin (nbdinfo,
-#   nbdcopy), fio (with its nbd engine), nbdkit. `apt-get update` runs once, and only when
+#   nbdcopy), fio (with its nbd engine), nbdkit, bsdutils (`script`: a pty for the progress-bar
+#   test; essential on Debian, so normally present). `apt-get update` runs once, and only when
 #   something is missing. Runs as root, or through sudo when not root (non-interactive when
 #   there is no terminal).
 # * Rust tools: cargo-nextest (`cargo install cargo-nextest --locked`), rustfmt and clippy
@@ -26,10 +27,11 @@ declare -A pkg_of=(
   [nbdcopy]=libnbd-bin
   [fio]=fio
   [nbdkit]=nbdkit
+  [script]=bsdutils
 )
 
 missing_pkgs=()
-for cmd in qemu-img qemu-io qemu-nbd nbdinfo nbdcopy fio nbdkit; do
+for cmd in qemu-img qemu-io qemu-nbd nbdinfo nbdcopy fio nbdkit script; do
   if ! command -v "$cmd" >/dev/null 2>&1; then
     p=${pkg_of[$cmd]}
     [[ " ${missing_pkgs[*]-} " == *" $p "* ]] || missing_pkgs+=("$p")

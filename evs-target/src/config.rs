@@ -14,6 +14,7 @@ use clap::Parser;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::jobs::{JobOptions, DEFAULT_MAX_RUNNING_PER_TENANT};
 use crate::qos::{default_tiers, RateSpec, TierSpec, MB};
 
 pub const DEFAULT_DATA_DIR: &str = "./evs-data";
@@ -84,6 +85,8 @@ pub struct Config {
     pub tiers: Vec<TierSpec>,
     /// Quotas of a tenant created without explicit ones (config file `[quotas]`).
     pub default_quota: Quota,
+    /// Job limits (config file `max_running_jobs_per_tenant`, `delete_bytes_per_second`).
+    pub jobs: JobOptions,
     /// None: `RUST_LOG` if set, else `info`.
     pub log: Option<String>,
 }
@@ -102,6 +105,11 @@ pub const DEFAULT_QUOTA: Quota = Quota { max_volumes: 200, max_capacity: 1 << 50
 pub const DEFAULT_MAX_SNAPSHOTS: usize = 128;
 /// Largest accepted `max_snapshots_per_volume`.
 pub const MAX_MAX_SNAPSHOTS: i64 = 4096;
+/// Largest accepted `max_running_jobs_per_tenant` (each running job is a thread).
+pub const MAX_MAX_RUNNING_JOBS: i64 = 64;
+/// Smallest accepted `delete_bytes_per_second` (1 MiB/s): slower would make a deletion of a
+/// large volume take days.
+pub const MIN_DELETE_BYTES_PER_SECOND: i64 = 1 << 20;
 
 /// A configuration problem; the message names the flag or the file, line and key.
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +155,10 @@ impl Config {
             max_snapshots: file.max_snapshots.unwrap_or(DEFAULT_MAX_SNAPSHOTS),
             tiers: file.tiers.unwrap_or_else(default_tiers),
             default_quota: file.default_quota.unwrap_or(DEFAULT_QUOTA),
+            jobs: JobOptions {
+                max_running_per_tenant: file.max_running_jobs.unwrap_or(DEFAULT_MAX_RUNNING_PER_TENANT),
+                delete_bytes_per_second: file.delete_bytes_per_second,
+            },
             log: flags.log.or(file.log),
             data_dir,
         })
@@ -168,6 +180,8 @@ struct FileConfig {
     io_backend: Option<IoBackend>,
     direct_writes: Option<OnOff>,
     max_snapshots: Option<usize>,
+    max_running_jobs: Option<usize>,
+    delete_bytes_per_second: Option<u64>,
     log: Option<String>,
 }
 
@@ -186,6 +200,8 @@ struct RawFile {
     /// `true`/`false` or `"on"`/`"off"`, like the flag.
     direct_writes: Option<Spanned<toml::Value>>,
     max_snapshots_per_volume: Option<Spanned<i64>>,
+    max_running_jobs_per_tenant: Option<Spanned<i64>>,
+    delete_bytes_per_second: Option<Spanned<i64>>,
     log: Option<Spanned<String>>,
     /// `[tiers.NAME]`: overrides of the default tiers, key by key.
     tiers: Option<std::collections::BTreeMap<Spanned<String>, RawTier>>,
@@ -328,10 +344,27 @@ impl FileConfig {
                 Some(quota)
             }
         };
+        let int = |key: &'static str, v: Option<Spanned<i64>>, lo: i64, hi: i64| -> Result<Option<i64>, ConfigError> {
+            let Some(v) = v else { return Ok(None) };
+            check_int(*v.get_ref(), lo, hi).map(Some).map_err(|message| ConfigError::Value {
+                path: path.to_path_buf(),
+                line: line_col(text, v.span().start).0,
+                key,
+                message,
+            })
+        };
+        let max_running_jobs =
+            int("max_running_jobs_per_tenant", raw.max_running_jobs_per_tenant, 1, MAX_MAX_RUNNING_JOBS)?
+                .map(|n| n as usize);
+        let delete_bytes_per_second =
+            int("delete_bytes_per_second", raw.delete_bytes_per_second, MIN_DELETE_BYTES_PER_SECOND, i64::MAX)?
+                .map(|n| n as u64);
         Ok(FileConfig {
             tiers,
             default_quota,
             max_snapshots,
+            max_running_jobs,
+            delete_bytes_per_second,
             data_dir: check(text, path, "data_dir", raw.data_dir, parse_data_dir)?,
             az: check(text, path, "az", raw.az, parse_az)?,
             nbd_listen: check(text, path, "nbd_listen", raw.nbd_listen, parse_listen)?,
@@ -414,6 +447,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let n: u64 =
         digits.parse().map_err(|_| format!("invalid size {s:?}: expected a whole number with K, M, G, T or P"))?;
     n.checked_mul(1u64 << shift).ok_or_else(|| format!("invalid size {s:?}: too large"))
+}
+
+/// An integer setting in `lo..=hi` (`hi` = i64::MAX: no upper bound).
+fn check_int(v: i64, lo: i64, hi: i64) -> Result<i64, String> {
+    match (v, hi) {
+        (v, _) if (lo..=hi).contains(&v) => Ok(v),
+        (v, i64::MAX) => Err(format!("{v} is less than the minimum, {lo}")),
+        (v, hi) => Err(format!("{v} is not between {lo} and {hi}")),
+    }
 }
 
 /// 1-based line and column of byte offset `at`.
@@ -700,6 +742,25 @@ mod tests {
         assert_eq!(c.io_backend, IoBackend::Auto);
         assert!(c.direct_writes);
         assert_eq!(c.log, None);
+        assert_eq!(c.jobs, JobOptions { max_running_per_tenant: 5, delete_bytes_per_second: None });
+    }
+
+    #[test]
+    fn job_settings() {
+        let c = with_file("max_running_jobs_per_tenant = 2\ndelete_bytes_per_second = 67108864\n", &[]).unwrap();
+        assert_eq!(c.jobs, JobOptions { max_running_per_tenant: 2, delete_bytes_per_second: Some(64 << 20) });
+        for (toml, key, why) in [
+            ("max_running_jobs_per_tenant = 0\n", "max_running_jobs_per_tenant", "0 is not between 1 and 64"),
+            ("\nmax_running_jobs_per_tenant = 65\n", "max_running_jobs_per_tenant", "65 is not between 1 and 64"),
+            ("delete_bytes_per_second = 1000\n", "delete_bytes_per_second", "less than the minimum, 1048576"),
+        ] {
+            let e = with_file(toml, &[]).unwrap_err();
+            let line = if toml.starts_with('\n') { 2 } else { 1 };
+            assert!(matches!(&e, ConfigError::Value { key: k, line: l, .. } if *k == key && *l == line), "{e}");
+            assert!(e.to_string().contains(why), "{e}");
+        }
+        let e = with_file("max_running_jobs_per_tenant = \"five\"\n", &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::Syntax { line: 1, .. }), "{e}");
     }
 
     #[test]

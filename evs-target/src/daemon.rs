@@ -8,7 +8,9 @@
 //!
 //! Shutdown order: stop accepting (gRPC server asked to stop, NBD accept loops dropped),
 //! close NBD connections after their in-flight requests, wait for the connection threads,
-//! let in-flight gRPC calls finish (bounded), flush every volume, exit 0.
+//! let in-flight gRPC calls finish (bounded), stop the running jobs at their next check
+//! (bounded; they stay `running` in the catalog and resume at the next start), flush every
+//! volume, exit 0.
 
 use std::io::IsTerminal;
 use std::path::Path;
@@ -17,6 +19,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use evs_proto::v1::audit_service_server::AuditServiceServer;
+use evs_proto::v1::job_service_server::JobServiceServer;
 use evs_proto::v1::server_service_server::ServerServiceServer;
 use evs_proto::v1::snapshot_service_server::SnapshotServiceServer;
 use evs_proto::v1::tenant_service_server::TenantServiceServer;
@@ -36,6 +39,8 @@ use crate::nbd::server::NbdServer;
 
 /// How long in-flight gRPC calls get to finish at shutdown.
 const GRPC_DRAIN: Duration = Duration::from_secs(10);
+/// How long running jobs get to reach their next check at shutdown.
+const JOBS_DRAIN: Duration = Duration::from_secs(10);
 
 /// Runs the daemon until SIGTERM/SIGINT. Errors are start-up failures (named address, path)
 /// or a failed final flush.
@@ -156,7 +161,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let endpoints = NbdEndpoints { tcp: nbd_addr, unix: nbd_unix.as_ref().map(|(_, p)| p.clone()) };
     let (cp, report) = {
         let (store, exports, dir) = (store.clone(), exports.clone(), data_dir.clone());
-        let opts = ControlOptions { tiers: config.tiers.clone(), default_quota: config.default_quota };
+        let opts =
+            ControlOptions { tiers: config.tiers.clone(), default_quota: config.default_quota, jobs: config.jobs };
         tokio::task::spawn_blocking(move || ControlPlane::open(store, exports, &dir, endpoints, opts))
             .await
             .context("opening the control plane")?
@@ -170,6 +176,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             loaded = report.attachments_loaded,
             dropped = report.attachments_dropped,
             "attachments reloaded"
+        );
+    }
+    let j = report.jobs;
+    if j.queued + j.resumed + j.failed + j.cancelled > 0 {
+        tracing::info!(
+            queued = j.queued,
+            resumed = j.resumed,
+            failed = j.failed,
+            cancelled = j.cancelled,
+            "jobs reloaded (resumed: interrupted by the last stop, running again)"
         );
     }
 
@@ -198,6 +214,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             .add_service(TenantServiceServer::new(VolumeApi::new(cp.clone())))
             .add_service(ServerServiceServer::new(VolumeApi::new(cp.clone())))
             .add_service(AuditServiceServer::new(VolumeApi::new(cp.clone())))
+            .add_service(JobServiceServer::new(VolumeApi::new(cp.clone())))
             .add_service(reflection)
             .add_service(reflection_alpha);
         let incoming = TcpIncoming::from(api_listener).with_nodelay(Some(true));
@@ -258,6 +275,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 tracing::warn!("gRPC calls still running after {GRPC_DRAIN:?}; stopping anyway");
                 grpc.abort();
             }
+        }
+    }
+    // Jobs stop at their next check and resume at the next start.
+    {
+        let jobs = cp.jobs().clone();
+        let left = tokio::task::spawn_blocking(move || jobs.shutdown(JOBS_DRAIN)).await.context("stopping jobs")?;
+        if left > 0 {
+            tracing::warn!(
+                jobs = left,
+                "jobs still running after {JOBS_DRAIN:?}; stopping anyway (they resume at the next start)"
+            );
         }
     }
     // Flush: everything acknowledged to a client is durable before we exit.

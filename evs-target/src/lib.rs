@@ -5,6 +5,7 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod exports;
+pub mod jobs;
 pub mod metrics;
 pub mod nbd;
 pub mod qos;

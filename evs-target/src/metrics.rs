@@ -9,6 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::api::{ControlPlane, Gauges};
+use crate::jobs::JobState;
 #[cfg(test)]
 use crate::volume_io::VolumeIoRegistry;
 use crate::volume_io::{VolumeIo, VolumeStats, LATENCY_BOUNDS};
@@ -71,6 +72,7 @@ async fn metrics_conn(mut sock: TcpStream, cp: Arc<ControlPlane>, info: Arc<Metr
             match gauges {
                 Ok(Ok(g)) => {
                     let mut text = render_metrics(&g, &info);
+                    render_jobs(&mut text, &cp.jobs().counts_by_state());
                     render_volume_io(&mut text, &cp.volume_io().all());
                     http_response(200, "OK", &text, head_only)
                 }
@@ -144,6 +146,14 @@ fn render_metrics(g: &Gauges, info: &MetricsInfo) -> String {
     );
     gauge("evs_build_info", "Version, I/O backend and AZ of this target.", &labels, 1);
     out
+}
+
+/// Jobs by state (finished states count the jobs kept in the history).
+pub fn render_jobs(out: &mut String, counts: &[(JobState, u64)]) {
+    out.push_str("# HELP evs_jobs Jobs by state.\n# TYPE evs_jobs gauge\n");
+    for (state, n) in counts {
+        out.push_str(&format!("evs_jobs{{state=\"{}\"}} {n}\n", state.name()));
+    }
 }
 
 /// Per-volume data-path figures: operations, bytes, errors, QoS throttling, queue depth and
@@ -227,6 +237,15 @@ mod tests {
         assert!(text.contains("\nevs_attached_volumes 1\n"), "{text}");
         assert!(text.contains("io_backend=\"uring\",az=\"az\\\"1\"} 1\n"), "{text}");
         assert!(text.contains("\nevs_tenants 2\n"), "{text}");
+    }
+
+    #[test]
+    fn jobs_by_state() {
+        let mut text = String::new();
+        render_jobs(&mut text, &[(JobState::Queued, 3), (JobState::Running, 5)]);
+        assert!(text.contains("# TYPE evs_jobs gauge\n"), "{text}");
+        assert!(text.contains("evs_jobs{state=\"queued\"} 3\n"), "{text}");
+        assert!(text.contains("evs_jobs{state=\"running\"} 5\n"), "{text}");
     }
 
     #[test]

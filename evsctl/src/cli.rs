@@ -51,6 +51,9 @@ pub enum Command {
     /// The audit log of mutating calls (admin).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Jobs (long operations such as volume delete): list, show, wait, cancel.
+    #[command(subcommand)]
+    Job(JobCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -109,6 +112,21 @@ pub enum AuditCommand {
         #[arg(long, default_value_t = 0, hide_default_value = true)]
         limit: u32,
     },
+}
+
+/// Exit status of `job wait` (and of the commands that wait for a job, such as
+/// `volume delete`): 0 succeeded, 1 failed (or any other error), 3 cancelled.
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// List the tenant's jobs, oldest first.
+    List,
+    /// Show one job.
+    Show { id: u64 },
+    /// Wait for a job to end (a progress bar on a terminal); the exit status is its result:
+    /// 0 succeeded, 1 failed, 3 cancelled.
+    Wait { id: u64 },
+    /// Cancel a job: a queued one at once, a running one at its next check.
+    Cancel { id: u64 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -191,8 +209,13 @@ pub enum VolumeCommand {
     List,
     /// Show one volume.
     Show { name: String },
-    /// Delete a detached volume and its data.
-    Delete { name: String },
+    /// Delete a detached volume and its data (a job; waits for it unless --no-wait).
+    Delete {
+        name: String,
+        /// Print the delete job and return at once (follow it with `evsctl job wait ID`).
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Grow a volume, online (never shrinks).
     Extend {
         name: String,
@@ -259,6 +282,17 @@ mod tests {
         assert_eq!(cli.token.as_deref(), Some("t"));
         let cli = parse(&["--output", "json", "volume", "attach", "db", "--unix"]).unwrap();
         assert!(matches!(cli.command, Command::Volume(VolumeCommand::Attach { unix: true, .. })));
+    }
+
+    #[test]
+    fn job_commands() {
+        assert!(matches!(parse(&["job", "wait", "7"]).unwrap().command, Command::Job(JobCommand::Wait { id: 7 })));
+        assert!(matches!(parse(&["job", "list"]).unwrap().command, Command::Job(JobCommand::List)));
+        let cli = parse(&["volume", "delete", "db", "--no-wait"]).unwrap();
+        assert!(matches!(cli.command, Command::Volume(VolumeCommand::Delete { no_wait: true, .. })));
+        let e = parse(&["job", "show", "seven"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("seven"), "{e}");
     }
 
     #[test]

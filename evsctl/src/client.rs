@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use evs_proto::v1::audit_service_client::AuditServiceClient;
+use evs_proto::v1::job_service_client::JobServiceClient;
 use evs_proto::v1::server_service_client::ServerServiceClient;
 use evs_proto::v1::snapshot_service_client::SnapshotServiceClient;
 use evs_proto::v1::tenant_service_client::TenantServiceClient;
@@ -21,6 +22,7 @@ pub type SnapshotClient = SnapshotServiceClient<InterceptedService<Channel, Bear
 pub type TenantClient = TenantServiceClient<InterceptedService<Channel, BearerAuth>>;
 pub type ServerClient = ServerServiceClient<InterceptedService<Channel, BearerAuth>>;
 pub type AuditClient = AuditServiceClient<InterceptedService<Channel, BearerAuth>>;
+pub type JobClient = JobServiceClient<InterceptedService<Channel, BearerAuth>>;
 
 /// The clients of every service, over one connection.
 pub struct Api {
@@ -29,6 +31,7 @@ pub struct Api {
     pub tenant: TenantClient,
     pub server: ServerClient,
     pub audit: AuditClient,
+    pub job: JobClient,
 }
 
 /// Adds `authorization: Bearer <token>` to every request.
@@ -115,6 +118,7 @@ pub async fn connect(endpoint: &str, token: &str) -> anyhow::Result<Api> {
         snapshot: SnapshotServiceClient::with_interceptor(channel.clone(), auth.clone()),
         tenant: TenantServiceClient::with_interceptor(channel.clone(), auth.clone()),
         server: ServerServiceClient::with_interceptor(channel.clone(), auth.clone()),
+        job: JobServiceClient::with_interceptor(channel.clone(), auth.clone()),
         audit: AuditServiceClient::with_interceptor(channel, auth),
     })
 }

@@ -3,24 +3,30 @@
 //! * [`cli`]: the command line (clap);
 //! * [`client`]: endpoint, token, connection;
 //! * [`size`]: `10G`-style sizes;
-//! * [`output`]: tables and JSON.
+//! * [`output`]: tables and JSON;
+//! * [`wait`]: following a job (progress bar, result).
 //!
-//! Exit codes: 0 success, 1 any failure (server refusal, connection), 2 usage (clap).
+//! Exit codes: 0 success, 1 any failure (server refusal, connection, a failed job), 2 usage
+//! (clap), 3 the job waited for (`job wait`, `volume delete`) was cancelled.
 
 pub mod cli;
 pub mod client;
 pub mod control;
 pub mod output;
 pub mod size;
+pub mod wait;
 
 use std::io::Write;
 
 use anyhow::Context;
 use evs_proto::v1 as pb;
 
-use cli::{Cli, Command, OutputFormat, SnapshotCommand, VolumeCommand};
-use client::{ServerError, SnapshotClient, VolumeClient};
-use output::{AttachView, DeleteView, DetachView, DiffView, SnapshotList, SnapshotView, VolumeList, VolumeView};
+use cli::{Cli, Command, JobCommand, OutputFormat, SnapshotCommand, VolumeCommand};
+use client::{JobClient, ServerError, SnapshotClient, VolumeClient};
+use output::{
+    AttachView, DeleteView, DetachView, DiffView, JobList, JobView, SnapshotList, SnapshotView, VolumeDeleteView,
+    VolumeList, VolumeView,
+};
 
 /// Runs one command. The error, printed with `{:#}`, is the one-line message for stderr.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -32,11 +38,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let token = client::resolve_token(cli.token.as_deref(), &Cli::default_token_file())?;
     let mut c = client::connect(&cli.endpoint, &token).await?;
     let out = match cli.command {
-        Command::Volume(cmd) => volume(&mut c.volume, cmd, cli.output).await?,
+        Command::Volume(cmd) => volume(&mut c.volume, &mut c.job, cmd, cli.output).await?,
         Command::Snapshot(cmd) => snapshot(&mut c.snapshot, cmd, cli.output).await?,
         Command::Tenant(cmd) => control::tenant(&mut c.tenant, cmd, cli.output).await?,
         Command::Server(cmd) => control::server(&mut c.server, cmd, cli.output).await?,
         Command::Audit(cmd) => control::audit(&mut c.audit, cmd, cli.output).await?,
+        Command::Job(cmd) => job(&mut c.job, cmd, cli.output).await?,
     };
     emit(&out)
 }
@@ -62,7 +69,12 @@ fn one_volume(v: VolumeView, format: OutputFormat) -> String {
     }
 }
 
-async fn volume(c: &mut VolumeClient, cmd: VolumeCommand, format: OutputFormat) -> anyhow::Result<String> {
+async fn volume(
+    c: &mut VolumeClient,
+    jobs: &mut JobClient,
+    cmd: VolumeCommand,
+    format: OutputFormat,
+) -> anyhow::Result<String> {
     Ok(match cmd {
         VolumeCommand::Create { name, size, tier, from_snapshot, from_backup } => {
             let r = c
@@ -89,12 +101,33 @@ async fn volume(c: &mut VolumeClient, cmd: VolumeCommand, format: OutputFormat) 
             let r = c.get_volume(pb::GetVolumeRequest { name }).await.map_err(ServerError::from)?;
             one_volume(volume_of(r.into_inner().volume)?, format)
         }
-        VolumeCommand::Delete { name } => {
-            c.delete_volume(pb::DeleteVolumeRequest { name: name.clone() }).await.map_err(ServerError::from)?;
-            match format {
-                OutputFormat::Json => output::json(&DeleteView { name, deleted: true }),
-                OutputFormat::Table => format!("deleted volume {name}\n"),
+        VolumeCommand::Delete { name, no_wait } => {
+            let r = c.delete_volume(pb::DeleteVolumeRequest { name: name.clone() }).await.map_err(ServerError::from)?;
+            let job = r.into_inner().job.context("the server's reply carries no delete job")?;
+            let id = job.id;
+            let (job, result) = if no_wait {
+                (job, Ok(()))
+            } else {
+                let job = wait::wait_job(jobs, id).await?;
+                let result = wait::job_result(&job, &format!("deleting volume {name} (job {id})"));
+                (job, result)
+            };
+            let deleted = result.is_ok() && !no_wait;
+            let out = match format {
+                OutputFormat::Json => {
+                    output::json(&VolumeDeleteView { name: name.clone(), deleted, job_id: id, job: job.into() })
+                }
+                OutputFormat::Table if no_wait => {
+                    format!("deleting volume {name}: job {id} (follow it with `evsctl job wait {id}`)\n")
+                }
+                OutputFormat::Table if deleted => format!("deleted volume {name}\n"),
+                OutputFormat::Table => String::new(),
+            };
+            if let Err(e) = result {
+                emit(&out)?;
+                return Err(e.into());
             }
+            out
         }
         VolumeCommand::Extend { name, size } => {
             let r =
@@ -133,6 +166,51 @@ async fn volume(c: &mut VolumeClient, cmd: VolumeCommand, format: OutputFormat) 
                 OutputFormat::Json => output::json(&DetachView { name, was_attached }),
                 OutputFormat::Table if was_attached => format!("detached volume {name}\n"),
                 OutputFormat::Table => format!("volume {name} was not attached\n"),
+            }
+        }
+    })
+}
+
+async fn job(c: &mut JobClient, cmd: JobCommand, format: OutputFormat) -> anyhow::Result<String> {
+    let one = |j: pb::Job| {
+        let v = JobView::from(j);
+        match format {
+            OutputFormat::Json => output::json(&v),
+            OutputFormat::Table => output::job_detail(&v),
+        }
+    };
+    let job_of = |j: Option<pb::Job>| j.context("the server's reply carries no job");
+    Ok(match cmd {
+        JobCommand::List => {
+            let r = c.list_jobs(pb::ListJobsRequest {}).await.map_err(ServerError::from)?;
+            let jobs: Vec<JobView> = r.into_inner().jobs.into_iter().map(JobView::from).collect();
+            match format {
+                OutputFormat::Json => output::json(&JobList { jobs }),
+                OutputFormat::Table => output::job_table(&jobs),
+            }
+        }
+        JobCommand::Show { id } => {
+            let r = c.get_job(pb::GetJobRequest { id }).await.map_err(ServerError::from)?;
+            one(job_of(r.into_inner().job)?)
+        }
+        JobCommand::Wait { id } => {
+            let job = wait::wait_job(c, id).await?;
+            let result = wait::job_result(&job, &format!("job {id}"));
+            let out = one(job);
+            if let Err(e) = result {
+                emit(&out)?;
+                return Err(e.into());
+            }
+            out
+        }
+        JobCommand::Cancel { id } => {
+            let r = c.cancel_job(pb::CancelJobRequest { id }).await.map_err(ServerError::from)?;
+            let job = job_of(r.into_inner().job)?;
+            let cancelled = job.state == pb::JobState::Cancelled as i32;
+            match format {
+                OutputFormat::Json => one(job),
+                OutputFormat::Table if cancelled => format!("cancelled job {id}\n"),
+                OutputFormat::Table => format!("asked job {id} to cancel; it stops at its next check\n"),
             }
         }
     })

@@ -3,15 +3,17 @@
 //!
 //! JSON shapes (field names as in the .proto, sizes in bytes, times in Unix seconds):
 //! * `volume create | show | extend | set-tier`: the volume object
-//!   `{"name","id","size_bytes","allocated_bytes","created_unix","tier","attached","server",
-//!   "qos"}` (`server` null unless the volume belongs to one; `qos` null for the `unlimited`
+//!   `{"name","id","size_bytes","allocated_bytes","created_unix","tier","attached","state",
+//!   "server","qos"}` (`state`: `available`, or `deleting` while its delete job is queued or
+//!   running; `server` null unless the volume belongs to one; `qos` null for the `unlimited`
 //!   tier, else `{"iops_limit","iops_peak","iops_burst_capacity","iops_burst_balance",
 //!   "bandwidth_limit","bandwidth_peak","bandwidth_burst_capacity","bandwidth_burst_balance"}`,
 //!   bandwidth in bytes per second, burst figures in I/O units or bytes);
 //! * `volume list`: `{"volumes": [volume, ...]}`;
 //! * `volume attach`: `{"uri","unix_uri","export_name","volume": volume}` (`unix_uri` is null
 //!   when the daemon has no unix socket);
-//! * `volume detach`: `{"name","was_attached"}`; `volume delete`: `{"name","deleted": true}`;
+//! * `volume detach`: `{"name","was_attached"}`; `volume delete`: `{"name","deleted","job_id",
+//!   "job": job}` (`deleted` is true once the job succeeded; false with `--no-wait`);
 //! * `snapshot create | show`: the snapshot object
 //!   `{"volume","name","id","size_bytes","created_unix","group","attached"}` (`group` null
 //!   unless taken by `create-group`); `snapshot list | create-group`: `{"snapshots": [...]}`;
@@ -19,6 +21,10 @@
 //!   `"name": "VOLUME@SNAP"`; `snapshot attach`: `{"uri","unix_uri","export_name","snapshot"}`;
 //! * `snapshot diff`: `{"from","to","size_bytes","changed_bytes","extents": [{"offset",
 //!   "length","zero"}]}` (`from`/`to` null for none / the current state).
+//! * `job show | wait | cancel`: the job object `{"id","kind","target","state","bytes_done",
+//!   "bytes_total","error","notes","created_unix","started_unix","finished_unix",
+//!   "cancel_requested"}` (`state`: queued, running, succeeded, failed, cancelled; `error`,
+//!   `started_unix`, `finished_unix` null until they apply); `job list`: `{"jobs": [...]}`.
 
 use std::fmt::Write as _;
 
@@ -37,6 +43,7 @@ pub struct VolumeView {
     pub created_unix: u64,
     pub tier: String,
     pub attached: bool,
+    pub state: String,
     pub server: Option<String>,
     pub qos: Option<QosView>,
 }
@@ -79,6 +86,7 @@ impl From<pb::Volume> for VolumeView {
             created_unix: v.created_unix,
             tier: v.tier,
             attached: v.attached,
+            state: v.state,
             server: Some(v.server).filter(|s| !s.is_empty()),
             qos: v.qos.map(QosView::from),
         }
@@ -108,6 +116,136 @@ pub struct DetachView {
 pub struct DeleteView {
     pub name: String,
     pub deleted: bool,
+}
+
+/// `volume delete`: the fields of [`DeleteView`] plus the delete job.
+#[derive(Debug, Serialize)]
+pub struct VolumeDeleteView {
+    pub name: String,
+    pub deleted: bool,
+    pub job_id: u64,
+    pub job: JobView,
+}
+
+/// A job as printed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JobView {
+    pub id: u64,
+    pub kind: String,
+    pub target: String,
+    pub state: String,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub error: Option<String>,
+    pub notes: Vec<String>,
+    pub created_unix: u64,
+    pub started_unix: Option<u64>,
+    pub finished_unix: Option<u64>,
+    pub cancel_requested: bool,
+}
+
+/// The name of a job state as the CLI prints it.
+pub fn job_state_name(state: i32) -> &'static str {
+    match pb::JobState::try_from(state) {
+        Ok(pb::JobState::Queued) => "queued",
+        Ok(pb::JobState::Running) => "running",
+        Ok(pb::JobState::Succeeded) => "succeeded",
+        Ok(pb::JobState::Failed) => "failed",
+        Ok(pb::JobState::Cancelled) => "cancelled",
+        Ok(pb::JobState::Unspecified) | Err(_) => "unknown",
+    }
+}
+
+impl From<pb::Job> for JobView {
+    fn from(j: pb::Job) -> Self {
+        JobView {
+            id: j.id,
+            kind: j.kind,
+            target: j.target,
+            state: job_state_name(j.state).to_string(),
+            bytes_done: j.bytes_done,
+            bytes_total: j.bytes_total,
+            error: Some(j.error).filter(|e| !e.is_empty()),
+            notes: j.notes,
+            created_unix: j.created_unix,
+            started_unix: Some(j.started_unix).filter(|t| *t != 0),
+            finished_unix: Some(j.finished_unix).filter(|t| *t != 0),
+            cancel_requested: j.cancel_requested,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct JobList {
+    pub jobs: Vec<JobView>,
+}
+
+/// `12 MiB / 64 MiB (18%)`; `-` while the total is unknown, the bytes alone when a job ended
+/// without one (nothing to process).
+pub fn job_progress(j: &JobView) -> String {
+    if j.bytes_total == 0 {
+        let active = j.state == "queued" || j.state == "running";
+        return if active && j.bytes_done == 0 { "-".into() } else { format_size(j.bytes_done) };
+    }
+    let pct = (j.bytes_done.min(j.bytes_total) as f64 * 100.0 / j.bytes_total as f64).floor();
+    format!("{} / {} ({pct:.0}%)", format_size(j.bytes_done), format_size(j.bytes_total))
+}
+
+/// `job list`.
+pub fn job_table(jobs: &[JobView]) -> String {
+    if jobs.is_empty() {
+        return "no jobs\n".to_string();
+    }
+    let header = ["ID", "KIND", "TARGET", "STATE", "PROGRESS", "CREATED"].map(String::from).to_vec();
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            vec![
+                j.id.to_string(),
+                j.kind.clone(),
+                j.target.clone(),
+                j.state.clone(),
+                job_progress(j),
+                format_time(j.created_unix),
+            ]
+        })
+        .collect();
+    table(&header, &rows)
+}
+
+/// `job show`.
+pub fn job_detail(j: &JobView) -> String {
+    let when = |t: Option<u64>| t.map(format_time).unwrap_or_else(|| "-".into());
+    let mut rows = vec![
+        ("job", j.id.to_string()),
+        ("kind", j.kind.clone()),
+        ("target", j.target.clone()),
+        (
+            "state",
+            if j.cancel_requested && j.state == "running" {
+                "running (cancel requested)".into()
+            } else {
+                j.state.clone()
+            },
+        ),
+        ("progress", job_progress(j)),
+    ];
+    if let Some(e) = &j.error {
+        rows.push(("error", e.clone()));
+    }
+    rows.extend([
+        ("created", format_time(j.created_unix)),
+        ("started", when(j.started_unix)),
+        ("finished", when(j.finished_unix)),
+    ]);
+    for n in &j.notes {
+        rows.push(("note", n.clone()));
+    }
+    let mut out = String::new();
+    for (k, val) in rows {
+        let _ = writeln!(out, "{:<10} {val}", format!("{k}:"));
+    }
+    out
 }
 
 /// A snapshot as printed.
@@ -238,6 +376,7 @@ pub fn volume_detail(v: &VolumeView) -> String {
         ("allocated", format!("{} ({} bytes)", format_size(v.allocated_bytes), v.allocated_bytes)),
         ("tier", v.tier.clone()),
         ("attached", yes_no(v.attached).to_string()),
+        ("state", v.state.clone()),
         ("server", v.server.clone().unwrap_or_else(|| "-".into())),
         ("created", format_time(v.created_unix)),
     ];
@@ -278,7 +417,7 @@ pub fn volume_table(vols: &[VolumeView]) -> String {
     if vols.is_empty() {
         return "no volumes\n".to_string();
     }
-    let header = ["NAME", "SIZE", "ALLOCATED", "TIER", "ATTACHED", "CREATED"].map(String::from).to_vec();
+    let header = ["NAME", "SIZE", "ALLOCATED", "TIER", "ATTACHED", "CREATED", "STATE"].map(String::from).to_vec();
     let rows: Vec<Vec<String>> = vols
         .iter()
         .map(|v| {
@@ -289,6 +428,7 @@ pub fn volume_table(vols: &[VolumeView]) -> String {
                 v.tier.clone(),
                 yes_no(v.attached).to_string(),
                 format_time(v.created_unix),
+                v.state.clone(),
             ]
         })
         .collect();
@@ -362,6 +502,7 @@ mod tests {
             created_unix: 1_700_000_000,
             tier: "gpssd".into(),
             attached: true,
+            state: "available".into(),
             server: None,
             qos: Some(QosView {
                 iops_limit: 1920.0,
@@ -374,6 +515,45 @@ mod tests {
                 bandwidth_burst_balance: 0.0,
             }),
         }
+    }
+
+    fn job(state: &str, done: u64, total: u64) -> JobView {
+        JobView {
+            id: 7,
+            kind: "delete-volume".into(),
+            target: "volume db".into(),
+            state: state.into(),
+            bytes_done: done,
+            bytes_total: total,
+            error: None,
+            notes: vec!["resumed after a daemon restart".into()],
+            created_unix: 1_700_000_000,
+            started_unix: Some(1_700_000_001),
+            finished_unix: None,
+            cancel_requested: false,
+        }
+    }
+
+    #[test]
+    fn jobs() {
+        assert_eq!(job_progress(&job("queued", 0, 0)), "-");
+        assert_eq!(job_progress(&job("succeeded", 0, 0)), "0 B");
+        assert_eq!(job_progress(&job("running", 16 << 20, 64 << 20)), "16 MiB / 64 MiB (25%)");
+        let t = job_table(&[job("running", 16 << 20, 64 << 20)]);
+        assert!(t.starts_with("ID  KIND           TARGET     STATE    PROGRESS"), "{t}");
+        assert!(t.contains("7   delete-volume  volume db  running  16 MiB / 64 MiB (25%)"), "{t}");
+        assert_eq!(job_table(&[]), "no jobs\n");
+        let d = job_detail(&job("running", 1, 2));
+        assert!(d.contains("state:     running\n") && d.contains("finished:  -\n"), "{d}");
+        assert!(d.contains("note:      resumed after a daemon restart\n"), "{d}");
+        let mut failed = job("failed", 1, 2);
+        failed.error = Some("disk on fire".into());
+        assert!(job_detail(&failed).contains("error:     disk on fire\n"));
+        let v: serde_json::Value = serde_json::from_str(&json(&job("queued", 0, 0))).unwrap();
+        assert!(v["error"].is_null() && v["finished_unix"].is_null());
+        assert_eq!(v["started_unix"], 1_700_000_001u64);
+        assert_eq!(job_state_name(pb::JobState::Cancelled as i32), "cancelled");
+        assert_eq!(job_state_name(99), "unknown");
     }
 
     #[test]

@@ -19,5 +19,8 @@ mod tests {
         assert!(has(b"evs/v1/volume.proto"));
         assert!(has(b"VolumeService"));
         assert!(has(b"AttachVolume"));
+        assert!(has(b"evs/v1/job.proto"));
+        assert!(has(b"JobService"));
+        assert!(has(b"CancelJob"));
     }
 }

@@ -13,6 +13,7 @@
 pub mod aligned_buf;
 pub mod alloc_map;
 pub mod catalog;
+pub mod deletion;
 pub mod error;
 pub mod io_engine;
 pub mod layer;
@@ -22,6 +23,7 @@ pub mod store;
 pub mod volume;
 
 pub use aligned_buf::AlignedBuf;
+pub use deletion::VolumeRemoval;
 pub use error::StoreError;
 pub use io_engine::{Completion, EngineKind, IoEngine, Op, Segment};
 pub use snapshots::{ChangedExtent, SnapshotInfo};

@@ -234,11 +234,18 @@ impl BlockStore {
         Ok(l)
     }
 
-    /// Unlinks the files of layers the catalog no longer has.
-    pub(crate) fn unlink_layers(&self, ids: &[u64]) {
+    /// Drops layers the catalog no longer has from the cache of open layers.
+    pub(crate) fn forget_layers(&self, ids: &[u64]) {
         let mut cache = self.layer_cache.lock();
         for l in ids {
             cache.remove(l);
+        }
+    }
+
+    /// Unlinks the files of layers the catalog no longer has.
+    pub(crate) fn unlink_layers(&self, ids: &[u64]) {
+        self.forget_layers(ids);
+        for l in ids {
             for p in [layer::data_path(&self.layers_dir, *l), layer::map_path(&self.layers_dir, *l)] {
                 if let Err(e) = std::fs::remove_file(&p) {
                     // The sweep at the next open removes it.
@@ -460,49 +467,11 @@ impl BlockStore {
     }
 
     /// Deletes a volume with its snapshots and destroys their data: layers nothing else uses
-    /// (a clone may still use some) are unlinked.
+    /// (a clone may still use some) are unlinked at once. [`BlockStore::remove_volume`] and
+    /// [`BlockStore::destroy_removed`] do the same in two steps, with progress.
     pub fn delete_volume(&self, id: u64) -> Result<(), StoreError> {
-        let _admin = self.lock_admin();
-        let txn = self.db.begin_write()?;
-        let (doomed, snaps) = {
-            let mut vols = txn.open_table(VOLUMES)?;
-            let rec: VolumeRecord = match vols.remove(id)? {
-                Some(v) => catalog::decode(v.value(), "volume record")?,
-                None => return Err(StoreError::VolumeNotFound(format!("#{id}"))),
-            };
-            txn.open_table(VOLUME_NAMES)?.remove(catalog::name_key(&rec.owner, &rec.name).as_str())?;
-            let mut layers = txn.open_table(LAYERS)?;
-            let mut touched = vec![rec.head];
-            let mut sn = txn.open_table(SNAPSHOT_NAMES)?;
-            let snaps = crate::snapshots::snapshot_ids_in(&sn, id)?;
-            {
-                let mut st = txn.open_table(SNAPSHOTS)?;
-                for s in &snaps {
-                    let Some(sr) = catalog::get::<SnapshotRecord>(&st, *s, "snapshot")? else { continue };
-                    st.remove(*s)?;
-                    sn.remove(catalog::snapshot_key(id, &sr.name).as_str())?;
-                    let mut lr: LayerRecord = catalog::must(&layers, sr.layer, "layer")?;
-                    lr.snapshots.retain(|x| x != s);
-                    catalog::put(&mut layers, sr.layer, &lr)?;
-                    touched.push(sr.layer);
-                }
-            }
-            let mut hr: LayerRecord = catalog::must(&layers, rec.head, "layer")?;
-            hr.head_of = None;
-            catalog::put(&mut layers, rec.head, &hr)?;
-            (catalog::collect_garbage(&mut layers, touched)?, snaps)
-        };
-        txn.commit()?;
-        self.open.lock().remove(&id);
-        {
-            let mut views = self.views.lock();
-            for s in &snaps {
-                views.remove(s);
-            }
-        }
-        self.unlink_layers(&doomed);
-        drop(_admin);
-        self.kick_merges();
+        let removal = self.remove_volume(id)?;
+        self.unlink_layers(&removal.layers);
         Ok(())
     }
 

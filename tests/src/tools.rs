@@ -18,6 +18,7 @@ pub fn package_of(tool: &str) -> &str {
         "nbdinfo" | "nbdcopy" | "nbdsh" | "nbdfuse" => "libnbd-bin",
         "nbdkit" => "nbdkit",
         "fio" => "fio",
+        "script" => "bsdutils",
         other => other,
     }
 }

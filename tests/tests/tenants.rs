@@ -46,7 +46,14 @@ fn another_tenant_gets_not_found_for_everything_of_mine() {
     d.evsctl_ok(&["volume", "create", "other", "--size", "1M"]);
     d.evsctl_ok(&["server", "create", "vm", "--volumes", "other"]);
 
+    // A job of admin's: the delete of a volume.
+    d.evsctl_ok(&["volume", "create", "doomed", "--size", "1M"]);
+    let job = d.evsctl_json(&["volume", "delete", "doomed"]);
+    let job_id = u64_field(&job, "job_id").to_string();
+
     // Bob sees nothing.
+    let v = ok_json(d.evsctl_as(&b, &["--output", "json", "job", "list"]), "bob: job list");
+    assert_eq!(v["jobs"].as_array().map(Vec::len), Some(0), "bob lists admin's jobs: {v}");
     let v = ok_json(d.evsctl_as(&b, &["--output", "json", "volume", "list"]), "bob: volume list");
     assert!(volume_list(&v).is_empty(), "bob lists admin's volumes: {v}");
     let v = ok_json(d.evsctl_as(&b, &["--output", "json", "server", "list"]), "bob: server list");
@@ -73,6 +80,9 @@ fn another_tenant_gets_not_found_for_everything_of_mine() {
         vec!["server", "show", "vm"],
         vec!["server", "delete", "vm"],
         vec!["server", "create", "vm2", "--volumes", "secret"],
+        vec!["job", "show", &job_id],
+        vec!["job", "cancel", &job_id],
+        vec!["job", "wait", &job_id],
     ];
     for args in &calls {
         let err = refused(&d.evsctl_as(&b, args), &format!("bob: {}", args.join(" ")));

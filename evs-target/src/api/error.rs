@@ -5,6 +5,7 @@ use tonic::{Code, Status};
 
 use super::auth::AuthError;
 use super::validate::{HumanBytes, ValidationError};
+use crate::jobs::JobsError;
 
 /// Everything a volume call can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +20,10 @@ pub enum ApiError {
     VolumeExists(String),
     #[error("volume {0:?} is attached; detach it first")]
     Attached(String),
+    #[error("volume {name:?} is being deleted (job {job})")]
+    BeingDeleted { name: String, job: u64 },
+    #[error(transparent)]
+    Jobs(#[from] JobsError),
     #[error("snapshot {0:?} not found")]
     SnapshotNotFound(String),
     #[error("snapshot {0:?} already exists")]
@@ -89,7 +94,14 @@ impl ApiError {
             | ApiError::Connected { .. }
             | ApiError::AdminTenant
             | ApiError::TenantHasVolumes { .. }
-            | ApiError::VolumeInServer { .. } => Code::FailedPrecondition,
+            | ApiError::VolumeInServer { .. }
+            | ApiError::BeingDeleted { .. } => Code::FailedPrecondition,
+            ApiError::Jobs(j) => match j {
+                JobsError::NotFound(_) => Code::NotFound,
+                JobsError::Finished { .. } | JobsError::PastPointOfNoReturn { .. } => Code::FailedPrecondition,
+                JobsError::ShuttingDown => Code::Unavailable,
+                JobsError::Store(s) => store_code(s),
+            },
             ApiError::TierDenied | ApiError::PermissionDenied(_) => Code::PermissionDenied,
             ApiError::QuotaVolumes { .. } | ApiError::QuotaCapacity { .. } => Code::ResourceExhausted,
             ApiError::Unsupported(_) => Code::Unimplemented,
@@ -212,5 +224,21 @@ mod tests {
         assert_eq!(s.code(), Code::FailedPrecondition);
         assert_eq!(code_name(Code::NotFound), "NOT_FOUND");
         assert_eq!(code_name(ApiError::ServerExists("s".into()).code()), "ALREADY_EXISTS");
+        let s = status(ApiError::BeingDeleted { name: "db".into(), job: 7 });
+        assert_eq!((s.code(), s.message()), (Code::FailedPrecondition, "volume \"db\" is being deleted (job 7)"));
+    }
+
+    #[test]
+    fn job_errors_map_to_codes() {
+        use crate::jobs::JobState;
+        let s = status(JobsError::NotFound(7));
+        assert_eq!((s.code(), s.message()), (Code::NotFound, "job 7 not found"));
+        let s = status(JobsError::Finished { id: 7, state: JobState::Succeeded });
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert!(s.message().contains("already succeeded"), "{}", s.message());
+        let s = status(JobsError::PastPointOfNoReturn { id: 7, what: "x".into() });
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert_eq!(status(JobsError::ShuttingDown).code(), Code::Unavailable);
+        assert_eq!(status(JobsError::Store(StoreError::Catalog("x".into()))).code(), Code::Internal);
     }
 }

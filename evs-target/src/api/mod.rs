@@ -8,7 +8,8 @@
 //! Besides the store's own tables, the control plane keeps its tables in the catalog:
 //! `attachments` (attach token → volume id, reloaded into the [`ExportRegistry`] at start),
 //! `volume_tiers` (volume id → tier name), the `tenants` table of [`auth`], tenant quotas
-//! ([`tenants`]), servers ([`servers`]) and the audit log ([`audit`]).
+//! ([`tenants`]), servers ([`servers`]), the audit log ([`audit`]) and the job tables of
+//! [`crate::jobs`] (volume delete runs as a job: [`jobs`]).
 //!
 //! QoS: a volume's tier and size give its limits ([`crate::qos`]); the limiter every
 //! connection of the volume shares lives in the [`VolumeIoRegistry`], created at attach and
@@ -17,6 +18,7 @@
 pub mod audit;
 pub mod auth;
 pub mod error;
+pub mod jobs;
 pub mod servers;
 pub mod snapshots;
 pub mod tenants;
@@ -36,6 +38,7 @@ use tonic::{Request, Response, Status};
 
 use crate::config::{Quota, DEFAULT_QUOTA};
 use crate::exports::{Export, ExportRegistry};
+use crate::jobs::{JobKind, JobManager, JobOptions, JobRecord, RecoveryReport};
 use crate::qos::{default_tiers, Limits, TierSpec};
 use crate::volume_io::{VolumeIo, VolumeIoRegistry};
 use audit::AuditLog;
@@ -78,11 +81,13 @@ pub struct ControlOptions {
     pub tiers: Vec<TierSpec>,
     /// Quotas of tenants created without explicit ones.
     pub default_quota: Quota,
+    /// Job limits: interrupted jobs are resumed or failed at open, queued ones start.
+    pub jobs: JobOptions,
 }
 
 impl Default for ControlOptions {
     fn default() -> Self {
-        ControlOptions { tiers: default_tiers(), default_quota: DEFAULT_QUOTA }
+        ControlOptions { tiers: default_tiers(), default_quota: DEFAULT_QUOTA, jobs: JobOptions::default() }
     }
 }
 
@@ -96,6 +101,8 @@ pub struct ControlPlane {
     default_quota: Quota,
     volume_io: Arc<VolumeIoRegistry>,
     audit: AuditLog,
+    /// Long operations (volume delete); the control plane runs them (`jobs::JobExecutor`).
+    jobs: Arc<JobManager>,
     /// Serialises the operations that check then change (attach mints a token only if none
     /// exists; delete proceeds only if not attached): without it two concurrent calls could
     /// both pass the check.
@@ -111,6 +118,8 @@ pub struct OpenReport {
     pub attachments_loaded: usize,
     /// Attachments dropped because their volume no longer exists.
     pub attachments_dropped: usize,
+    /// What the restart rule did to the jobs.
+    pub jobs: RecoveryReport,
 }
 
 /// Failures of [`ControlPlane::open`].
@@ -125,7 +134,7 @@ pub enum OpenError {
 impl ControlPlane {
     /// Creates the control plane's tables if needed, creates the admin tenant on first start
     /// (token in `<data_dir>/admin.token`) and reloads the persisted attachments into
-    /// `exports`.
+    /// `exports`. Jobs run with the default options.
     pub fn open(
         store: Arc<BlockStore>,
         exports: Arc<ExportRegistry>,
@@ -148,6 +157,8 @@ impl ControlPlane {
         let audit = AuditLog::open(db)?;
         let mut report =
             OpenReport { admin_token_created: tenants.bootstrap_admin(db, data_dir)?, ..Default::default() };
+        let (jobs, jobs_report) = JobManager::open(store.clone(), opts.jobs)?;
+        report.jobs = jobs_report;
         let cp = ControlPlane {
             store,
             exports,
@@ -157,13 +168,17 @@ impl ControlPlane {
             default_quota: opts.default_quota,
             volume_io: VolumeIoRegistry::new(),
             audit,
+            jobs,
             mutations: Mutex::new(()),
         };
         (report.attachments_loaded, report.attachments_dropped) = cp.load_attachments()?;
         let (loaded, dropped) = cp.load_snapshot_attachments()?;
         report.attachments_loaded += loaded;
         report.attachments_dropped += dropped;
-        Ok((Arc::new(cp), report))
+        let cp = Arc::new(cp);
+        let executor: Arc<dyn crate::jobs::JobExecutor> = cp.clone();
+        cp.jobs.start(Arc::downgrade(&executor));
+        Ok((cp, report))
     }
 
     /// Mirrors the `attachments` table into the export registry. Rows whose volume is gone
@@ -249,6 +264,10 @@ impl ControlPlane {
         &self.store
     }
 
+    pub fn jobs(&self) -> &Arc<JobManager> {
+        &self.jobs
+    }
+
     /// The tenant that a call's metadata authenticates.
     pub fn authenticate(&self, metadata: &tonic::metadata::MetadataMap) -> Result<String, ApiError> {
         Ok(self.tenants.authenticate(metadata)?)
@@ -303,9 +322,17 @@ impl ControlPlane {
             created_unix: info.created,
             tier,
             attached: self.exports.is_attached(info.id),
+            state: self.volume_state(info.id).to_string(),
             qos,
             server: server.unwrap_or_default(),
         }
+    }
+
+    /// A volume that may be changed: found, and not being deleted.
+    pub(super) fn find_live(&self, owner: &str, name: &str) -> Result<VolumeInfo, ApiError> {
+        let info = self.find(owner, name)?;
+        self.ensure_not_deleting(name, info.id)?;
+        Ok(info)
     }
 
     /// Creates an empty volume of `tier` ("" = default) for `owner`.
@@ -342,7 +369,13 @@ impl ControlPlane {
             self.store.clone_snapshot(owner, name, snap, (size != 0).then_some(size))
         };
         let info = match created {
-            Err(StoreError::VolumeExists(_)) => return Err(ApiError::VolumeExists(name.to_string())),
+            Err(StoreError::VolumeExists(_)) => {
+                // The name frees up when the delete job has removed the volume.
+                if let Ok(old) = self.find(owner, name) {
+                    self.ensure_not_deleting(name, old.id)?;
+                }
+                return Err(ApiError::VolumeExists(name.to_string()));
+            }
             other => other?,
         };
         if let Err(e) = self.set_tier_row(info.id, tier) {
@@ -375,27 +408,25 @@ impl ControlPlane {
         Ok(self.describe(&info, self.tier_of(info.id)?))
     }
 
-    /// Deletes a detached volume and its data.
-    pub fn delete_volume(&self, owner: &str, name: &str) -> Result<(), ApiError> {
+    /// Queues the deletion of a detached volume and its data (a job: see [`jobs`]); from
+    /// here on the volume is `deleting`. Deleting a volume that is being deleted returns its
+    /// delete job.
+    pub fn delete_volume(&self, owner: &str, name: &str) -> Result<JobRecord, ApiError> {
         validate_volume_name(name)?;
         let _g = self.mutations.lock();
         let info = self.find(owner, name)?;
+        if let Some(job) = self.delete_job_of(info.id) {
+            return Ok(job);
+        }
         if self.exports.is_attached(info.id) || !self.tokens_of(info.id)?.is_empty() {
             return Err(ApiError::Attached(name.to_string()));
         }
         if let Some(server) = self.server_of(info.id)? {
             return Err(ApiError::VolumeInServer { volume: name.to_string(), server });
         }
-        let snaps: Vec<u64> = self.store.list_snapshots(info.id)?.iter().map(|s| s.id).collect();
-        self.revoke_snapshot_attachments(&snaps)?;
-        self.store.delete_volume(info.id)?;
-        // The volume is gone; a leftover tier row would only be noise (ids are not reused).
-        let w = self.store.catalog().begin_write().map_err(StoreError::from)?;
-        w.open_table(VOLUME_TIERS).map_err(StoreError::from)?.remove(info.id).map_err(StoreError::from)?;
-        w.commit().map_err(StoreError::from)?;
-        self.volume_io.remove(info.id);
-        tracing::info!(owner, volume = name, id = info.id, "volume deleted");
-        Ok(())
+        let job = self.jobs.submit(owner, JobKind::DeleteVolume { volume_id: info.id, name: name.to_string() })?;
+        tracing::info!(owner, volume = name, id = info.id, job = job.id, "volume delete queued");
+        Ok(job)
     }
 
     /// Grows a volume; the same size is a no-op, a smaller one an error.
@@ -403,7 +434,7 @@ impl ControlPlane {
         validate_volume_name(name)?;
         validate_volume_size(size)?;
         let _g = self.mutations.lock();
-        let info = self.find(owner, name)?;
+        let info = self.find_live(owner, name)?;
         if size < info.size {
             return Err(ApiError::Shrink { name: name.to_string(), current: info.size, requested: size });
         }
@@ -429,7 +460,7 @@ impl ControlPlane {
             return Err(ApiError::TierDenied);
         }
         let _g = self.mutations.lock();
-        let info = self.find(owner, name)?;
+        let info = self.find_live(owner, name)?;
         self.set_tier_row(info.id, tier)?;
         self.retune(info.id, tier, info.size);
         tracing::info!(owner, volume = name, id = info.id, tier, "volume tier set");
@@ -444,7 +475,7 @@ impl ControlPlane {
             return Err(ApiError::NoUnixSocket);
         }
         let _g = self.mutations.lock();
-        let info = self.find(owner, name)?;
+        let info = self.find_live(owner, name)?;
         let token = match self.tokens_of(info.id)?.into_iter().next() {
             Some(token) => {
                 if self.exports.lookup(&token).is_none() {
@@ -660,9 +691,10 @@ impl VolumeService for VolumeApi {
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
         let name = req.get_ref().name.clone();
         let target = format!("volume {name}");
-        self.run_mut(&req, "VolumeService/DeleteVolume", target, move |cp, owner| cp.delete_volume(owner, &name))
+        let job = self
+            .run_mut(&req, "VolumeService/DeleteVolume", target, move |cp, owner| cp.delete_volume(owner, &name))
             .await?;
-        Ok(Response::new(pb::DeleteVolumeResponse {}))
+        Ok(Response::new(pb::DeleteVolumeResponse { job: Some(jobs::job_to_pb(&job)) }))
     }
 
     async fn extend_volume(
@@ -821,7 +853,9 @@ mod control_tests {
         assert!(cp.detach_volume(A, "v").unwrap());
         assert!(exports.lookup(&a1.token).is_none());
         assert!(!cp.detach_volume(A, "v").unwrap());
-        cp.delete_volume(A, "v").unwrap();
+        let job = cp.delete_volume(A, "v").unwrap();
+        let done = cp.jobs().wait(job.id, std::time::Duration::from_secs(30)).expect("the delete job ends");
+        assert_eq!(done.state, crate::jobs::JobState::Succeeded, "{done:?}");
         assert!(matches!(cp.get_volume(A, "v"), Err(ApiError::VolumeNotFound(_))));
         assert_eq!(cp.gauges().unwrap(), Gauges { volumes: 0, attached_volumes: 0, tenants: 1 });
     }

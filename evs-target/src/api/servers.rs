@@ -92,7 +92,7 @@ impl ControlPlane {
         let _g = self.mutations.lock();
         let mut ids = Vec::with_capacity(volumes.len());
         for v in volumes {
-            let info = self.find(owner, v)?;
+            let info = self.find_live(owner, v)?;
             if let Some(s) = self.server_of(info.id)? {
                 return Err(ApiError::VolumeInServer { volume: v.clone(), server: s });
             }

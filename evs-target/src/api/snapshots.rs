@@ -57,7 +57,7 @@ impl ControlPlane {
     pub fn create_snapshot(&self, owner: &str, volume: &str, name: &str) -> Result<pb::Snapshot, ApiError> {
         validate_volume_name(volume)?;
         validate_snapshot_name(name)?;
-        let v = self.find(owner, volume)?;
+        let v = self.find_live(owner, volume)?;
         let s = match self.store.create_snapshot(v.id, name) {
             Err(StoreError::SnapshotExists(_)) => return Err(ApiError::SnapshotExists(format!("{volume}@{name}"))),
             other => other?,
@@ -80,7 +80,7 @@ impl ControlPlane {
         let mut items = Vec::with_capacity(volumes.len());
         for v in volumes {
             validate_volume_name(v)?;
-            items.push((self.find(owner, v)?.id, name.to_string()));
+            items.push((self.find_live(owner, v)?.id, name.to_string()));
         }
         let snaps = match self.store.create_snapshots(&items, Some(name)) {
             Err(StoreError::SnapshotExists(what)) => return Err(ApiError::SnapshotExists(what)),
@@ -104,7 +104,8 @@ impl ControlPlane {
     /// Deletes a detached snapshot; its layer is merged away in the background.
     pub fn delete_snapshot(&self, owner: &str, volume: &str, name: &str) -> Result<(), ApiError> {
         let _g = self.mutations.lock();
-        let (_, s) = self.find_snapshot(owner, volume, name)?;
+        let (vid, s) = self.find_snapshot(owner, volume, name)?;
+        self.ensure_not_deleting(volume, vid)?;
         if self.exports.is_snapshot_attached(s.id) {
             return Err(ApiError::Attached(format!("{volume}@{name}")));
         }
@@ -118,6 +119,7 @@ impl ControlPlane {
     pub fn rollback_snapshot(&self, owner: &str, volume: &str, name: &str) -> Result<pb::Volume, ApiError> {
         let _g = self.mutations.lock();
         let (vid, s) = self.find_snapshot(owner, volume, name)?;
+        self.ensure_not_deleting(volume, vid)?;
         let conns = self.exports.volume_connections(vid);
         if conns > 0 {
             return Err(ApiError::Connected { volume: volume.to_string(), connections: conns });
@@ -161,6 +163,7 @@ impl ControlPlane {
         }
         let _g = self.mutations.lock();
         let (vid, s) = self.find_snapshot(owner, volume, name)?;
+        self.ensure_not_deleting(volume, vid)?;
         let existing = self.snapshot_attachment_rows()?.into_iter().find(|(_, id)| *id == s.id).map(|(t, _)| t);
         let token = match existing {
             Some(t) => t,
@@ -248,7 +251,9 @@ impl ControlPlane {
     /// Resolves `VOLUME@SNAP` of `owner` to a snapshot id (for clones).
     pub(super) fn snapshot_ref(&self, owner: &str, r: &str) -> Result<u64, ApiError> {
         let (v, n) = parse_snapshot_ref(r)?;
-        Ok(self.find_snapshot(owner, v, n)?.1.id)
+        let (vid, s) = self.find_snapshot(owner, v, n)?;
+        self.ensure_not_deleting(v, vid)?;
+        Ok(s.id)
     }
 }
 
