@@ -6,3 +6,4 @@ pub mod config;
 pub mod daemon;
 pub mod exports;
 pub mod nbd;
+pub mod tls;
