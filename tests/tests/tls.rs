@@ -35,6 +35,11 @@ struct Pki {
 
 impl Pki {
     fn new(ca_name: &str) -> Pki {
+        Pki::with_ips(ca_name, &[])
+    }
+
+    /// With more IP addresses in the server certificate than 127.0.0.1.
+    fn with_ips(ca_name: &str, ips: &[std::net::IpAddr]) -> Pki {
         let ca_key = KeyPair::generate().expect("CA key");
         let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
         ca.distinguished_name.push(DnType::CommonName, ca_name);
@@ -49,6 +54,7 @@ impl Pki {
         srv.distinguished_name.push(DnType::CommonName, "localhost");
         srv.subject_alt_names =
             vec![SanType::IpAddress("127.0.0.1".parse().unwrap()), SanType::DnsName("localhost".try_into().unwrap())];
+        srv.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
         srv.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let cert = srv.signed_by(&key, &issuer).expect("sign the server certificate").pem();
         Pki { ca: ca_pem, cert, key: key.serialize_pem() }
@@ -591,7 +597,9 @@ fn plain_text_is_refused_off_loopback_unless_allowed() {
 
 #[test]
 fn tls_on_wildcard_listeners_requires_tls_from_remote_peers() {
-    let pki = Pki::new("evs test CA");
+    // This host as a remote peer: its address on the default route, in the certificate too.
+    let remote_ip = non_loopback_ip();
+    let pki = Pki::with_ips("evs test CA", &[remote_ip]);
     let files = pki.files("pki");
     let m = Manual::run(
         &[
@@ -607,7 +615,7 @@ fn tls_on_wildcard_listeners_requires_tls_from_remote_peers() {
         &files,
     )
     .unwrap_or_else(|r| panic!("TLS on wildcard listeners: {r:?}"));
-    let api = format!("https://127.0.0.1:{}", m.addr("api").port());
+    let api = format!("https://{}", SocketAddr::new(remote_ip, m.addr("api").port()));
     let nbd_port = m.addr("nbd").port();
     let evsctl = |args: &[&str]| {
         let mut c = Command::new(bin_path("evsctl"));
@@ -621,8 +629,10 @@ fn tls_on_wildcard_listeners_requires_tls_from_remote_peers() {
     let out = evsctl(&["--output", "json", "volume", "attach", "wild"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let uri = v["uri"].as_str().unwrap().to_string();
-    // A non-loopback listener with nbd_tls = on: remote peers must use TLS, so the URI says so.
-    assert_eq!(uri, format!("nbds://127.0.0.1:{nbd_port}/{}", export_of(&uri)));
+    // A non-loopback listener with nbd_tls = on: remote peers must use TLS, so the URI says
+    // so; its host is the address the API call came in on (seen through TLS).
+    let remote = SocketAddr::new(remote_ip, nbd_port);
+    assert_eq!(uri, format!("nbds://{remote}/{}", export_of(&uri)));
     let export = export_of(&uri);
 
     // A loopback peer may stay in plain text...
@@ -630,13 +640,12 @@ fn tls_on_wildcard_listeners_requires_tls_from_remote_peers() {
     assert_eq!(c.size(), 4 * MIB);
     c.disconnect().unwrap();
     // ...a peer on another address may not, but may upgrade.
-    let remote = SocketAddr::new(non_loopback_ip(), nbd_port);
     let mut raw = RawConn::connect(&Target::Tcp(remote.to_string())).unwrap();
     raw.set_read_timeout(REACT);
     let hflags = raw.start_fixed_newstyle().unwrap();
     raw.send_option(OPT_GO, &info_request(&export, &[])).unwrap();
     expect_reply(&mut raw, OPT_GO, REP_ERR_TLS_REQD);
-    raw.start_tls(&TlsClient::new(pki.ca.as_bytes(), "localhost")).expect("STARTTLS from a remote peer");
+    raw.start_tls(&TlsClient::new(pki.ca.as_bytes(), &remote_ip.to_string())).expect("STARTTLS from a remote peer");
     let n = NbdClient::negotiate(raw, &export, &ConnectOptions::default(), hflags & FLAG_NO_ZEROES != 0).unwrap();
     assert_eq!(n.size(), 4 * MIB);
     n.disconnect().unwrap();

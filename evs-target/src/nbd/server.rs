@@ -226,7 +226,7 @@ impl NbdServer {
             })
         };
         let handshake_error = |e: handshake::HandshakeError| io::Error::other(e.to_string());
-        let upgrade = match handshake::negotiate(s, self.tls_policy(from), &lookup).map_err(handshake_error)? {
+        let upgrade = match handshake::negotiate(s, self.tls_policy(from), lookup).map_err(handshake_error)? {
             Outcome::Transmission(neg) => {
                 s.set_timeouts(None)?;
                 return self.transmit(s.as_raw_fd(), &neg, id, close);
@@ -252,7 +252,7 @@ impl NbdServer {
             .spawn(move || tls::pump(session, sock, pump_end))?;
         let res = (|| {
             plain.set_timeouts(Some(HANDSHAKE_TIMEOUT))?;
-            match handshake::resume(&mut plain, upgrade, &lookup).map_err(handshake_error)? {
+            match handshake::resume(&mut plain, upgrade, lookup).map_err(handshake_error)? {
                 Outcome::Transmission(neg) => {
                     plain.set_timeouts(None)?;
                     self.transmit(plain.as_raw_fd(), &neg, id, close)
