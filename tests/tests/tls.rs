@@ -151,6 +151,45 @@ fn evsctl_over_https_creates_attaches_and_snapshots() {
 }
 
 #[test]
+fn server_reflection_works_over_tls() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let (d, pki) = tls_daemon("");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let services = rt.block_on(async {
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&pki.ca))
+            .domain_name("localhost");
+        let channel = tonic::transport::Endpoint::from_shared(d.endpoint())
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect over TLS");
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut replies = ServerReflectionClient::new(channel)
+            .server_reflection_info(tokio_stream::iter([req]))
+            .await
+            .expect("reflection call")
+            .into_inner();
+        match replies.message().await.expect("reflection reply").and_then(|r| r.message_response) {
+            Some(MessageResponse::ListServicesResponse(l)) => l.service.into_iter().map(|s| s.name).collect::<Vec<_>>(),
+            other => panic!("unexpected reflection reply {other:?}"),
+        }
+    });
+    for s in ["evs.v1.VolumeService", "evs.v1.SnapshotService"] {
+        assert!(services.iter().any(|x| x == s), "{s} not listed: {services:?}");
+    }
+}
+
+#[test]
 fn evsctl_fails_clearly_on_tls_mismatches() {
     let (d, _pki) = tls_daemon("");
     let https = d.endpoint();
