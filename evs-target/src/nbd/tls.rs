@@ -180,14 +180,15 @@ impl<S: Socket> Pump<S> {
         let mut progress = false;
         while ready.plain_out && !self.to_plain.is_empty() && !self.plain_eof {
             match (&self.plain).write(self.to_plain.data()) {
-                Ok(n) => {
+                Ok(n) if n > 0 => {
                     self.to_plain.consume(n);
                     progress = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready.plain_out = false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    // The NBD side is gone: nothing more to deliver to it.
+                _ => {
+                    // The NBD side is gone (an error, or a write that takes nothing): nothing
+                    // more to deliver to it.
                     self.plain_eof = true;
                     self.to_plain.clear();
                     progress = true;
@@ -223,6 +224,7 @@ impl<S: Socket> Pump<S> {
         let mut progress = false;
         while ready.sock_out && self.tls.wants_write() {
             match self.tls.write_tls(&mut self.sock) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(_) => progress = true,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready.sock_out = false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
