@@ -3,9 +3,14 @@
 //! The file takes the flags' names in snake_case (`nbd_listen = "0.0.0.0:10809"`). Every value
 //! is checked by the same function whether it comes from a flag or the file; a bad value in
 //! the file is reported with its file, line and key, an unknown key likewise.
+//!
+//! Settings that only make sense together are checked last, on the merged result: the TLS
+//! certificate and key come as a pair, NBD TLS needs them, and a listener on a non-loopback
+//! address must not serve plain text unless `allow_plaintext` says so.
 
+use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -65,6 +70,27 @@ pub struct Flags {
     /// [default: $RUST_LOG, else info].
     #[arg(long, value_name = "LEVEL", value_parser = parse_log)]
     pub log: Option<String>,
+    /// TLS certificate chain (PEM), server certificate first: the gRPC API then serves
+    /// https only, and NBD offers STARTTLS. Needs --tls-key.
+    #[arg(long, value_name = "FILE", value_parser = parse_file_path)]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM: PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(long, value_name = "FILE", value_parser = parse_file_path)]
+    pub tls_key: Option<PathBuf>,
+    /// NBD TLS: off; on (STARTTLS offered, required from non-loopback peers); require (every
+    /// connection, the unix socket too) [default: on with a certificate, else off].
+    #[arg(long, value_name = "off|on|require", value_parser = parse_nbd_tls)]
+    pub nbd_tls: Option<NbdTls>,
+    /// Let a listener on a non-loopback address serve plain text (no TLS) [default: false].
+    #[arg(
+        long,
+        value_name = "BOOL",
+        value_parser = parse_bool,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    pub allow_plaintext: Option<bool>,
 }
 
 /// The resolved configuration the daemon runs with.
@@ -89,6 +115,40 @@ pub struct Config {
     pub jobs: JobOptions,
     /// None: `RUST_LOG` if set, else `info`.
     pub log: Option<String>,
+    /// Certificate and key of the gRPC API and NBD TLS (read and checked at start-up).
+    pub tls: Option<TlsFiles>,
+    pub nbd_tls: NbdTls,
+    /// Plain-text listeners on non-loopback addresses are allowed.
+    pub allow_plaintext: bool,
+}
+
+/// The PEM files of the server's TLS identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// `nbd_tls`: when NBD connections use TLS (`NBD_OPT_STARTTLS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NbdTls {
+    /// No TLS: STARTTLS is refused.
+    Off,
+    /// STARTTLS offered; loopback TCP peers and the unix socket may stay in plain text, other
+    /// peers must upgrade before anything else.
+    On,
+    /// Every connection must upgrade before anything else.
+    Require,
+}
+
+impl NbdTls {
+    pub fn name(self) -> &'static str {
+        match self {
+            NbdTls::Off => "off",
+            NbdTls::On => "on",
+            NbdTls::Require => "require",
+        }
+    }
 }
 
 /// A tenant's quotas; 0 means unlimited.
@@ -122,11 +182,31 @@ pub enum ConfigError {
     /// A well-formed value that is not acceptable.
     #[error("{}:{line}: {key}: {message}", path.display())]
     Value { path: PathBuf, line: usize, key: &'static str, message: String },
+    /// Settings that do not go together; the message names each (flag, or file:line:key).
+    #[error("{0}")]
+    Conflict(String),
+    /// A listener on a non-loopback address would serve plain text.
+    #[error(
+        "{listener} would serve plain text on {addr} ({origin}), which is not a loopback address: {fix}, \
+         or set allow_plaintext = true (--allow-plaintext) to accept that"
+    )]
+    Plaintext { listener: &'static str, addr: String, origin: String, fix: &'static str },
+    /// A listen address that does not resolve, checked because it would serve plain text.
+    #[error("cannot resolve {listener} address {addr} ({origin}): {message}")]
+    Resolve { listener: &'static str, addr: String, origin: String, message: String },
 }
 
 impl Config {
     /// Flags over the `--config` file (if any) over the defaults.
     pub fn load(flags: Flags) -> Result<Config, ConfigError> {
+        let (config, origins) = Config::merge(flags)?;
+        check_exposure(&config, &origins, resolve_listen)?;
+        Ok(config)
+    }
+
+    /// Flags over file over defaults, with the pairwise checks; `Origins` says where each
+    /// setting named in an error came from.
+    fn merge(flags: Flags) -> Result<(Config, Origins), ConfigError> {
         let file = match &flags.config {
             Some(path) => {
                 let text =
@@ -135,12 +215,44 @@ impl Config {
             }
             None => FileConfig::default(),
         };
+        let origins = Origins::new(&flags, &file);
         let data_dir = flags.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         let backup_store = flags
             .backup_store
             .or(file.backup_store)
             .unwrap_or_else(|| BackupStore::File { path: data_dir.join("obs") });
-        Ok(Config {
+        let tls = match (flags.tls_cert.or(file.tls_cert), flags.tls_key.or(file.tls_key)) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::Conflict(format!(
+                    "{} is set but tls_key is not: give the certificate's private key too (--tls-key or tls_key)",
+                    origins.of("tls_cert")
+                )))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Conflict(format!(
+                    "{} is set but tls_cert is not: give the certificate too (--tls-cert or tls_cert)",
+                    origins.of("tls_key")
+                )))
+            }
+        };
+        let nbd_tls = match flags.nbd_tls.or(file.nbd_tls) {
+            Some(mode @ (NbdTls::On | NbdTls::Require)) if tls.is_none() => {
+                return Err(ConfigError::Conflict(format!(
+                    "{} = {} needs a certificate: set tls_cert and tls_key (--tls-cert, --tls-key)",
+                    origins.of("nbd_tls"),
+                    mode.name()
+                )))
+            }
+            Some(mode) => mode,
+            None if tls.is_some() => NbdTls::On,
+            None => NbdTls::Off,
+        };
+        let config = Config {
+            tls,
+            nbd_tls,
+            allow_plaintext: flags.allow_plaintext.or(file.allow_plaintext).unwrap_or(false),
             az: flags.az.or(file.az).unwrap_or_else(|| DEFAULT_AZ.to_string()),
             nbd_listen: flags.nbd_listen.or(file.nbd_listen).unwrap_or_else(|| ListenAddr(DEFAULT_NBD_LISTEN.into())),
             nbd_socket: flags.nbd_socket.or(file.nbd_socket),
@@ -161,8 +273,115 @@ impl Config {
             },
             log: flags.log.or(file.log),
             data_dir,
-        })
+        };
+        Ok((config, origins))
     }
+}
+
+/// Where the settings that cross-checks name came from: a flag, a line of the config file, or
+/// the default.
+#[derive(Debug, Default)]
+struct Origins(BTreeMap<&'static str, String>);
+
+impl Origins {
+    fn new(flags: &Flags, file: &FileConfig) -> Origins {
+        let mut o = Origins::default();
+        let flag_set = [
+            ("tls_cert", flags.tls_cert.is_some()),
+            ("tls_key", flags.tls_key.is_some()),
+            ("nbd_tls", flags.nbd_tls.is_some()),
+            ("nbd_listen", flags.nbd_listen.is_some()),
+            ("api_listen", flags.api_listen.is_some()),
+        ];
+        for (key, set) in flag_set {
+            let text = if set {
+                format!("--{}", key.replace('_', "-"))
+            } else if let (Some(line), Some(path)) = (file.lines.get(key), &flags.config) {
+                format!("{key} at {}:{line}", path.display())
+            } else {
+                format!("{key} (default)")
+            };
+            o.0.insert(key, text);
+        }
+        o
+    }
+
+    fn of(&self, key: &'static str) -> &str {
+        self.0.get(key).map(String::as_str).unwrap_or(key)
+    }
+}
+
+/// Refuses plain text on a listener reachable from other hosts: the gRPC API without a
+/// certificate, or NBD over TCP with `nbd_tls = off`, on an address that is not loopback
+/// (`0.0.0.0` and `::` are not), unless `allow_plaintext`. A host name counts as loopback when
+/// every address it resolves to is. `resolve` is the resolver (tests pass their own).
+fn check_exposure(
+    config: &Config,
+    origins: &Origins,
+    resolve: impl Fn(&str) -> Result<Vec<SocketAddr>, String>,
+) -> Result<(), ConfigError> {
+    if config.allow_plaintext {
+        return Ok(());
+    }
+    let plain = [
+        (
+            "the gRPC API",
+            "api_listen",
+            &config.api_listen,
+            config.tls.is_none(),
+            "configure a certificate (tls_cert and tls_key, or --tls-cert and --tls-key)",
+        ),
+        (
+            "NBD",
+            "nbd_listen",
+            &config.nbd_listen,
+            config.nbd_tls == NbdTls::Off,
+            if config.tls.is_some() {
+                "set nbd_tls = \"on\" or \"require\" (--nbd-tls)"
+            } else {
+                "configure a certificate (tls_cert and tls_key, or --tls-cert and --tls-key) with nbd_tls \"on\" \
+                 or \"require\""
+            },
+        ),
+    ];
+    for (listener, key, addr, is_plain, fix) in plain {
+        if !is_plain {
+            continue;
+        }
+        let origin = origins.of(key).to_string();
+        let loopback = is_loopback(addr, &resolve).map_err(|message| ConfigError::Resolve {
+            listener,
+            addr: addr.0.clone(),
+            origin: origin.clone(),
+            message,
+        })?;
+        if !loopback {
+            return Err(ConfigError::Plaintext { listener, addr: addr.0.clone(), origin, fix });
+        }
+    }
+    Ok(())
+}
+
+/// Whether every address `addr` stands for is a loopback address.
+fn is_loopback(addr: &ListenAddr, resolve: impl Fn(&str) -> Result<Vec<SocketAddr>, String>) -> Result<bool, String> {
+    let addrs = match addr.0.parse::<SocketAddr>() {
+        Ok(a) => vec![a],
+        Err(_) => resolve(&addr.0)?,
+    };
+    if addrs.is_empty() {
+        return Err("it resolves to no address".into());
+    }
+    Ok(addrs.iter().all(|a| is_loopback_ip(a.ip())))
+}
+
+/// Loopback, including an IPv4-mapped IPv6 loopback address (`::ffff:127.0.0.1`).
+pub fn is_loopback_ip(ip: IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
+}
+
+/// The system resolver, as binding will use it.
+fn resolve_listen(addr: &str) -> Result<Vec<SocketAddr>, String> {
+    addr.to_socket_addrs().map(Iterator::collect).map_err(|e| e.to_string())
 }
 
 /// The settings a config file may hold, each validated.
@@ -183,6 +402,12 @@ struct FileConfig {
     max_running_jobs: Option<usize>,
     delete_bytes_per_second: Option<u64>,
     log: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    nbd_tls: Option<NbdTls>,
+    allow_plaintext: Option<bool>,
+    /// Line of each key present, for errors about combinations of settings.
+    lines: BTreeMap<&'static str, usize>,
 }
 
 /// The file as TOML gives it, with the position of every value for error messages.
@@ -203,6 +428,10 @@ struct RawFile {
     max_running_jobs_per_tenant: Option<Spanned<i64>>,
     delete_bytes_per_second: Option<Spanned<i64>>,
     log: Option<Spanned<String>>,
+    tls_cert: Option<Spanned<String>>,
+    tls_key: Option<Spanned<String>>,
+    nbd_tls: Option<Spanned<String>>,
+    allow_plaintext: Option<Spanned<bool>>,
     /// `[tiers.NAME]`: overrides of the default tiers, key by key.
     tiers: Option<std::collections::BTreeMap<Spanned<String>, RawTier>>,
     quotas: Option<RawQuotas>,
@@ -279,6 +508,18 @@ impl FileConfig {
                 })?)
             }
         };
+        let mut lines = BTreeMap::new();
+        for (key, span) in [
+            ("tls_cert", raw.tls_cert.as_ref().map(Spanned::span)),
+            ("tls_key", raw.tls_key.as_ref().map(Spanned::span)),
+            ("nbd_tls", raw.nbd_tls.as_ref().map(Spanned::span)),
+            ("nbd_listen", raw.nbd_listen.as_ref().map(Spanned::span)),
+            ("api_listen", raw.api_listen.as_ref().map(Spanned::span)),
+        ] {
+            if let Some(span) = span {
+                lines.insert(key, line_col(text, span.start).0);
+            }
+        }
         let max_snapshots = match raw.max_snapshots_per_volume {
             None => None,
             Some(v) if (1..=MAX_MAX_SNAPSHOTS).contains(v.get_ref()) => Some(*v.get_ref() as usize),
@@ -375,6 +616,11 @@ impl FileConfig {
             io_backend: check(text, path, "io_backend", raw.io_backend, parse_io_backend)?,
             direct_writes,
             log: check(text, path, "log", raw.log, parse_log)?,
+            tls_cert: check(text, path, "tls_cert", raw.tls_cert, parse_file_path)?,
+            tls_key: check(text, path, "tls_key", raw.tls_key, parse_file_path)?,
+            nbd_tls: check(text, path, "nbd_tls", raw.nbd_tls, parse_nbd_tls)?,
+            allow_plaintext: raw.allow_plaintext.map(Spanned::into_inner),
+            lines,
         })
     }
 }
@@ -505,6 +751,31 @@ fn parse_data_dir(s: &str) -> Result<PathBuf, String> {
         return Err("the data directory must not be empty".into());
     }
     Ok(PathBuf::from(s))
+}
+
+/// A file the daemon reads at start-up (a PEM certificate or key).
+fn parse_file_path(s: &str) -> Result<PathBuf, String> {
+    if s.is_empty() {
+        return Err("the file name must not be empty".into());
+    }
+    Ok(PathBuf::from(s))
+}
+
+pub fn parse_nbd_tls(s: &str) -> Result<NbdTls, String> {
+    match s {
+        "off" => Ok(NbdTls::Off),
+        "on" => Ok(NbdTls::On),
+        "require" => Ok(NbdTls::Require),
+        _ => Err(format!("expected off, on or require, found {s:?}")),
+    }
+}
+
+pub fn parse_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(format!("expected true or false, found {s:?}")),
+    }
 }
 
 fn parse_socket_path(s: &str) -> Result<PathBuf, String> {
@@ -784,6 +1055,7 @@ mod tests {
             "off",
             "--log",
             "debug",
+            "--allow-plaintext",
         ]))
         .unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/srv/evs"));
@@ -796,6 +1068,7 @@ mod tests {
         assert_eq!(c.io_backend, IoBackend::Portable);
         assert!(!c.direct_writes);
         assert_eq!(c.log.as_deref(), Some("debug"));
+        assert!(c.allow_plaintext);
     }
 
     #[test]
@@ -807,10 +1080,14 @@ mod tests {
             ("--direct-writes", "maybe"),
             ("--backup-store", "ftp://x"),
             ("--az", "a z"),
+            ("--nbd-tls", "maybe"),
+            ("--allow-plaintext=yes", ""),
+            ("--tls-cert", ""),
         ] {
-            let e = Flags::try_parse_from(["evs-target", flag, value]).unwrap_err();
+            let args = if value.is_empty() && flag.contains('=') { vec![flag] } else { vec![flag, value] };
+            let e = Flags::try_parse_from(std::iter::once("evs-target").chain(args)).unwrap_err();
             let msg = e.to_string();
-            assert!(msg.contains(flag), "{msg}");
+            assert!(msg.contains(flag.split('=').next().unwrap()), "{msg}");
             assert_eq!(e.exit_code(), 2);
         }
     }
@@ -825,6 +1102,7 @@ api_listen = "127.0.0.1:2"
 io_backend = "portable"
 direct_writes = false
 backup_store = "s3://backups/evs/node1?endpoint=http://127.0.0.1:3900&region=garage"
+allow_plaintext = true
 "#;
         let c = with_file(toml, &["--api-listen", "127.0.0.1:3", "--direct-writes", "on"]).unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/evs"));
@@ -925,6 +1203,118 @@ backup_store = "s3://backups/evs/node1?endpoint=http://127.0.0.1:3900&region=gar
             assert!(e.contains(why), "{bad}: {e}");
             assert!(e.contains(bad), "{bad}: {e}");
         }
+    }
+
+    /// `merge` and the exposure rule with a resolver that knows a few names.
+    fn exposure(args: &[&str], toml: Option<&str>) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("evs.toml");
+        let mut all: Vec<&str> = Vec::new();
+        if let Some(t) = toml {
+            std::fs::write(&path, t).unwrap();
+            all.extend(["--config", path.to_str().unwrap()]);
+        }
+        all.extend_from_slice(args);
+        let (c, origins) = Config::merge(flags(&all))?;
+        check_exposure(&c, &origins, |host: &str| match host.rsplit_once(':').unwrap().0 {
+            "localhost" => Ok(vec!["127.0.0.1:1".parse().unwrap(), "[::1]:1".parse().unwrap()]),
+            "public" => Ok(vec!["192.0.2.7:1".parse().unwrap()]),
+            "mixed" => Ok(vec!["127.0.0.1:1".parse().unwrap(), "192.0.2.7:1".parse().unwrap()]),
+            "nothing" => Ok(vec![]),
+            _ => Err("no such host".into()),
+        })?;
+        Ok(c)
+    }
+
+    const CERT: [&str; 4] = ["--tls-cert", "cert.pem", "--tls-key", "key.pem"];
+
+    #[test]
+    fn tls_defaults_and_pairing() {
+        let c = Config::load(flags(&[])).unwrap();
+        assert_eq!((c.tls, c.nbd_tls, c.allow_plaintext), (None, NbdTls::Off, false));
+
+        let c = Config::load(flags(&CERT)).unwrap();
+        assert_eq!(c.tls, Some(TlsFiles { cert: "cert.pem".into(), key: "key.pem".into() }));
+        assert_eq!(c.nbd_tls, NbdTls::On, "on by default once there is a certificate");
+        let c = Config::load(flags(&[&CERT[..], &["--nbd-tls", "off"]].concat())).unwrap();
+        assert_eq!(c.nbd_tls, NbdTls::Off, "API TLS only");
+
+        // Flag and file mix; the file's values are checked like the flags'.
+        let c = with_file("tls_key = \"k.pem\"\nnbd_tls = \"require\"\n", &["--tls-cert", "c.pem"]).unwrap();
+        assert_eq!(c.tls, Some(TlsFiles { cert: "c.pem".into(), key: "k.pem".into() }));
+        assert_eq!(c.nbd_tls, NbdTls::Require);
+
+        let e = Config::load(flags(&["--tls-cert", "c.pem"])).unwrap_err();
+        assert!(matches!(e, ConfigError::Conflict(_)), "{e}");
+        assert!(e.to_string().contains("--tls-cert is set but tls_key is not"), "{e}");
+        let e = with_file("az = \"az1\"\ntls_key = \"k.pem\"\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("tls_key at "), "{e}");
+        assert!(e.to_string().contains("evs.toml:2 is set but tls_cert is not"), "{e}");
+    }
+
+    #[test]
+    fn nbd_tls_needs_a_certificate() {
+        for mode in ["on", "require"] {
+            let e = Config::load(flags(&["--nbd-tls", mode])).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains(&format!("--nbd-tls = {mode} needs a certificate")), "{msg}");
+            assert!(msg.contains("tls_cert") && msg.contains("tls_key"), "{msg}");
+        }
+        let e = with_file("\nnbd_tls = \"require\"\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("nbd_tls at ") && e.to_string().contains("evs.toml:2 = require"), "{e}");
+        assert_eq!(with_file("nbd_tls = \"off\"\n", &[]).unwrap().nbd_tls, NbdTls::Off);
+    }
+
+    #[test]
+    fn tls_file_values_are_checked() {
+        let e = with_file("\nnbd_tls = \"always\"\n", &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::Value { line: 2, key: "nbd_tls", .. }), "{e}");
+        assert!(e.to_string().contains("expected off, on or require"), "{e}");
+        let e = with_file("tls_cert = \"\"\n", &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::Value { line: 1, key: "tls_cert", .. }), "{e}");
+        let e = with_file("\n\nallow_plaintext = \"yes\"\n", &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::Syntax { line: 3, .. }), "{e}");
+        assert!(with_file("allow_plaintext = true\n", &[]).unwrap().allow_plaintext);
+        assert!(!with_file("allow_plaintext = true\n", &["--allow-plaintext=false"]).unwrap().allow_plaintext);
+    }
+
+    #[test]
+    fn plain_text_only_on_loopback() {
+        // Loopback in every spelling is fine without TLS.
+        for addr in ["127.0.0.1:1", "127.8.9.10:1", "[::1]:1", "[::ffff:127.0.0.1]:1", "localhost:1"] {
+            exposure(&["--api-listen", addr, "--nbd-listen", addr], None).unwrap_or_else(|e| panic!("{addr}: {e}"));
+        }
+        // The API without a certificate on anything else.
+        for addr in ["0.0.0.0:1", "[::]:1", "192.0.2.1:1", "public:1", "mixed:1"] {
+            let e = exposure(&["--api-listen", addr], None).unwrap_err();
+            let msg = e.to_string();
+            assert!(matches!(e, ConfigError::Plaintext { listener: "the gRPC API", .. }), "{addr}: {msg}");
+            assert!(msg.contains(addr) && msg.contains("(--api-listen)"), "{msg}");
+            assert!(msg.contains("tls_cert") && msg.contains("allow_plaintext = true"), "{msg}");
+        }
+        // NBD with nbd_tls = off, named by its file line.
+        let e = exposure(&[], Some("\nnbd_listen = \"0.0.0.0:10809\"\n")).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, ConfigError::Plaintext { listener: "NBD", .. }), "{msg}");
+        assert!(msg.contains("0.0.0.0:10809 (nbd_listen at ") && msg.contains("evs.toml:2)"), "{msg}");
+        let e = exposure(&[&CERT[..], &["--nbd-tls", "off", "--nbd-listen", "[::]:1"]].concat(), None).unwrap_err();
+        assert!(e.to_string().contains("set nbd_tls = \"on\" or \"require\""), "{e}");
+
+        // With TLS both may listen anywhere (nbd_tls = on makes remote peers use TLS).
+        exposure(&[&CERT[..], &["--api-listen", "0.0.0.0:1", "--nbd-listen", "[::]:1"]].concat(), None).unwrap();
+        // allow_plaintext, from the flag or the file, accepts plain text.
+        exposure(&["--api-listen", "0.0.0.0:1", "--nbd-listen", "public:1", "--allow-plaintext"], None).unwrap();
+        exposure(&["--api-listen", "0.0.0.0:1"], Some("allow_plaintext = true\n")).unwrap();
+
+        // A name that cannot be checked is an error naming it, not a guess.
+        for host in ["unknown:1", "nothing:1"] {
+            let e = exposure(&["--api-listen", host], None).unwrap_err();
+            assert!(matches!(e, ConfigError::Resolve { .. }), "{e}");
+            assert!(e.to_string().contains(&format!("cannot resolve the gRPC API address {host}")), "{e}");
+        }
+        // `load` applies the rule.
+        let e = Config::load(flags(&["--nbd-listen", "0.0.0.0:0"])).unwrap_err();
+        assert!(matches!(e, ConfigError::Plaintext { listener: "NBD", .. }), "{e}");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The daemon: opens the store, binds the listeners, serves NBD, the gRPC API and metrics
 //! until SIGTERM or SIGINT, then drains and flushes.
 //!
-//! Start-up order: logging, I/O backend, data directory and store, listeners (a bind failure
+//! Start-up order: logging, TLS certificate and key (a bad file ends the start with an error
+//! naming it), I/O backend, data directory and store, listeners (a bind failure
 //! ends the start with an error naming the address), control plane (admin tenant on first
 //! start, attachments reloaded into the export registry), then serving. One log line,
 //! `evs-target ready`, says when everything is up.
@@ -32,10 +33,11 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
 use crate::api::{ControlOptions, ControlPlane, NbdEndpoints, VolumeApi};
-use crate::config::{Config, IoBackend, ListenAddr, DIRECT_WRITE_MAX};
+use crate::config::{is_loopback_ip, Config, IoBackend, ListenAddr, NbdTls, DIRECT_WRITE_MAX};
 use crate::exports::ExportRegistry;
 use crate::metrics::{serve_metrics, MetricsInfo};
-use crate::nbd::server::NbdServer;
+use crate::nbd::server::{NbdServer, NbdTlsConfig};
+use crate::tls::{self, TlsIdentity};
 
 /// How long in-flight gRPC calls get to finish at shutdown.
 const GRPC_DRAIN: Duration = Duration::from_secs(10);
@@ -46,6 +48,7 @@ const JOBS_DRAIN: Duration = Duration::from_secs(10);
 /// or a failed final flush.
 pub fn run(config: Config) -> anyhow::Result<()> {
     init_logging(config.log.as_deref());
+    tls::install_crypto_provider();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("evs-control")
@@ -55,13 +58,18 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// Logs to stderr: `--log`, else `RUST_LOG`, else `info`. Colours only on a terminal, so
-/// logs captured by a supervisor or a test stay greppable.
+/// logs captured by a supervisor or a test stay greppable. rustls is held to errors unless
+/// the filter names it: it warns about every GnuTLS client that connects by IP address (an
+/// IP in the SNI extension), and the TLS failures that matter are logged by the NBD server.
 fn init_logging(level: Option<&str>) {
     use tracing_subscriber::EnvFilter;
-    let filter = match level {
-        Some(l) => EnvFilter::try_new(l).unwrap_or_else(|_| EnvFilter::new("info")),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    let given = level.map(str::to_string).or_else(|| std::env::var(EnvFilter::DEFAULT_ENV).ok());
+    let directives = match given {
+        Some(l) if l.contains("rustls") => l,
+        Some(l) => format!("{l},rustls=error"),
+        None => "info,rustls=error".to_string(),
     };
+    let filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info,rustls=error"));
     // try_init: a second call (tests running the daemon in-process) keeps the first logger.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -123,6 +131,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         Ok(n) => tracing::debug!(limit = n, "open file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit; many snapshots may exhaust it"),
     }
+    let identity = match &config.tls {
+        Some(files) => Some(TlsIdentity::load(files)?),
+        None => None,
+    };
     let engine = choose_engine(config.io_backend)?;
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
@@ -158,7 +170,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let metrics_addr = metrics_listener.local_addr().context("metrics listener address")?;
 
     let exports = ExportRegistry::new();
-    let endpoints = NbdEndpoints { tcp: nbd_addr, unix: nbd_unix.as_ref().map(|(_, p)| p.clone()) };
+    // "on" lets loopback peers stay in plain text, so a loopback listener's URIs stay nbd://.
+    let endpoints = NbdEndpoints {
+        tcp: nbd_addr,
+        unix: nbd_unix.as_ref().map(|(_, p)| p.clone()),
+        tcp_tls: config.nbd_tls == NbdTls::Require || (config.nbd_tls == NbdTls::On && !is_loopback_ip(nbd_addr.ip())),
+        unix_tls: config.nbd_tls == NbdTls::Require,
+    };
     let (cp, report) = {
         let (store, exports, dir) = (store.clone(), exports.clone(), data_dir.clone());
         let opts =
@@ -190,7 +208,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
 
     // Serving starts here.
-    let nbd = NbdServer::new(exports.clone(), store.clone(), engine);
+    let nbd_tls = match (&identity, config.nbd_tls) {
+        (Some(id), mode @ (NbdTls::On | NbdTls::Require)) => Some(NbdTlsConfig { mode, config: id.nbd_config() }),
+        _ => None,
+    };
+    let nbd = NbdServer::new(exports.clone(), store.clone(), engine, nbd_tls);
     let mut nbd_tasks: Vec<JoinHandle<()>> = vec![tokio::spawn(nbd.clone().serve_tcp(nbd_tcp))];
     let socket_path = nbd_unix.as_ref().map(|(_, p)| p.clone());
     if let Some((l, _)) = nbd_unix {
@@ -208,7 +230,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             .register_encoded_file_descriptor_set(evs_proto::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .context("building the gRPC reflection service")?;
-        let router = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(id) = &identity {
+            builder = builder.tls_config(id.api_config()).context("configuring TLS for the gRPC API")?;
+        }
+        let router = builder
             .add_service(VolumeServiceServer::new(VolumeApi::new(cp.clone())))
             .add_service(SnapshotServiceServer::new(VolumeApi::new(cp.clone())))
             .add_service(TenantServiceServer::new(VolumeApi::new(cp.clone())))
@@ -231,6 +257,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         nbd = %nbd_addr,
         nbd_socket = %socket_path.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "-".into()),
         api = %api_addr,
+        api_tls = identity.is_some(),
+        nbd_tls = config.nbd_tls.name(),
         metrics = %metrics_addr,
         io_backend = %engine.name(),
         direct_writes = config.direct_writes,

@@ -9,4 +9,5 @@ pub mod jobs;
 pub mod metrics;
 pub mod nbd;
 pub mod qos;
+pub mod tls;
 pub mod volume_io;

@@ -21,6 +21,10 @@ pub struct Cli {
     /// Tenant token [default: ./evs-data/admin.token if readable].
     #[arg(long, global = true, value_name = "TOKEN", env = "EVS_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// CA certificate (PEM) that signed the daemon's certificate; needed for an https://
+    /// endpoint (the system's trusted roots are not used).
+    #[arg(long, global = true, value_name = "FILE", env = "EVS_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
     /// Output format: human-readable table, or one JSON document on stdout.
     #[arg(long, global = true, value_enum, value_name = "FORMAT", default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
@@ -280,6 +284,8 @@ mod tests {
         assert_eq!(cli.output, OutputFormat::Json);
         assert_eq!(cli.endpoint, "http://h:1");
         assert_eq!(cli.token.as_deref(), Some("t"));
+        let cli = parse(&["volume", "list", "--ca-cert", "ca.pem", "--endpoint", "https://h:1"]).unwrap();
+        assert_eq!(cli.ca_cert, Some(PathBuf::from("ca.pem")));
         let cli = parse(&["--output", "json", "volume", "attach", "db", "--unix"]).unwrap();
         assert!(matches!(cli.command, Command::Volume(VolumeCommand::Attach { unix: true, .. })));
     }

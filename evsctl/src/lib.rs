@@ -36,15 +36,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let token = client::resolve_token(cli.token.as_deref(), &Cli::default_token_file())?;
-    let mut c = client::connect(&cli.endpoint, &token).await?;
+    let mut c = client::connect(&cli.endpoint, &token, cli.ca_cert.as_deref()).await?;
     let out = match cli.command {
-        Command::Volume(cmd) => volume(&mut c.volume, &mut c.job, cmd, cli.output).await?,
-        Command::Snapshot(cmd) => snapshot(&mut c.snapshot, cmd, cli.output).await?,
-        Command::Tenant(cmd) => control::tenant(&mut c.tenant, cmd, cli.output).await?,
-        Command::Server(cmd) => control::server(&mut c.server, cmd, cli.output).await?,
-        Command::Audit(cmd) => control::audit(&mut c.audit, cmd, cli.output).await?,
-        Command::Job(cmd) => job(&mut c.job, cmd, cli.output).await?,
-    };
+        Command::Volume(cmd) => volume(&mut c.volume, &mut c.job, cmd, cli.output).await,
+        Command::Snapshot(cmd) => snapshot(&mut c.snapshot, cmd, cli.output).await,
+        Command::Tenant(cmd) => control::tenant(&mut c.tenant, cmd, cli.output).await,
+        Command::Server(cmd) => control::server(&mut c.server, cmd, cli.output).await,
+        Command::Audit(cmd) => control::audit(&mut c.audit, cmd, cli.output).await,
+        Command::Job(cmd) => job(&mut c.job, cmd, cli.output).await,
+    }
+    .map_err(|e| client::explain(e, &client::normalize_endpoint(&cli.endpoint)))?;
     emit(&out)
 }
 

@@ -98,6 +98,10 @@ pub struct DaemonOptions {
     /// Extra global arguments of every `evsctl` call made through the harness (e.g.
     /// `--ca-cert FILE`).
     pub evsctl_args: Vec<String>,
+    /// Files written into the daemon's root directory before its first start (path relative
+    /// to the root, contents), e.g. certificates. The daemon runs in the root, so its
+    /// arguments and config may name them by the relative path.
+    pub files: Vec<(PathBuf, Vec<u8>)>,
 }
 
 /// One running (or stopped) `evs-target`. Dropping it kills the process and removes its
@@ -146,6 +150,13 @@ impl Daemon {
         };
         if let Some(text) = &d.opts.config {
             fs::write(d.config_path(), text).expect("write the daemon's config file");
+        }
+        for (rel, contents) in &d.opts.files {
+            let path = d.root.join(rel);
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent).expect("create a directory for a test file");
+            }
+            fs::write(&path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
         }
         // A port picked here can be taken by someone else before the daemon binds it: try
         // again with new ports when the daemon says so.
@@ -197,7 +208,8 @@ impl Daemon {
             .env("RUST_BACKTRACE", "1")
             .env("RUST_LOG", std::env::var("EVS_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .env_remove("EVS_TOKEN")
-            .env_remove("EVS_ENDPOINT");
+            .env_remove("EVS_ENDPOINT")
+            .env_remove("EVS_CA_CERT");
         if self.opts.config.is_some() {
             c.arg("--config").arg(self.config_path());
         }
@@ -373,7 +385,11 @@ impl Daemon {
     /// want.
     pub fn evsctl_bare(&self) -> Command {
         let mut c = Command::new(bin_path("evsctl"));
-        c.current_dir(&self.root).env_remove("EVS_TOKEN").env_remove("EVS_ENDPOINT").env("NO_COLOR", "1");
+        c.current_dir(&self.root)
+            .env_remove("EVS_TOKEN")
+            .env_remove("EVS_ENDPOINT")
+            .env_remove("EVS_CA_CERT")
+            .env("NO_COLOR", "1");
         c
     }
 
@@ -412,12 +428,14 @@ impl Daemon {
     }
 
     /// Creates a volume and attaches it: `(nbd://127.0.0.1:PORT/TOKEN,
-    /// nbd+unix:///TOKEN?socket=PATH)`, the same attachment reached over TCP and the unix socket.
+    /// nbd+unix:///TOKEN?socket=PATH)`, the same attachment reached over TCP and the unix socket
+    /// (`nbds` forms when the daemon requires TLS there).
     pub fn create_volume(&self, name: &str, size: &str) -> (String, String) {
         self.evsctl_ok(&["volume", "create", name, "--size", size]);
         let tcp = self.attach(name);
         let u = NbdUri::parse(&tcp).unwrap_or_else(|e| panic!("`evsctl volume attach {name}` printed {e}"));
-        let unix = format!("nbd+unix:///{}?socket={}", u.export, self.nbd_socket.display());
+        let scheme = if u.tls { "nbds+unix" } else { "nbd+unix" };
+        let unix = format!("{scheme}:///{}?socket={}", u.export, self.nbd_socket.display());
         (tcp, unix)
     }
 

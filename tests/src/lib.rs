@@ -25,5 +25,5 @@ pub mod tools;
 pub mod util;
 
 pub use daemon::{bin_path, io_backend, name_field, u64_field, volume_list, volume_object, Daemon, DaemonOptions};
-pub use nbd_client::{ConnectOptions, NbdClient, NbdUri, RawConn};
+pub use nbd_client::{ConnectOptions, NbdClient, NbdUri, RawConn, TlsClient};
 pub use tools::{require_tool, run_tool, tool};

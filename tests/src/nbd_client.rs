@@ -9,13 +9,21 @@
 //! * [`NbdClient`]: a well-behaved client (fixed newstyle, `NBD_OPT_GO` or
 //!   `NBD_OPT_EXPORT_NAME`, structured replies optional) that issues one request at a time
 //!   and checks every reply it reads.
+//!
+//! Either can upgrade to TLS with `NBD_OPT_STARTTLS` ([`RawConn::start_tls`],
+//! [`NbdClient::connect_tls`]), with rustls as the client and a CA of the test's choosing.
 
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 
 /// Protocol constants (values as `doc/proto.md` of the NBD project defines them).
 pub mod consts {
@@ -240,15 +248,23 @@ pub enum Target {
     Unix(PathBuf),
 }
 
-/// A parsed NBD URI: `nbd://HOST:PORT/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`.
+/// A parsed NBD URI: `nbd://HOST:PORT/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`, or their
+/// TLS forms `nbds://` and `nbds+unix://`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NbdUri {
     pub target: Target,
     pub export: String,
+    /// The URI says TLS is required (`nbds`).
+    pub tls: bool,
 }
 
 impl NbdUri {
     pub fn parse(uri: &str) -> std::result::Result<NbdUri, String> {
+        if let Some(rest) = uri.strip_prefix("nbds") {
+            let mut u = NbdUri::parse(&format!("nbd{rest}"))?;
+            u.tls = true;
+            return Ok(u);
+        }
         let bad = |why: &str| format!("bad NBD URI {uri:?}: {why}");
         if let Some(rest) = uri.strip_prefix("nbd+unix://") {
             let rest = rest.strip_prefix('/').ok_or_else(|| bad("expected nbd+unix:///EXPORT?socket=PATH"))?;
@@ -257,7 +273,11 @@ impl NbdUri {
                 .split('&')
                 .find_map(|kv| kv.strip_prefix("socket="))
                 .ok_or_else(|| bad("no socket= parameter"))?;
-            Ok(NbdUri { target: Target::Unix(PathBuf::from(percent_decode(socket))), export: percent_decode(export) })
+            Ok(NbdUri {
+                target: Target::Unix(PathBuf::from(percent_decode(socket))),
+                export: percent_decode(export),
+                tls: false,
+            })
         } else if let Some(rest) = uri.strip_prefix("nbd://") {
             let (authority, path) = match rest.split_once('/') {
                 Some((a, p)) => (a, p),
@@ -268,7 +288,7 @@ impl NbdUri {
             }
             let path = path.split('?').next().unwrap_or("");
             let authority = if authority.contains(':') { authority.to_string() } else { format!("{authority}:10809") };
-            Ok(NbdUri { target: Target::Tcp(authority), export: percent_decode(path) })
+            Ok(NbdUri { target: Target::Tcp(authority), export: percent_decode(path), tls: false })
         } else {
             Err(bad("unknown scheme"))
         }
@@ -276,9 +296,10 @@ impl NbdUri {
 
     /// The same URI text form (for tools), export included.
     pub fn to_uri(&self) -> String {
+        let s = if self.tls { "s" } else { "" };
         match &self.target {
-            Target::Tcp(a) => format!("nbd://{a}/{}", self.export),
-            Target::Unix(p) => format!("nbd+unix:///{}?socket={}", self.export, p.display()),
+            Target::Tcp(a) => format!("nbd{s}://{a}/{}", self.export),
+            Target::Unix(p) => format!("nbd{s}+unix:///{}?socket={}", self.export, p.display()),
         }
     }
 }
@@ -301,11 +322,45 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// A TCP or unix stream.
+/// A TCP or unix stream, or a TLS session over one.
 #[derive(Debug)]
 pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Tls(Box<StreamOwned<ClientConnection, Stream>>),
+}
+
+/// What a TLS client trusts and which name it expects the server's certificate to carry.
+#[derive(Clone, Debug)]
+pub struct TlsClient {
+    pub config: Arc<ClientConfig>,
+    pub server_name: String,
+}
+
+impl TlsClient {
+    /// Trusts the certificates of `ca_pem` (TLS 1.2 and 1.3), for a server named `server_name`
+    /// (an IP address or a DNS name).
+    pub fn new(ca_pem: &[u8], server_name: &str) -> TlsClient {
+        TlsClient::with_versions(ca_pem, server_name, rustls::DEFAULT_VERSIONS)
+    }
+
+    /// Like [`new`](Self::new), restricted to the given protocol versions.
+    pub fn with_versions(
+        ca_pem: &[u8],
+        server_name: &str,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> TlsClient {
+        let mut roots = RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(ca_pem) {
+            roots.add(c.expect("CA PEM")).expect("CA certificate");
+        }
+        let config = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(versions)
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        TlsClient { config: Arc::new(config), server_name: server_name.to_string() }
+    }
 }
 
 impl Stream {
@@ -333,6 +388,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(t),
             Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tls(s) => s.sock.set_read_timeout(t),
         }
     }
 
@@ -340,6 +396,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_write_timeout(t),
             Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tls(s) => s.sock.set_write_timeout(t),
         }
     }
 
@@ -347,13 +404,16 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.shutdown(how),
             Stream::Unix(s) => s.shutdown(how),
+            Stream::Tls(s) => s.sock.shutdown(how),
         }
     }
 
+    /// A second handle on the socket; a TLS session cannot be shared.
     pub fn try_clone(&self) -> io::Result<Stream> {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tls(_) => return Err(io::Error::new(io::ErrorKind::Unsupported, "a TLS stream cannot be cloned")),
         })
     }
 }
@@ -363,6 +423,7 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -372,6 +433,7 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
         }
     }
 
@@ -379,6 +441,7 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.flush(),
             Stream::Unix(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
         }
     }
 }
@@ -531,6 +594,37 @@ impl RawConn {
         Ok(hflags)
     }
 
+    /// `NBD_OPT_STARTTLS`, then the TLS handshake: from here on everything is encrypted. A
+    /// refusal is [`Error::OptionRefused`]; a failed handshake is [`Error::Io`] with rustls's
+    /// reason (or [`Error::Closed`] if the server hung up).
+    pub fn start_tls(&mut self, tls: &TlsClient) -> Result<()> {
+        self.send_option(OPT_STARTTLS, &[])?;
+        let r = self.read_option_reply()?;
+        if r.option != OPT_STARTTLS {
+            return Err(Error::Protocol(format!("reply to option {} while waiting for STARTTLS", r.option)));
+        }
+        if r.reply_type != REP_ACK {
+            return Err(Error::OptionRefused { option: OPT_STARTTLS, reply_type: r.reply_type, message: r.message() });
+        }
+        self.wrap_tls(tls)
+    }
+
+    /// Runs the TLS handshake on the connection as it is (after the server's STARTTLS ACK).
+    pub fn wrap_tls(&mut self, tls: &TlsClient) -> Result<()> {
+        let name = ServerName::try_from(tls.server_name.clone())
+            .map_err(|e| Error::Io(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+        let conn = ClientConnection::new(tls.config.clone(), name).map_err(io::Error::other)?;
+        // The stream moves into the TLS session; a dead placeholder holds its place meanwhile.
+        let placeholder = Stream::Unix(UnixStream::pair()?.0);
+        let sock = std::mem::replace(&mut self.stream, placeholder);
+        let mut s = StreamOwned::new(conn, sock);
+        while s.conn.is_handshaking() {
+            s.conn.complete_io(&mut s.sock)?;
+        }
+        self.stream = Stream::Tls(Box::new(s));
+        Ok(())
+    }
+
     /// Reads and discards whatever the server sends until it closes the connection or
     /// `timeout` passes.
     pub fn wait_closed(&mut self, timeout: Duration) -> Ending {
@@ -605,10 +699,24 @@ impl NbdClient {
         NbdClient::handshake(conn, &u.export, opts)
     }
 
+    /// Connects to an `nbds://` (or `nbd://`) URI, upgrades with STARTTLS right after the
+    /// client flags, then negotiates as [`connect_with`](Self::connect_with) does.
+    pub fn connect_tls(uri: &str, tls: &TlsClient, opts: &ConnectOptions) -> Result<NbdClient> {
+        let u = NbdUri::parse(uri).map_err(|e| Error::Io(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+        let mut conn = RawConn::connect(&u.target)?;
+        let hflags = conn.start_fixed_newstyle()?;
+        conn.start_tls(tls)?;
+        NbdClient::negotiate(conn, &u.export, opts, hflags & FLAG_NO_ZEROES != 0)
+    }
+
     /// Runs the whole handshake on a fresh connection.
     pub fn handshake(mut conn: RawConn, export: &str, opts: &ConnectOptions) -> Result<NbdClient> {
         let hflags = conn.start_fixed_newstyle()?;
-        let no_zeroes = hflags & FLAG_NO_ZEROES != 0;
+        NbdClient::negotiate(conn, export, opts, hflags & FLAG_NO_ZEROES != 0)
+    }
+
+    /// The options after the client flags (and after STARTTLS, if any).
+    pub fn negotiate(mut conn: RawConn, export: &str, opts: &ConnectOptions, no_zeroes: bool) -> Result<NbdClient> {
         let mut structured = false;
         if opts.structured_replies {
             conn.send_option(OPT_STRUCTURED_REPLY, &[])?;

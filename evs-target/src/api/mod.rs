@@ -58,6 +58,10 @@ pub struct NbdEndpoints {
     pub tcp: SocketAddr,
     /// The NBD unix socket (absolute), if the daemon listens on one.
     pub unix: Option<PathBuf>,
+    /// Clients of the TCP listener must use TLS (URIs `nbds://`).
+    pub tcp_tls: bool,
+    /// Clients of the unix socket must use TLS (URIs `nbds+unix://`).
+    pub unix_tls: bool,
 }
 
 /// Figures for the metrics endpoint.
@@ -544,21 +548,23 @@ impl ControlPlane {
         Ok(Gauges { volumes, attached_volumes: attached.len() as u64, tenants: self.tenants.names().len() as u64 })
     }
 
-    /// `nbd://HOST:PORT/TOKEN`. When the listener is bound to a wildcard address, HOST is the
-    /// local address the API call came in on: the client reached us there, so the NBD client
-    /// (usually on the same host as the API client) most likely can too.
+    /// `nbd://HOST:PORT/TOKEN` (`nbds://` when the client must use TLS). When the listener is
+    /// bound to a wildcard address, HOST is the local address the API call came in on: the
+    /// client reached us there, so the NBD client (usually on the same host as the API
+    /// client) most likely can too.
     pub fn tcp_uri(&self, token: &str, api_local: Option<SocketAddr>) -> String {
-        nbd_tcp_uri(self.endpoints.tcp, api_local, token)
+        nbd_tcp_uri(self.endpoints.tcp, api_local, token, self.endpoints.tcp_tls)
     }
 
-    /// `nbd+unix:///TOKEN?socket=PATH`, if the daemon has a unix socket.
+    /// `nbd+unix:///TOKEN?socket=PATH` (`nbds+unix://` when the client must use TLS), if the
+    /// daemon has a unix socket.
     pub fn unix_uri(&self, token: &str) -> Option<String> {
-        self.endpoints.unix.as_deref().map(|p| nbd_unix_uri(p, token))
+        self.endpoints.unix.as_deref().map(|p| nbd_unix_uri(p, token, self.endpoints.unix_tls))
     }
 }
 
-/// See [`ControlPlane::tcp_uri`].
-pub fn nbd_tcp_uri(listen: SocketAddr, api_local: Option<SocketAddr>, token: &str) -> String {
+/// See [`ControlPlane::tcp_uri`]. The `nbds` scheme is libnbd's for "TLS required".
+pub fn nbd_tcp_uri(listen: SocketAddr, api_local: Option<SocketAddr>, token: &str, tls: bool) -> String {
     let mut ip = listen.ip();
     if ip.is_unspecified() {
         ip = api_local.map(|a| a.ip()).filter(|ip| !ip.is_unspecified()).unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
@@ -569,14 +575,15 @@ pub fn nbd_tcp_uri(listen: SocketAddr, api_local: Option<SocketAddr>, token: &st
             ip = IpAddr::V4(v4);
         }
     }
+    let scheme = if tls { "nbds" } else { "nbd" };
     match ip {
-        IpAddr::V4(v4) => format!("nbd://{v4}:{}/{token}", listen.port()),
-        IpAddr::V6(v6) => format!("nbd://[{v6}]:{}/{token}", listen.port()),
+        IpAddr::V4(v4) => format!("{scheme}://{v4}:{}/{token}", listen.port()),
+        IpAddr::V6(v6) => format!("{scheme}://[{v6}]:{}/{token}", listen.port()),
     }
 }
 
 /// See [`ControlPlane::unix_uri`]. The socket path is percent-encoded as a query value.
-pub fn nbd_unix_uri(socket: &Path, token: &str) -> String {
+pub fn nbd_unix_uri(socket: &Path, token: &str, tls: bool) -> String {
     let mut enc = String::new();
     for b in socket.as_os_str().as_encoded_bytes() {
         match *b {
@@ -584,7 +591,8 @@ pub fn nbd_unix_uri(socket: &Path, token: &str) -> String {
             other => enc.push_str(&format!("%{other:02X}")),
         }
     }
-    format!("nbd+unix:///{token}?socket={enc}")
+    let scheme = if tls { "nbds+unix" } else { "nbd+unix" };
+    format!("{scheme}:///{token}?socket={enc}")
 }
 
 /// The tonic service over a [`ControlPlane`].
@@ -764,26 +772,36 @@ mod tests {
     #[test]
     fn tcp_uri_uses_the_bound_address() {
         let l: SocketAddr = "127.0.0.1:10809".parse().unwrap();
-        assert_eq!(nbd_tcp_uri(l, None, "abc"), "nbd://127.0.0.1:10809/abc");
+        assert_eq!(nbd_tcp_uri(l, None, "abc", false), "nbd://127.0.0.1:10809/abc");
         let l: SocketAddr = "[::1]:10809".parse().unwrap();
-        assert_eq!(nbd_tcp_uri(l, None, "abc"), "nbd://[::1]:10809/abc");
+        assert_eq!(nbd_tcp_uri(l, None, "abc", false), "nbd://[::1]:10809/abc");
     }
 
     #[test]
     fn tcp_uri_of_a_wildcard_listener_uses_the_api_connection() {
         let l: SocketAddr = "0.0.0.0:10809".parse().unwrap();
         let api: SocketAddr = "10.1.2.3:10810".parse().unwrap();
-        assert_eq!(nbd_tcp_uri(l, Some(api), "t"), "nbd://10.1.2.3:10809/t");
-        assert_eq!(nbd_tcp_uri(l, None, "t"), "nbd://127.0.0.1:10809/t");
+        assert_eq!(nbd_tcp_uri(l, Some(api), "t", false), "nbd://10.1.2.3:10809/t");
+        assert_eq!(nbd_tcp_uri(l, None, "t", false), "nbd://127.0.0.1:10809/t");
         let mapped = SocketAddr::new(IpAddr::V6(Ipv4Addr::new(10, 0, 0, 9).to_ipv6_mapped()), 1);
         let l6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 10809);
-        assert_eq!(nbd_tcp_uri(l6, Some(mapped), "t"), "nbd://10.0.0.9:10809/t");
+        assert_eq!(nbd_tcp_uri(l6, Some(mapped), "t", false), "nbd://10.0.0.9:10809/t");
+    }
+
+    #[test]
+    fn uris_of_tls_listeners_say_nbds() {
+        let l: SocketAddr = "0.0.0.0:10809".parse().unwrap();
+        let api: SocketAddr = "10.1.2.3:10810".parse().unwrap();
+        assert_eq!(nbd_tcp_uri(l, Some(api), "t", true), "nbds://10.1.2.3:10809/t");
+        let l: SocketAddr = "[::1]:1".parse().unwrap();
+        assert_eq!(nbd_tcp_uri(l, None, "t", true), "nbds://[::1]:1/t");
+        assert_eq!(nbd_unix_uri(Path::new("/run/n.sock"), "t", true), "nbds+unix:///t?socket=/run/n.sock");
     }
 
     #[test]
     fn unix_uri_encodes_the_socket_path() {
-        assert_eq!(nbd_unix_uri(Path::new("/run/evs/nbd.sock"), "t"), "nbd+unix:///t?socket=/run/evs/nbd.sock");
-        assert_eq!(nbd_unix_uri(Path::new("/tmp/a b&c"), "t"), "nbd+unix:///t?socket=/tmp/a%20b%26c");
+        assert_eq!(nbd_unix_uri(Path::new("/run/evs/nbd.sock"), "t", false), "nbd+unix:///t?socket=/run/evs/nbd.sock");
+        assert_eq!(nbd_unix_uri(Path::new("/tmp/a b&c"), "t", false), "nbd+unix:///t?socket=/tmp/a%20b%26c");
     }
 }
 
@@ -798,7 +816,7 @@ mod control_tests {
             StoreOptions { engine: EngineKind::Portable, direct_writes: false, direct_write_max: 0, max_snapshots: 4 };
         let store = BlockStore::open(dir, opts).unwrap();
         let exports = ExportRegistry::new();
-        let endpoints = NbdEndpoints { tcp: "127.0.0.1:10809".parse().unwrap(), unix };
+        let endpoints = NbdEndpoints { tcp: "127.0.0.1:10809".parse().unwrap(), unix, tcp_tls: false, unix_tls: false };
         let (cp, report) =
             ControlPlane::open(store, exports.clone(), dir, endpoints, ControlOptions::default()).unwrap();
         (cp, report, exports)
@@ -868,7 +886,7 @@ mod control_tests {
             let (cp, _, _) = open(dir.path(), Some(sock.clone()));
             cp.create_volume(A, "v", 1 << 20, "high").unwrap();
             let a = cp.attach_volume(A, "v", true).unwrap();
-            assert_eq!(cp.unix_uri(&a.token), Some(nbd_unix_uri(&sock, &a.token)));
+            assert_eq!(cp.unix_uri(&a.token), Some(nbd_unix_uri(&sock, &a.token, false)));
             a.token
         };
         let (cp, report, exports) = open(dir.path(), Some(sock));

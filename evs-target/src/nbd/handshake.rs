@@ -11,17 +11,24 @@
 //!   the next byte in the stream is the first byte of the first transmission request, which
 //!   belongs to the caller. (A `BufReader` here would swallow it.)
 //! * Replies to one option are collected in memory and written with one `write_all` + `flush`.
-//! * A client that closes the connection between options ends the handshake with `Ok(None)`;
+//! * A client that closes the connection between options ends the handshake with `Ok(None)`
+//!   ([`Outcome::Closed`]);
 //!   one that vanishes inside an option is an [`HandshakeError::Io`] (`UnexpectedEof`).
 //!
 //! Export names are attach tokens, i.e. secrets: `NBD_OPT_LIST` is refused with
 //! `NBD_REP_ERR_POLICY`, and no name appears in an error or reply the client did not itself
 //! send.
 //!
-//! TLS (`NBD_OPT_STARTTLS`) is refused with `NBD_REP_ERR_POLICY` for now. The haggling state
-//! ([`State`]) is kept apart from the stream so that TLS can be added by acknowledging
-//! STARTTLS, wrapping the stream, resetting the state (the specification forbids keeping any
-//! negotiation from before the upgrade) and resuming [`haggle`] on the wrapped stream.
+//! TLS (`NBD_OPT_STARTTLS`) follows a [`TlsPolicy`] and involves no TLS code here: the
+//! haggling state ([`State`]) is kept apart from the stream. [`negotiate`] acknowledges
+//! STARTTLS and returns [`Outcome::StartTls`] with the state, reset as the specification
+//! demands (nothing negotiated before the upgrade survives it, except the client flags and the
+//! option count); the caller runs the TLS handshake on the socket, then calls [`resume`] on the
+//! decrypted stream. Nothing after the STARTTLS option is read before the acknowledgement is
+//! sent, so bytes a client (or someone in the middle) sends early are TLS data, never
+//! options. Under [`TlsPolicy::Required`] (FORCEDTLS) every other option but `NBD_OPT_ABORT`
+//! gets `NBD_REP_ERR_TLS_REQD` until the upgrade, and `NBD_OPT_EXPORT_NAME`, which cannot be
+//! refused, ends the connection. After the upgrade a second STARTTLS is `NBD_REP_ERR_INVALID`.
 
 use std::io::{self, Read, Write};
 
@@ -31,8 +38,8 @@ use super::proto::{
     self, InfoRequest, NegotiatedFlags, OptionHeader, QueryKind, NBD_FLAG_C_FIXED_NEWSTYLE, NBD_FLAG_C_NO_ZEROES,
     NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_NO_ZEROES, NBD_INFO_NAME, NBD_OPT_ABORT, NBD_OPT_EXPORT_NAME, NBD_OPT_GO,
     NBD_OPT_INFO, NBD_OPT_LIST, NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT, NBD_OPT_STARTTLS,
-    NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, NBD_REP_ERR_INVALID, NBD_REP_ERR_POLICY, NBD_REP_ERR_TOO_BIG,
-    NBD_REP_ERR_UNKNOWN, NBD_REP_ERR_UNSUP, OPTION_HEADER_LEN,
+    NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK, NBD_REP_ERR_INVALID, NBD_REP_ERR_POLICY, NBD_REP_ERR_TLS_REQD,
+    NBD_REP_ERR_TOO_BIG, NBD_REP_ERR_UNKNOWN, NBD_REP_ERR_UNSUP, OPTION_HEADER_LEN,
 };
 
 pub use super::proto::MetaContext;
@@ -132,6 +139,39 @@ pub enum HandshakeError {
     /// contains NUL).
     #[error("NBD_OPT_EXPORT_NAME carried an invalid export name")]
     InvalidExportName,
+    /// `NBD_OPT_EXPORT_NAME` before STARTTLS on a connection that must use TLS: it cannot be
+    /// refused with an error, so the specification requires closing the connection.
+    #[error("NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS on a connection that requires TLS")]
+    TlsRequired,
+}
+
+/// What this connection may or must do about TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsPolicy {
+    /// No TLS here: STARTTLS gets `NBD_REP_ERR_POLICY` (the specification's NOTLS mode).
+    Unavailable,
+    /// STARTTLS is accepted, and so is carrying on in plain text.
+    Optional,
+    /// Nothing but STARTTLS and ABORT before the upgrade (FORCEDTLS).
+    Required,
+}
+
+/// How [`negotiate`] or [`resume`] ended, short of an error.
+#[derive(Debug)]
+pub enum Outcome<T> {
+    /// Transmission entered; the stream is positioned at the first request.
+    Transmission(Negotiated<T>),
+    /// The client ended the session cleanly (`NBD_OPT_ABORT`, or closed between options).
+    Closed,
+    /// STARTTLS was acknowledged: the next bytes on the socket are the client's TLS handshake.
+    /// Run it, then [`resume`] on the encrypted stream.
+    StartTls(TlsUpgrade),
+}
+
+/// The negotiation state to [`resume`] with after the TLS handshake.
+#[derive(Debug)]
+pub struct TlsUpgrade {
+    state: State,
 }
 
 /// Runs the server side of the handshake on `s`.
@@ -147,13 +187,27 @@ pub fn handshake<S: Read + Write, T>(
     s: &mut S,
     lookup: impl Fn(&str) -> Option<(T, ExportInfo)>,
 ) -> Result<Option<Negotiated<T>>, HandshakeError> {
+    match negotiate(s, TlsPolicy::Unavailable, lookup)? {
+        Outcome::Transmission(n) => Ok(Some(n)),
+        // Without TLS nothing is upgraded: STARTTLS got NBD_REP_ERR_POLICY.
+        Outcome::Closed | Outcome::StartTls(_) => Ok(None),
+    }
+}
+
+/// [`handshake`] with a TLS policy: sends the greeting, reads the client flags and answers
+/// options until transmission, a clean end, or an acknowledged STARTTLS.
+pub fn negotiate<S: Read + Write, T>(
+    s: &mut S,
+    tls: TlsPolicy,
+    lookup: impl Fn(&str) -> Option<(T, ExportInfo)>,
+) -> Result<Outcome<T>, HandshakeError> {
     let mut conn = Conn::new(s);
     conn.out.extend_from_slice(&proto::greeting(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES));
     conn.send()?;
 
     let mut flags = [0u8; proto::CLIENT_FLAGS_LEN];
     if !conn.read_or_eof(&mut flags)? {
-        return Ok(None);
+        return Ok(Outcome::Closed);
     }
     let flags = u32::from_be_bytes(flags);
     // The specification: the server MUST drop the connection on unknown client flags. Both
@@ -165,8 +219,19 @@ pub fn handshake<S: Read + Write, T>(
         return Err(HandshakeError::NotFixedNewstyle(flags));
     }
 
-    let mut state = State::new(flags & NBD_FLAG_C_NO_ZEROES != 0);
-    haggle(&mut conn, &mut state, &lookup)
+    let state = State::new(flags & NBD_FLAG_C_NO_ZEROES != 0, tls);
+    haggle(&mut conn, state, &lookup)
+}
+
+/// Resumes option haggling on `s`, the stream inside the TLS session that `upgrade` started.
+/// Nothing is sent first: the client speaks next.
+pub fn resume<S: Read + Write, T>(
+    s: &mut S,
+    upgrade: TlsUpgrade,
+    lookup: impl Fn(&str) -> Option<(T, ExportInfo)>,
+) -> Result<Outcome<T>, HandshakeError> {
+    let mut conn = Conn::new(s);
+    haggle(&mut conn, upgrade.state, &lookup)
 }
 
 /// Negotiation state that survives from one option to the next.
@@ -176,13 +241,28 @@ struct State {
     structured_replies: bool,
     /// The last `NBD_OPT_SET_META_CONTEXT`: the export it named and what it selected.
     meta: Option<(String, Vec<(u32, MetaContext)>)>,
-    /// Options answered so far (counted across a future TLS upgrade too).
+    /// Options answered so far (counted across a TLS upgrade too).
     options: usize,
+    tls: TlsPolicy,
+    /// STARTTLS was acknowledged: this is the session inside TLS.
+    tls_active: bool,
 }
 
 impl State {
-    fn new(no_zeroes: bool) -> State {
-        State { no_zeroes, structured_replies: false, meta: None, options: 0 }
+    fn new(no_zeroes: bool, tls: TlsPolicy) -> State {
+        State { no_zeroes, structured_replies: false, meta: None, options: 0, tls, tls_active: false }
+    }
+
+    /// The state the session inside TLS starts from: the client flags were exchanged before
+    /// and stay; whatever the plain-text options negotiated is forgotten (a man in the middle
+    /// could have injected them).
+    fn upgraded(self) -> State {
+        State { structured_replies: false, meta: None, tls_active: true, ..self }
+    }
+
+    /// Options other than STARTTLS and ABORT must wait for TLS.
+    fn tls_required(&self) -> bool {
+        self.tls == TlsPolicy::Required && !self.tls_active
     }
 }
 
@@ -191,14 +271,15 @@ enum Step<T> {
     Continue,
     Abort,
     Transmission(Negotiated<T>),
+    StartTls,
 }
 
 /// The option loop.
 fn haggle<S: Read + Write, T>(
     conn: &mut Conn<'_, S>,
-    state: &mut State,
+    mut state: State,
     lookup: &impl Fn(&str) -> Option<(T, ExportInfo)>,
-) -> Result<Option<Negotiated<T>>, HandshakeError> {
+) -> Result<Outcome<T>, HandshakeError> {
     loop {
         if state.options >= MAX_OPTIONS {
             return Err(HandshakeError::TooManyOptions);
@@ -207,7 +288,7 @@ fn haggle<S: Read + Write, T>(
 
         let mut header = [0u8; OPTION_HEADER_LEN];
         if !conn.read_or_eof(&mut header)? {
-            return Ok(None);
+            return Ok(Outcome::Closed);
         }
         let header = proto::parse_option_header(&header).map_err(|e| match e {
             proto::ProtoError::BadOptionMagic(m) => HandshakeError::BadOptionMagic(m),
@@ -215,17 +296,21 @@ fn haggle<S: Read + Write, T>(
             _ => HandshakeError::BadOptionMagic(0),
         })?;
 
-        match option(conn, state, lookup, header)? {
+        match option(conn, &mut state, lookup, header)? {
             Step::Continue => conn.send()?,
             Step::Abort => {
                 // The specification asks servers to cope with a client that sends ABORT and
                 // closes without waiting for the ACK: a failed write is still a clean end.
                 let _ = conn.send();
-                return Ok(None);
+                return Ok(Outcome::Closed);
             }
             Step::Transmission(negotiated) => {
                 conn.send()?;
-                return Ok(Some(negotiated));
+                return Ok(Outcome::Transmission(negotiated));
+            }
+            Step::StartTls => {
+                conn.send()?;
+                return Ok(Outcome::StartTls(TlsUpgrade { state: state.upgraded() }));
             }
         }
     }
@@ -239,6 +324,19 @@ fn option<S: Read + Write, T>(
     header: OptionHeader,
 ) -> Result<Step<T>, HandshakeError> {
     let OptionHeader { option: opt, len } = header;
+
+    if state.tls_required() && opt != NBD_OPT_STARTTLS && opt != NBD_OPT_ABORT {
+        if opt == NBD_OPT_EXPORT_NAME {
+            return Err(HandshakeError::TlsRequired);
+        }
+        if len > MAX_OPTION_DISCARD {
+            return Err(HandshakeError::OptionTooLarge { option: opt, len });
+        }
+        // Unknown options too: nothing is answered in plain text but this.
+        conn.discard(len)?;
+        conn.error(opt, NBD_REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first");
+        return Ok(Step::Continue);
+    }
 
     if len > MAX_OPTION_LEN {
         if opt == NBD_OPT_EXPORT_NAME {
@@ -271,15 +369,7 @@ fn option<S: Read + Write, T>(
             }
             Ok(Step::Continue)
         }
-        NBD_OPT_STARTTLS => {
-            if data.is_empty() {
-                // NOTLS mode. See the module documentation for how TLS slots in here.
-                conn.error(opt, NBD_REP_ERR_POLICY, "TLS is not enabled on this server");
-            } else {
-                conn.error(opt, NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
-            }
-            Ok(Step::Continue)
-        }
+        NBD_OPT_STARTTLS => Ok(starttls(conn, state, &data)),
         NBD_OPT_INFO | NBD_OPT_GO => info_or_go(conn, state, lookup, opt, &data),
         NBD_OPT_STRUCTURED_REPLY => {
             if data.is_empty() {
@@ -300,6 +390,27 @@ fn option<S: Read + Write, T>(
             conn.error(opt, NBD_REP_ERR_UNSUP, "option not supported");
             Ok(Step::Continue)
         }
+    }
+}
+
+fn starttls<S: Read + Write, T>(conn: &mut Conn<'_, S>, state: &State, data: &[u8]) -> Step<T> {
+    let opt = NBD_OPT_STARTTLS;
+    if state.tls == TlsPolicy::Unavailable {
+        if data.is_empty() {
+            conn.error(opt, NBD_REP_ERR_POLICY, "TLS is not enabled on this server");
+        } else {
+            conn.error(opt, NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+        }
+        Step::Continue
+    } else if state.tls_active {
+        conn.error(opt, NBD_REP_ERR_INVALID, "TLS is already negotiated");
+        Step::Continue
+    } else if !data.is_empty() {
+        conn.error(opt, NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+        Step::Continue
+    } else {
+        conn.ack(opt);
+        Step::StartTls
     }
 }
 
@@ -599,6 +710,9 @@ mod tests {
         fn raw(mut self, bytes: &[u8]) -> Self {
             self.0.extend_from_slice(bytes);
             self
+        }
+        fn run_with(self, policy: TlsPolicy) -> (Result<Outcome<&'static str>, HandshakeError>, Server) {
+            run_policy(self.0, policy)
         }
         fn run(self) -> (Result<Option<Negotiated<&'static str>>, HandshakeError>, Server) {
             let mut m = Mock::new(self.0);
@@ -1083,6 +1197,231 @@ mod tests {
         assert!(c.go("vol", &[]).run().0.unwrap().is_some());
     }
 
+    /// Runs [`negotiate`] with `policy` on a client script (client flags first).
+    fn run_policy(script: Vec<u8>, policy: TlsPolicy) -> (Result<Outcome<&'static str>, HandshakeError>, Server) {
+        let mut m = Mock::new(script);
+        let r = negotiate(&mut m, policy, lookup);
+        let pos = m.input.position() as usize;
+        (r, Server { bytes: m.output, pos: 0, unread_input: m.input.into_inner().split_off(pos) })
+    }
+
+    /// [`resume`] on the "decrypted stream" of a second script (no greeting, no flags).
+    fn run_resumed(up: TlsUpgrade, script: Client) -> (Result<Outcome<&'static str>, HandshakeError>, Server) {
+        let mut m = Mock::new(script.0);
+        let r = resume(&mut m, up, lookup);
+        let pos = m.input.position() as usize;
+        (r, Server { bytes: m.output, pos: 0, unread_input: m.input.into_inner().split_off(pos) })
+    }
+
+    fn upgrade(r: Result<Outcome<&'static str>, HandshakeError>) -> TlsUpgrade {
+        match r {
+            Ok(Outcome::StartTls(up)) => up,
+            other => panic!("expected STARTTLS, got {other:?}"),
+        }
+    }
+
+    fn transmission(r: Result<Outcome<&'static str>, HandshakeError>) -> Negotiated<&'static str> {
+        match r {
+            Ok(Outcome::Transmission(n)) => n,
+            other => panic!("expected transmission, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn starttls_is_acked_and_nothing_after_it_is_read() {
+        // A TLS ClientHello sent right behind the option (or bytes injected there) belongs to
+        // the TLS layer: the handshake must stop exactly at the end of the option.
+        let hello = b"\x16\x03\x01\x00\x05hello";
+        for policy in [TlsPolicy::Optional, TlsPolicy::Required] {
+            let (r, s) = Client::new(FIXED).opt(NBD_OPT_STARTTLS, &[]).raw(hello).run_with(policy);
+            upgrade(r);
+            let mut s = s.greeting();
+            assert_eq!(s.expect(NBD_OPT_STARTTLS, NBD_REP_ACK), Vec::<u8>::new());
+            s.end();
+            assert_eq!(s.unread_input, hello);
+        }
+    }
+
+    #[test]
+    fn required_tls_refuses_every_option_before_starttls() {
+        let big = vec![7u8; MAX_OPTION_LEN as usize + 1];
+        let (r, s) = Client::new(FIXED)
+            .opt(NBD_OPT_STRUCTURED_REPLY, &[])
+            .go("vol", &[])
+            .info("vol", &[])
+            .opt(NBD_OPT_LIST, &[])
+            .opt(NBD_OPT_LIST_META_CONTEXT, &set_meta("vol", &[]))
+            .opt(NBD_OPT_SET_META_CONTEXT, &set_meta("vol", &["base:allocation"]))
+            .opt(NBD_OPT_EXTENDED_HEADERS, &[])
+            .opt(0x1234_5678, b"whatever")
+            .opt(NBD_OPT_GO, &big)
+            .opt(NBD_OPT_STARTTLS, b"x")
+            .opt(NBD_OPT_STARTTLS, &[])
+            .run_with(TlsPolicy::Required);
+        upgrade(r);
+        let mut s = s.greeting();
+        for opt in [
+            NBD_OPT_STRUCTURED_REPLY,
+            NBD_OPT_GO,
+            NBD_OPT_INFO,
+            NBD_OPT_LIST,
+            NBD_OPT_LIST_META_CONTEXT,
+            NBD_OPT_SET_META_CONTEXT,
+            NBD_OPT_EXTENDED_HEADERS,
+            0x1234_5678,
+            NBD_OPT_GO,
+        ] {
+            let msg = String::from_utf8(s.expect(opt, NBD_REP_ERR_TLS_REQD)).unwrap();
+            assert!(msg.contains("STARTTLS") && !msg.contains("vol"), "{msg}");
+        }
+        s.expect(NBD_OPT_STARTTLS, NBD_REP_ERR_INVALID);
+        s.expect(NBD_OPT_STARTTLS, NBD_REP_ACK);
+        s.end();
+    }
+
+    #[test]
+    fn required_tls_export_name_disconnects_and_abort_ends() {
+        let (r, s) = Client::new(FIXED).opt(NBD_OPT_EXPORT_NAME, b"vol").run_with(TlsPolicy::Required);
+        assert!(matches!(r, Err(HandshakeError::TlsRequired)), "{r:?}");
+        s.greeting().end();
+
+        let (r, s) = Client::new(FIXED).opt(NBD_OPT_ABORT, &[]).go("vol", &[]).run_with(TlsPolicy::Required);
+        assert!(matches!(r, Ok(Outcome::Closed)), "{r:?}");
+        let mut s = s.greeting();
+        s.expect(NBD_OPT_ABORT, NBD_REP_ACK);
+        s.end();
+
+        // A client that gives up between options is a clean end too.
+        let (r, _) = Client::new(FIXED).opt(NBD_OPT_GO, &[]).run_with(TlsPolicy::Required);
+        assert!(matches!(r, Ok(Outcome::Closed)), "{r:?}");
+        // Far too large, even to discard: disconnect.
+        let mut script = FIXED.to_be_bytes().to_vec();
+        script.extend_from_slice(&NBD_OPTS_MAGIC.to_be_bytes());
+        script.extend_from_slice(&0x99u32.to_be_bytes());
+        script.extend_from_slice(&u32::MAX.to_be_bytes());
+        let (r, _) = run_policy(script, TlsPolicy::Required);
+        assert!(matches!(r, Err(HandshakeError::OptionTooLarge { option: 0x99, .. })), "{r:?}");
+    }
+
+    #[test]
+    fn optional_tls_allows_plain_text() {
+        let (r, s) = Client::new(FIXED).opt(NBD_OPT_STRUCTURED_REPLY, &[]).go("vol", &[]).run_with(TlsPolicy::Optional);
+        let n = transmission(r);
+        assert!(n.structured_replies);
+        let mut s = s.greeting();
+        s.expect(NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK);
+        s.expect(NBD_OPT_GO, NBD_REP_INFO);
+    }
+
+    #[test]
+    fn upgrade_forgets_plain_text_negotiation() {
+        let (r, s) = Client::new(NO_ZEROES)
+            .opt(NBD_OPT_STRUCTURED_REPLY, &[])
+            .opt(NBD_OPT_SET_META_CONTEXT, &set_meta("vol", &["base:allocation"]))
+            .opt(NBD_OPT_STARTTLS, &[])
+            .run_with(TlsPolicy::Optional);
+        let up = upgrade(r);
+        let mut s = s.greeting();
+        s.expect(NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK);
+        s.expect(NBD_OPT_SET_META_CONTEXT, NBD_REP_META_CONTEXT);
+        s.expect(NBD_OPT_SET_META_CONTEXT, NBD_REP_ACK);
+        s.expect(NBD_OPT_STARTTLS, NBD_REP_ACK);
+        s.end();
+
+        // Inside TLS: no greeting again, and neither structured replies nor the meta context
+        // survived (so block status is not negotiated either).
+        let (r, s) = run_resumed(up, Client(vec![]).go("vol", &[]));
+        let n = transmission(r);
+        assert!(!n.structured_replies && n.meta_contexts.is_empty() && !n.flags().block_status, "{n:?}");
+        assert_eq!(n.transmission_flags, rw_flags(false));
+        assert!(n.no_zeroes, "the client flags from before the upgrade stay");
+        let mut s = s;
+        s.expect(NBD_OPT_GO, NBD_REP_INFO);
+        s.expect(NBD_OPT_GO, NBD_REP_INFO);
+        s.expect(NBD_OPT_GO, NBD_REP_ACK);
+        s.end();
+
+        // SET_META_CONTEXT needs structured replies negotiated again, inside TLS.
+        let (r, _) = Client::new(FIXED)
+            .opt(NBD_OPT_STRUCTURED_REPLY, &[])
+            .opt(NBD_OPT_STARTTLS, &[])
+            .run_with(TlsPolicy::Optional);
+        let (_, s) = run_resumed(
+            upgrade(r),
+            Client(vec![]).opt(NBD_OPT_SET_META_CONTEXT, &set_meta("vol", &["base:allocation"])),
+        );
+        let mut s = s;
+        s.expect(NBD_OPT_SET_META_CONTEXT, NBD_REP_ERR_INVALID);
+    }
+
+    #[test]
+    fn inside_tls_everything_works_and_starttls_again_is_invalid() {
+        for policy in [TlsPolicy::Optional, TlsPolicy::Required] {
+            let (r, _) = Client::new(FIXED).opt(NBD_OPT_STARTTLS, &[]).run_with(policy);
+            let (r, s) = run_resumed(
+                upgrade(r),
+                Client(vec![])
+                    .opt(NBD_OPT_STARTTLS, &[])
+                    .opt(NBD_OPT_STARTTLS, b"x")
+                    .opt(NBD_OPT_STRUCTURED_REPLY, &[])
+                    .opt(NBD_OPT_SET_META_CONTEXT, &set_meta("vol", &["base:allocation"]))
+                    .info("vol", &[])
+                    .go("vol", &[]),
+            );
+            let n = transmission(r);
+            assert!(n.structured_replies && n.flags().block_status, "{n:?}");
+            let mut s = s;
+            let msg = String::from_utf8(s.expect(NBD_OPT_STARTTLS, NBD_REP_ERR_INVALID)).unwrap();
+            assert!(msg.contains("already"), "{msg}");
+            s.expect(NBD_OPT_STARTTLS, NBD_REP_ERR_INVALID);
+            s.expect(NBD_OPT_STRUCTURED_REPLY, NBD_REP_ACK);
+            s.expect(NBD_OPT_SET_META_CONTEXT, NBD_REP_META_CONTEXT);
+            s.expect(NBD_OPT_SET_META_CONTEXT, NBD_REP_ACK);
+            s.expect(NBD_OPT_INFO, NBD_REP_INFO);
+        }
+
+        // EXPORT_NAME inside TLS enters transmission (NO_ZEROES kept: no padding).
+        let (r, _) = Client::new(NO_ZEROES).opt(NBD_OPT_STARTTLS, &[]).run_with(TlsPolicy::Required);
+        let (r, mut s) = run_resumed(upgrade(r), Client(vec![]).opt(NBD_OPT_EXPORT_NAME, b"ro"));
+        let n = transmission(r);
+        assert!(n.read_only);
+        assert_eq!(s.take(8), RO_SIZE.to_be_bytes());
+        s.take(2);
+        s.end();
+
+        // ABORT and a close inside TLS end cleanly.
+        let (r, _) = Client::new(FIXED).opt(NBD_OPT_STARTTLS, &[]).run_with(TlsPolicy::Required);
+        let (r, _) = run_resumed(upgrade(r), Client(vec![]).opt(NBD_OPT_ABORT, &[]));
+        assert!(matches!(r, Ok(Outcome::Closed)));
+        let (r, _) = Client::new(FIXED).opt(NBD_OPT_STARTTLS, &[]).run_with(TlsPolicy::Required);
+        let (r, _) = run_resumed(upgrade(r), Client(vec![]));
+        assert!(matches!(r, Ok(Outcome::Closed)));
+    }
+
+    #[test]
+    fn option_count_spans_the_upgrade() {
+        let before = 500;
+        let plain = |n: usize| {
+            let mut c = Client::new(FIXED);
+            for _ in 0..n {
+                c = c.opt(NBD_OPT_STRUCTURED_REPLY, &[]);
+            }
+            c.opt(NBD_OPT_STARTTLS, &[]).run_with(TlsPolicy::Optional).0
+        };
+        let inside = |n: usize| {
+            let mut c = Client(vec![]);
+            for _ in 0..n {
+                c = c.opt(NBD_OPT_STRUCTURED_REPLY, &[]);
+            }
+            c.go("vol", &[])
+        };
+        // before + STARTTLS + after + GO = MAX_OPTIONS: fits.
+        let (r, _) = run_resumed(upgrade(plain(before)), inside(MAX_OPTIONS - before - 2));
+        transmission(r);
+        let (r, _) = run_resumed(upgrade(plain(before)), inside(MAX_OPTIONS - before - 1));
+        assert!(matches!(r, Err(HandshakeError::TooManyOptions)), "{r:?}");
+    }
+
     /// Options a fuzzed client picks from, so that random scripts get past the framing.
     fn arb_option() -> impl Strategy<Value = (u32, Vec<u8>)> {
         let names = prop_oneof![Just("vol"), Just("ro"), Just(""), Just("nope")];
@@ -1104,6 +1443,27 @@ mod tests {
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let mut m = Mock::new(bytes);
             let _ = handshake(&mut m, lookup);
+        }
+
+        #[test]
+        fn required_tls_never_serves_before_the_upgrade(
+            options in proptest::collection::vec(arb_option(), 0..12),
+        ) {
+            let mut c = Client::new(FIXED);
+            for (o, d) in &options {
+                c = c.opt(*o, d);
+            }
+            let (r, s) = c.run_with(TlsPolicy::Required);
+            prop_assert!(!matches!(r, Ok(Outcome::Transmission(_))), "{:?}", r);
+            // Every reply is TLS_REQD, except ABORT's and STARTTLS's own.
+            let mut s = s.greeting();
+            while s.pos < s.bytes.len() {
+                let (h, _) = s.reply();
+                let ok = h.reply == NBD_REP_ERR_TLS_REQD
+                    || (h.option == NBD_OPT_ABORT && h.reply == NBD_REP_ACK)
+                    || (h.option == NBD_OPT_STARTTLS && matches!(h.reply, NBD_REP_ACK | NBD_REP_ERR_INVALID));
+                prop_assert!(ok, "{:?}", h);
+            }
         }
 
         #[test]

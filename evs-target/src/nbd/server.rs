@@ -6,6 +6,11 @@
 //! aligned writes submitted as engine ops, replies gathered into one send. Socket and file
 //! operations share the ring, so the thread has one place to wait.
 //!
+//! A client that asks for TLS (`NBD_OPT_STARTTLS`, see [`handshake`] for the policy) gets the
+//! TLS handshake on its socket, then a pump thread ([`super::tls`]) between the encrypted
+//! socket and a unix socket pair; haggling resumes and transmission runs on the pair's other
+//! end, exactly as on a plain socket.
+//!
 //! Synchronous commands (FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS, CACHE, unaligned writes)
 //! run inline. A FLUSH covers every write this server has replied to, on any connection,
 //! because a write's allocation bits are set before its reply and the flush persists the
@@ -31,8 +36,10 @@ use evs_snapshot::{
 };
 use parking_lot::{Condvar, Mutex};
 
-use super::handshake::{self, ExportInfo, Negotiated, MAX_REQUEST_LEN};
+use super::handshake::{self, ExportInfo, Negotiated, Outcome, TlsPolicy, MAX_REQUEST_LEN};
 use super::proto::{self, Command, MetaContext, Request};
+use super::tls;
+use crate::config::NbdTls;
 use crate::exports::{Closer, Export, ExportRegistry};
 use crate::qos::Cost;
 use crate::volume_io::VolumeIo;
@@ -58,12 +65,29 @@ const BATCH: usize = 8;
 const TAG_RECV: u64 = u64::MAX - 1;
 const TAG_SEND: u64 = u64::MAX - 2;
 
+/// NBD TLS: when it is required, and the rustls configuration of the server's identity.
+#[derive(Clone)]
+pub struct NbdTlsConfig {
+    /// `On` or `Require` (`Off` is no `NbdTlsConfig`).
+    pub mode: NbdTls,
+    pub config: Arc<rustls::ServerConfig>,
+}
+
+/// Where a connection comes from, for the TLS policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Peer {
+    /// A loopback TCP address, or the unix socket.
+    Local,
+    Remote,
+}
+
 /// The NBD server: accepts connections and serves the exports of the registry.
 pub struct NbdServer {
     exports: Arc<ExportRegistry>,
     /// For the changed-block contexts of snapshot exports.
     store: Arc<BlockStore>,
     engine: EngineKind,
+    tls: Option<NbdTlsConfig>,
     shutting_down: AtomicBool,
     next_conn: AtomicU64,
     conns: Mutex<HashMap<u64, Closer>>,
@@ -71,11 +95,17 @@ pub struct NbdServer {
 }
 
 impl NbdServer {
-    pub fn new(exports: Arc<ExportRegistry>, store: Arc<BlockStore>, engine: EngineKind) -> Arc<NbdServer> {
+    pub fn new(
+        exports: Arc<ExportRegistry>,
+        store: Arc<BlockStore>,
+        engine: EngineKind,
+        tls: Option<NbdTlsConfig>,
+    ) -> Arc<NbdServer> {
         Arc::new(NbdServer {
             exports,
             store,
             engine,
+            tls,
             shutting_down: AtomicBool::new(false),
             next_conn: AtomicU64::new(1),
             conns: Mutex::new(HashMap::new()),
@@ -91,7 +121,8 @@ impl NbdServer {
                     // tokio hands over a non-blocking socket; the handshake uses blocking I/O.
                     let Ok(s) = s.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s)) else { continue };
                     let _ = s.set_nodelay(true);
-                    self.spawn_conn(s, peer.to_string());
+                    let local = if crate::config::is_loopback_ip(peer.ip()) { Peer::Local } else { Peer::Remote };
+                    self.spawn_conn(s, peer.to_string(), local);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "NBD accept failed");
@@ -110,7 +141,7 @@ impl NbdServer {
             match l.accept().await {
                 Ok((s, _)) => {
                     let Ok(s) = s.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s)) else { continue };
-                    self.spawn_conn(s, "unix".to_string());
+                    self.spawn_conn(s, "unix".to_string(), Peer::Local);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "NBD accept failed");
@@ -123,7 +154,7 @@ impl NbdServer {
         }
     }
 
-    fn spawn_conn<S: Stream>(self: &Arc<Self>, s: S, peer: String) {
+    fn spawn_conn<S: Stream>(self: &Arc<Self>, s: S, peer: String, from: Peer) {
         if self.shutting_down.load(Ordering::Acquire) {
             return;
         }
@@ -139,7 +170,7 @@ impl NbdServer {
         let server = self.clone();
         let spawned = std::thread::Builder::new().name(format!("nbd-{id}")).spawn(move || {
             let mut s = s;
-            if let Err(e) = server.run_conn(&mut s, id, close) {
+            if let Err(e) = server.run_conn(&mut s, id, close, &peer, from) {
                 tracing::debug!(peer, error = %e, "NBD connection ended with an error");
             }
             s.close();
@@ -177,11 +208,21 @@ impl NbdServer {
         self.conns.lock().len()
     }
 
-    fn run_conn<S: Stream>(&self, s: &mut S, id: u64, close: Closer) -> io::Result<()> {
+    /// The TLS policy for a connection from `from`.
+    fn tls_policy(&self, from: Peer) -> TlsPolicy {
+        match (&self.tls, from) {
+            (None, _) => TlsPolicy::Unavailable,
+            (Some(t), _) if t.mode == NbdTls::Require => TlsPolicy::Required,
+            (Some(_), Peer::Remote) => TlsPolicy::Required,
+            (Some(_), Peer::Local) => TlsPolicy::Optional,
+        }
+    }
+
+    fn run_conn<S: Stream>(&self, s: &mut S, id: u64, close: Closer, peer: &str, from: Peer) -> io::Result<()> {
         s.set_timeouts(Some(HANDSHAKE_TIMEOUT))?;
         let exports = &self.exports;
         let store = &self.store;
-        let neg = handshake::handshake(s, |name: &str| {
+        let lookup = |name: &str| {
             exports.lookup(name).map(|e: Export| {
                 let mut contexts = MetaContext::all();
                 if let Some(snap) = e.snapshot {
@@ -194,30 +235,76 @@ impl NbdServer {
                 let info = ExportInfo { size: e.volume.size(), read_only: e.read_only, contexts };
                 (e, info)
             })
-        });
-        let neg = match neg {
-            Ok(Some(n)) => n,
-            Ok(None) => return Ok(()),
-            Err(e) => return Err(io::Error::other(e.to_string())),
+        };
+        let handshake_error = |e: handshake::HandshakeError| io::Error::other(e.to_string());
+        let upgrade = match handshake::negotiate(s, self.tls_policy(from), lookup).map_err(handshake_error)? {
+            Outcome::Transmission(neg) => {
+                s.set_timeouts(None)?;
+                return self.transmit(s.as_raw_fd(), &neg, id, close);
+            }
+            Outcome::Closed => return Ok(()),
+            Outcome::StartTls(upgrade) => upgrade,
+        };
+        // The policy offers STARTTLS only with a configuration.
+        let Some(tls_config) = &self.tls else { return Ok(()) };
+        let session = match tls::accept(tls_config.config.clone(), s) {
+            Ok(session) => session,
+            Err(e) => {
+                // Worth more than a debug line: a wrong CA or hostname on the client shows here.
+                tracing::info!(peer, error = %e, "NBD TLS handshake failed");
+                return Ok(());
+            }
         };
         s.set_timeouts(None)?;
-        let fd = s.as_raw_fd();
+        let (mut plain, pump_end) = std::os::unix::net::UnixStream::pair()?;
+        let sock = s.duplicate()?;
+        let pump = std::thread::Builder::new()
+            .name(format!("nbd-{id}-tls"))
+            .spawn(move || tls::pump(session, sock, pump_end))?;
+        let res = (|| {
+            plain.set_timeouts(Some(HANDSHAKE_TIMEOUT))?;
+            match handshake::resume(&mut plain, upgrade, lookup).map_err(handshake_error)? {
+                Outcome::Transmission(neg) => {
+                    plain.set_timeouts(None)?;
+                    self.transmit(plain.as_raw_fd(), &neg, id, close)
+                }
+                Outcome::Closed | Outcome::StartTls(_) => Ok(()),
+            }
+        })();
+        // Our end closes first: the pump then sends close_notify and ends.
+        drop(plain);
+        match pump.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(peer, error = %e, "NBD TLS session ended with an error"),
+            Err(_) => tracing::error!(peer, "the NBD TLS pump thread panicked"),
+        }
+        res
+    }
+
+    /// Runs the transmission phase on `fd` (the client's socket, or the plain end of its TLS
+    /// pump), registered so that revoking the export closes the connection.
+    fn transmit(&self, fd: RawFd, neg: &Negotiated<Export>, id: u64, close: Closer) -> io::Result<()> {
         if !self.exports.register_conn(&neg.name, id, close) {
             return Ok(()); // detached while we negotiated
         }
         let engine = self.engine.build(MAX_IN_FLIGHT as u32 + 8);
-        let res = engine.and_then(|engine| Transmission::new(fd, &neg, engine, self.store.clone()).run());
+        let res = engine.and_then(|engine| Transmission::new(fd, neg, engine, self.store.clone()).run());
         self.exports.unregister_conn(&neg.name, id);
         res
     }
 }
 
 /// What a connection thread needs of its socket.
-pub trait Stream: io::Read + io::Write + AsRawFd + Send + 'static {
+pub trait Stream: tls::Socket + AsRawFd {
     fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()>;
     fn close(&self);
     /// A handle that shuts this socket down from another thread (on a clone of the socket).
+    /// For a TLS connection it is the client's socket too: the pump passes the end on.
     fn closer(&self) -> io::Result<Closer>;
+    /// Another handle on the same socket (for the TLS pump).
+    fn duplicate(&self) -> io::Result<Self>
+    where
+        Self: Sized;
 }
 
 impl Stream for std::net::TcpStream {
@@ -234,6 +321,9 @@ impl Stream for std::net::TcpStream {
             let _ = clone.shutdown(how);
         }))
     }
+    fn duplicate(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
 }
 
 impl Stream for std::os::unix::net::UnixStream {
@@ -249,6 +339,9 @@ impl Stream for std::os::unix::net::UnixStream {
         Ok(Arc::new(move |how| {
             let _ = clone.shutdown(how);
         }))
+    }
+    fn duplicate(&self) -> io::Result<Self> {
+        self.try_clone()
     }
 }
 
