@@ -9,7 +9,8 @@
 #   something is missing. Runs as root, or through sudo when not root (non-interactive when
 #   there is no terminal).
 # * Rust tools: cargo-nextest (`cargo install cargo-nextest --locked`), rustfmt and clippy
-#   (`rustup component add`, when rustup manages the toolchain).
+#   (`rustup component add`, when rustup manages the toolchain), and Garage 2.5.0, the S3
+#   server of the backup tests (`cargo install --locked garage`; ~20 minutes the first time).
 #
 # Idempotent: a second run installs nothing. Prints what it installed. Exits non-zero when
 # something is missing and cannot be installed here.
@@ -83,8 +84,17 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   installed+=(cargo-nextest)
 fi
 
+# Garage, the S3-compatible server the backup tests run against (a real one, not a mock).
+# Built from crates.io: about 17-20 minutes on 2 cores the first time, so only when missing.
+GARAGE_VERSION=2.5.0
+if ! garage --version 2>/dev/null | grep -q "$GARAGE_VERSION"; then
+  log "installing garage $GARAGE_VERSION (cargo install --locked garage; takes a while the first time)"
+  cargo install --locked garage --version "$GARAGE_VERSION" </dev/null
+  installed+=(garage)
+fi
+
 if ((${#installed[@]})); then
   log "installed: ${installed[*]}"
 else
-  log "nothing to install (qemu-utils, libnbd-bin, fio, nbdkit, cargo-nextest present)"
+  log "nothing to install (qemu-utils, libnbd-bin, fio, nbdkit, cargo-nextest, garage present)"
 fi

@@ -6,8 +6,9 @@
 #   scripts/test.sh [--quick] -- ARGS   # extra ARGS go to `cargo nextest run` (e.g. -E 'test(crash)')
 #
 # Full run, in order:
-#   1. scripts/install-test-deps.sh (qemu-utils, libnbd-bin, fio, nbdkit, cargo-nextest; only
-#      what is missing)
+#   1. scripts/install-test-deps.sh (qemu-utils, libnbd-bin, fio, nbdkit, cargo-nextest, garage;
+#      only what is missing), then a single-node Garage on loopback (scripts/garage.sh) for the
+#      backup tests, stopped at the end
 #   2. cargo build --workspace --bins (the integration tests start the real binaries)
 #   3. cargo nextest run --workspace --no-fail-fast with EVS_TEST_IO_BACKEND=uring
 #      (skipped, with the reason, only when io_uring is unavailable on this machine)
@@ -110,6 +111,17 @@ if ! step build cargo build --workspace --bins; then
 fi
 
 uring_why=$(io_uring_check) && uring_ok=1 || uring_ok=0
+
+# The S3 test server: a single-node Garage in a temporary directory, for the whole run.
+garage_dir=$(mktemp -d "${TMPDIR:-/tmp}/evs-garage.XXXXXX")
+stop_garage() { scripts/garage.sh stop "$garage_dir" >/dev/null 2>&1; rm -rf "$garage_dir"; }
+trap stop_garage EXIT
+if garage_env=$(scripts/garage.sh start "$garage_dir"); then
+  eval "$garage_env"
+  banner "S3 test server: Garage at $EVS_TEST_S3_ENDPOINT, bucket $EVS_TEST_S3_BUCKET"
+else
+  echo "test.sh: cannot start the S3 test server (scripts/garage.sh start); the backup tests will fail" >&2
+fi
 
 if ((quick)); then
   backend=${EVS_TEST_IO_BACKEND:-}

@@ -113,6 +113,8 @@ pub struct Config {
     pub default_quota: Quota,
     /// Job limits (config file `max_running_jobs_per_tenant`, `delete_bytes_per_second`).
     pub jobs: JobOptions,
+    /// Backup settings and limits (config file `[backups]`).
+    pub backups: BackupSettings,
     /// None: `RUST_LOG` if set, else `info`.
     pub log: Option<String>,
     /// Certificate and key of the gRPC API and NBD TLS (read and checked at start-up).
@@ -120,6 +122,39 @@ pub struct Config {
     pub nbd_tls: NbdTls,
     /// Plain-text listeners on non-loopback addresses are allowed.
     pub allow_plaintext: bool,
+}
+
+/// How backups are made and how many a tenant may keep (`[backups]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackupSettings {
+    /// Bytes per chunk: a power of two from 64 KiB to 64 MiB.
+    pub chunk_size: u32,
+    /// Chunks uploaded or downloaded at once per job.
+    pub concurrency: usize,
+    pub zstd_level: i32,
+    /// Unreferenced chunks younger than this are kept by gc (a backup may be uploading them).
+    pub gc_grace_seconds: u64,
+    /// Limits of the service description; 0 = unlimited.
+    pub max_per_volume: u64,
+    pub max_per_tenant: u64,
+    pub max_bytes_per_tenant: u64,
+    /// How often the policy scheduler looks for due policies, seconds.
+    pub scheduler_interval_seconds: u64,
+}
+
+impl Default for BackupSettings {
+    fn default() -> Self {
+        BackupSettings {
+            chunk_size: 1 << 20,
+            concurrency: 8,
+            zstd_level: 3,
+            gc_grace_seconds: 3600,
+            max_per_volume: 20,
+            max_per_tenant: 360,
+            max_bytes_per_tenant: 200 * 1_000_000_000_000,
+            scheduler_interval_seconds: 5,
+        }
+    }
 }
 
 /// The PEM files of the server's TLS identity.
@@ -267,6 +302,7 @@ impl Config {
             max_snapshots: file.max_snapshots.unwrap_or(DEFAULT_MAX_SNAPSHOTS),
             tiers: file.tiers.unwrap_or_else(default_tiers),
             default_quota: file.default_quota.unwrap_or(DEFAULT_QUOTA),
+            backups: file.backups.unwrap_or_default(),
             jobs: JobOptions {
                 max_running_per_tenant: file.max_running_jobs.unwrap_or(DEFAULT_MAX_RUNNING_PER_TENANT),
                 delete_bytes_per_second: file.delete_bytes_per_second,
@@ -388,6 +424,7 @@ fn resolve_listen(addr: &str) -> Result<Vec<SocketAddr>, String> {
 #[derive(Debug, Default, PartialEq)]
 struct FileConfig {
     tiers: Option<Vec<TierSpec>>,
+    backups: Option<BackupSettings>,
     default_quota: Option<Quota>,
     data_dir: Option<PathBuf>,
     az: Option<String>,
@@ -435,6 +472,23 @@ struct RawFile {
     /// `[tiers.NAME]`: overrides of the default tiers, key by key.
     tiers: Option<std::collections::BTreeMap<Spanned<String>, RawTier>>,
     quotas: Option<RawQuotas>,
+    backups: Option<RawBackups>,
+}
+
+/// The `[backups]` table.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackups {
+    /// Bytes, or a size string ("1M").
+    chunk_size: Option<Spanned<toml::Value>>,
+    concurrency: Option<Spanned<i64>>,
+    zstd_level: Option<Spanned<i64>>,
+    gc_grace_seconds: Option<Spanned<i64>>,
+    max_per_volume: Option<Spanned<i64>>,
+    max_per_tenant: Option<Spanned<i64>>,
+    /// Bytes, or a size string; "T" here is binary like everywhere in the file.
+    max_bytes_per_tenant: Option<Spanned<toml::Value>>,
+    scheduler_interval_seconds: Option<Spanned<i64>>,
 }
 
 /// One `[tiers.NAME]` table. IOPS in I/O units per second, bandwidth in MB/s (10^6 bytes).
@@ -600,8 +654,60 @@ impl FileConfig {
         let delete_bytes_per_second =
             int("delete_bytes_per_second", raw.delete_bytes_per_second, MIN_DELETE_BYTES_PER_SECOND, i64::MAX)?
                 .map(|n| n as u64);
+        let backups = match raw.backups {
+            None => None,
+            Some(b) => {
+                let mut out = BackupSettings::default();
+                let size = |key: &'static str, v: &Spanned<toml::Value>| -> Result<u64, ConfigError> {
+                    match v.get_ref() {
+                        toml::Value::Integer(n) if *n >= 0 => Ok(*n as u64),
+                        toml::Value::String(s) => parse_size(s),
+                        other => Err(format!("expected bytes or a size like \"1M\", found {other}")),
+                    }
+                    .map_err(|m| value_err(key, v.span().start, m))
+                };
+                if let Some(v) = &b.chunk_size {
+                    let n = size("chunk_size", v)?;
+                    if !n.is_power_of_two() || !(64 << 10..=64 << 20).contains(&n) {
+                        return Err(value_err(
+                            "chunk_size",
+                            v.span().start,
+                            format!("{n} is not a power of two from 64 KiB to 64 MiB"),
+                        ));
+                    }
+                    out.chunk_size = n as u32;
+                }
+                if let Some(v) = &b.max_bytes_per_tenant {
+                    out.max_bytes_per_tenant = size("max_bytes_per_tenant", v)?;
+                }
+                let int = |key: &'static str, v: &Option<Spanned<i64>>, lo: i64, hi: i64| -> Result<Option<i64>, ConfigError> {
+                    let Some(v) = v else { return Ok(None) };
+                    check_int(*v.get_ref(), lo, hi).map(Some).map_err(|m| value_err(key, v.span().start, m))
+                };
+                if let Some(n) = int("concurrency", &b.concurrency, 1, 256)? {
+                    out.concurrency = n as usize;
+                }
+                if let Some(n) = int("zstd_level", &b.zstd_level, 1, 19)? {
+                    out.zstd_level = n as i32;
+                }
+                if let Some(n) = int("gc_grace_seconds", &b.gc_grace_seconds, 0, i64::MAX)? {
+                    out.gc_grace_seconds = n as u64;
+                }
+                if let Some(n) = int("max_per_volume", &b.max_per_volume, 0, i64::MAX)? {
+                    out.max_per_volume = n as u64;
+                }
+                if let Some(n) = int("max_per_tenant", &b.max_per_tenant, 0, i64::MAX)? {
+                    out.max_per_tenant = n as u64;
+                }
+                if let Some(n) = int("scheduler_interval_seconds", &b.scheduler_interval_seconds, 1, 3600)? {
+                    out.scheduler_interval_seconds = n as u64;
+                }
+                Some(out)
+            }
+        };
         Ok(FileConfig {
             tiers,
+            backups,
             default_quota,
             max_snapshots,
             max_running_jobs,
@@ -1344,6 +1450,27 @@ allow_plaintext = true
         assert!(matches!(e, ConfigError::Value { line: 2, key: "max_capacity_per_tenant", .. }), "{e}");
         let e = with_file("[quotas]\nmax_volumes_per_tenant = -1\n", &[]).unwrap_err();
         assert!(e.to_string().contains("negative"), "{e}");
+    }
+
+    #[test]
+    fn backup_settings() {
+        assert_eq!(Config::load(flags(&[])).unwrap().backups, BackupSettings::default());
+        let c = with_file(
+            "[backups]\nchunk_size = \"4M\"\nconcurrency = 4\nmax_per_volume = 3\nmax_bytes_per_tenant = \"1T\"\ngc_grace_seconds = 0\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            (c.backups.chunk_size, c.backups.concurrency, c.backups.max_per_volume, c.backups.max_bytes_per_tenant),
+            (4 << 20, 4, 3, 1 << 40)
+        );
+        assert_eq!(c.backups.gc_grace_seconds, 0);
+        let e = with_file("[backups]\n\nchunk_size = 3000\n", &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::Value { line: 3, key: "chunk_size", .. }), "{e}");
+        let e = with_file("[backups]\nconcurrency = 0\n", &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::Value { line: 2, key: "concurrency", .. }), "{e}");
+        let e = with_file("[backups]\nchunks = 1\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("chunks"), "{e}");
     }
 
     #[test]

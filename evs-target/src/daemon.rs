@@ -20,6 +20,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use evs_proto::v1::audit_service_server::AuditServiceServer;
+use evs_proto::v1::backup_service_server::BackupServiceServer;
+use evs_proto::v1::policy_service_server::PolicyServiceServer;
 use evs_proto::v1::job_service_server::JobServiceServer;
 use evs_proto::v1::server_service_server::ServerServiceServer;
 use evs_proto::v1::snapshot_service_server::SnapshotServiceServer;
@@ -32,6 +34,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
+use crate::api::backups::BackupContext;
 use crate::api::{ControlOptions, ControlPlane, NbdEndpoints, VolumeApi};
 use crate::config::{is_loopback_ip, Config, IoBackend, ListenAddr, NbdTls, DIRECT_WRITE_MAX};
 use crate::exports::ExportRegistry;
@@ -96,6 +99,62 @@ fn choose_engine(backend: IoBackend) -> anyhow::Result<EngineKind> {
             }
             Ok(kind)
         }
+    }
+}
+
+/// The backup engine over `--backup-store`. S3 and OBS keys come from the environment
+/// (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY); a missing one stops the start, named.
+async fn open_backup_engine(config: &Config) -> anyhow::Result<evs_backup::Engine> {
+    use crate::config::BackupStore;
+    let key = |name: &str| {
+        std::env::var(name).map_err(|_| {
+            anyhow!("--backup-store {}: set {name} (the store's credentials)", config.backup_store)
+        })
+    };
+    let store = match &config.backup_store {
+        BackupStore::File { path } => evs_backup::StoreConfig::File { path: path.clone() },
+        BackupStore::S3(b) => evs_backup::StoreConfig::S3 {
+            bucket: b.bucket.clone(),
+            prefix: b.prefix.clone(),
+            endpoint: b.endpoint.clone(),
+            region: b.region.clone(),
+            access_key: key("AWS_ACCESS_KEY_ID")?,
+            secret_key: key("AWS_SECRET_ACCESS_KEY")?,
+        },
+        BackupStore::Obs(b) => evs_backup::StoreConfig::Obs {
+            bucket: b.bucket.clone(),
+            prefix: b.prefix.clone(),
+            endpoint: b.endpoint.clone(),
+            access_key: key("AWS_ACCESS_KEY_ID")?,
+            secret_key: key("AWS_SECRET_ACCESS_KEY")?,
+        },
+    };
+    let s = &config.backups;
+    let opts = evs_backup::EngineOptions {
+        chunk_size: s.chunk_size,
+        concurrency: s.concurrency,
+        zstd_level: s.zstd_level,
+        gc_grace: Duration::from_secs(s.gc_grace_seconds),
+    };
+    evs_backup::Engine::open(&store, opts)
+        .await
+        .with_context(|| format!("cannot open the backup store {}", config.backup_store))
+}
+
+/// Runs due backup policies every `interval` until `stop` is set.
+fn start_scheduler(cp: Arc<ControlPlane>, interval: Duration, stop: Arc<std::sync::atomic::AtomicBool>) {
+    let spawned = std::thread::Builder::new().name("evs-policies".into()).spawn(move || {
+        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            cp.run_due_policies(now);
+            let until = std::time::Instant::now() + interval;
+            while std::time::Instant::now() < until && !stop.load(std::sync::atomic::Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the policy scheduler; policies run only with `policy run`");
     }
 }
 
@@ -177,10 +236,21 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tcp_tls: config.nbd_tls == NbdTls::Require || (config.nbd_tls == NbdTls::On && !is_loopback_ip(nbd_addr.ip())),
         unix_tls: config.nbd_tls == NbdTls::Require,
     };
+    let backup = Arc::new(BackupContext {
+        engine: Arc::new(open_backup_engine(&config).await?),
+        rt: tokio::runtime::Handle::current(),
+        settings: config.backups,
+        az: config.az.clone(),
+        keys_dir: data_dir.join("keys"),
+    });
     let (cp, report) = {
         let (store, exports, dir) = (store.clone(), exports.clone(), data_dir.clone());
-        let opts =
-            ControlOptions { tiers: config.tiers.clone(), default_quota: config.default_quota, jobs: config.jobs };
+        let opts = ControlOptions {
+            tiers: config.tiers.clone(),
+            default_quota: config.default_quota,
+            jobs: config.jobs,
+            backup: Some(backup),
+        };
         tokio::task::spawn_blocking(move || ControlPlane::open(store, exports, &dir, endpoints, opts))
             .await
             .context("opening the control plane")?
@@ -241,6 +311,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             .add_service(ServerServiceServer::new(VolumeApi::new(cp.clone())))
             .add_service(AuditServiceServer::new(VolumeApi::new(cp.clone())))
             .add_service(JobServiceServer::new(VolumeApi::new(cp.clone())))
+            .add_service(BackupServiceServer::new(VolumeApi::new(cp.clone())))
+            .add_service(PolicyServiceServer::new(VolumeApi::new(cp.clone())))
             .add_service(reflection)
             .add_service(reflection_alpha);
         let incoming = TcpIncoming::from(api_listener).with_nodelay(Some(true));
@@ -252,6 +324,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         let info = Arc::new(MetricsInfo { io_backend: engine.name(), az: config.az.clone() });
         tokio::spawn(serve_metrics(metrics_listener, cp.clone(), info))
     };
+    let scheduler_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    start_scheduler(
+        cp.clone(),
+        Duration::from_secs(config.backups.scheduler_interval_seconds),
+        scheduler_stop.clone(),
+    );
 
     tracing::info!(
         nbd = %nbd_addr,
@@ -305,6 +383,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             }
         }
     }
+    scheduler_stop.store(true, std::sync::atomic::Ordering::Release);
     // Jobs stop at their next check and resume at the next start.
     {
         let jobs = cp.jobs().clone();

@@ -108,6 +108,45 @@ impl std::fmt::Display for JobState {
 pub enum JobKind {
     /// Remove a volume (and its snapshots) from the catalog, then destroy its data.
     DeleteVolume { volume_id: u64, name: String },
+    /// Back up a volume (incremental unless `full` or no usable base).
+    Backup {
+        volume_id: u64,
+        volume: String,
+        backup_id: String,
+        #[serde(default)]
+        full: bool,
+        #[serde(default)]
+        label: String,
+        /// The policy that queued it (retention runs after it).
+        #[serde(default)]
+        policy: Option<String>,
+    },
+    /// Back up every volume of a server at one instant.
+    ServerBackup {
+        server: String,
+        volume_ids: Vec<u64>,
+        backup_id: String,
+        #[serde(default)]
+        label: String,
+        #[serde(default)]
+        policy: Option<String>,
+    },
+    /// Restore a backup (or a server backup) to new volumes or in place.
+    Restore {
+        backup_id: String,
+        #[serde(default)]
+        to: String,
+        #[serde(default)]
+        in_place: bool,
+        #[serde(default)]
+        tier: String,
+    },
+    /// Delete a backup (or a server backup and its volume backups).
+    DeleteBackup { backup_id: String },
+    /// Re-read and check every chunk of a backup.
+    VerifyBackup { backup_id: String },
+    /// Remove chunks no backup references.
+    CollectGarbage,
 }
 
 impl JobKind {
@@ -115,6 +154,12 @@ impl JobKind {
     pub fn name(&self) -> &'static str {
         match self {
             JobKind::DeleteVolume { .. } => "delete-volume",
+            JobKind::Backup { .. } => "backup",
+            JobKind::ServerBackup { .. } => "server-backup",
+            JobKind::Restore { .. } => "restore",
+            JobKind::DeleteBackup { .. } => "delete-backup",
+            JobKind::VerifyBackup { .. } => "verify-backup",
+            JobKind::CollectGarbage => "gc",
         }
     }
 
@@ -122,15 +167,32 @@ impl JobKind {
     pub fn target(&self) -> String {
         match self {
             JobKind::DeleteVolume { name, .. } => format!("volume {name}"),
+            JobKind::Backup { volume, backup_id, .. } => format!("volume {volume} (backup {backup_id})"),
+            JobKind::ServerBackup { server, backup_id, .. } => format!("server {server} (backup {backup_id})"),
+            JobKind::Restore { backup_id, to, in_place, .. } if *in_place || to.is_empty() => {
+                format!("backup {backup_id} (in place)")
+            }
+            JobKind::Restore { backup_id, to, .. } => format!("backup {backup_id} to {to}"),
+            JobKind::DeleteBackup { backup_id } | JobKind::VerifyBackup { backup_id } => format!("backup {backup_id}"),
+            JobKind::CollectGarbage => "the backup store".to_string(),
         }
     }
 
     /// Whether a job of this kind that a restart interrupted may simply run again. A delete
     /// may: before its catalog commit nothing changed; after it the volume is gone and the
     /// start-up sweep has removed its files, which the job then finds.
+    /// Backup jobs may too: a backup's hidden snapshot is found again by name and nothing of
+    /// it is visible before its manifest; a restore finds its half-written volume and writes
+    /// it again; deletes, verify and gc are idempotent.
     pub fn resumable(&self) -> bool {
         match self {
-            JobKind::DeleteVolume { .. } => true,
+            JobKind::DeleteVolume { .. }
+            | JobKind::Backup { .. }
+            | JobKind::ServerBackup { .. }
+            | JobKind::Restore { .. }
+            | JobKind::DeleteBackup { .. }
+            | JobKind::VerifyBackup { .. }
+            | JobKind::CollectGarbage => true,
         }
     }
 
@@ -138,6 +200,16 @@ impl JobKind {
     pub fn deletes_volume(&self) -> Option<u64> {
         match self {
             JobKind::DeleteVolume { volume_id, .. } => Some(*volume_id),
+            _ => None,
+        }
+    }
+
+    /// The volumes a backup job reads (one, or a server's).
+    pub fn backs_up_volume(&self, id: u64) -> bool {
+        match self {
+            JobKind::Backup { volume_id, .. } => *volume_id == id,
+            JobKind::ServerBackup { volume_ids, .. } => volume_ids.contains(&id),
+            _ => false,
         }
     }
 }

@@ -55,9 +55,126 @@ pub enum Command {
     /// The audit log of mutating calls (admin).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Backups to object storage (VBS, CSBS): create, create-server, list, show, delete,
+    /// restore, verify, gc, set-key.
+    #[command(subcommand)]
+    Backup(BackupCommand),
+    /// Backup policies: create, bind, unbind, list, delete, run.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Jobs (long operations such as volume delete): list, show, wait, cancel.
     #[command(subcommand)]
     Job(JobCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Back up a volume, online (incremental: only what changed since its last backup).
+    Create {
+        volume: String,
+        /// A label for the backup.
+        #[arg(long)]
+        name: Option<String>,
+        /// Read every allocated chunk, not only the changed ones (still deduplicated).
+        #[arg(long)]
+        full: bool,
+        /// Wait for the backup job (progress bar on a terminal); exit with its result.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Back up every volume of a server at one instant.
+    CreateServer {
+        server: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List backups (of one volume or server).
+    List {
+        #[arg(long, conflicts_with = "server")]
+        volume: Option<String>,
+        #[arg(long)]
+        server: Option<String>,
+    },
+    /// Show one backup.
+    Show { id: String },
+    /// Delete a backup (never breaks another).
+    Delete {
+        id: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Restore a backup to a new volume (a server backup: new volumes TO-VOLUME and a server
+    /// TO), or in place (the volume must be detached).
+    Restore {
+        id: String,
+        #[arg(long, value_name = "NEW_VOLUME", required_unless_present = "in_place", conflicts_with = "in_place")]
+        to: Option<String>,
+        #[arg(long)]
+        in_place: bool,
+        /// Tier of the new volume(s) [default: gpssd].
+        #[arg(long)]
+        tier: Option<String>,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Re-read every chunk of a backup; fails naming each missing or corrupt chunk.
+    Verify { id: String },
+    /// Remove chunks no backup references (admin).
+    Gc {
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Set the tenant's backup encryption key (32 bytes as 64 hex digits), or clear it.
+    SetKey {
+        #[arg(long, value_name = "HEX")]
+        key_hex: Option<String>,
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+        #[arg(long)]
+        clear: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Create a policy: a five-field cron schedule in UTC and a retention.
+    Create {
+        name: String,
+        #[arg(long, value_name = "CRON")]
+        schedule: String,
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        keep_last: u32,
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        keep_daily: u32,
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        keep_weekly: u32,
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        keep_monthly: u32,
+    },
+    /// Bind a policy to a volume or a server (one policy each).
+    Bind {
+        name: String,
+        #[arg(long, required_unless_present = "server", conflicts_with = "server")]
+        volume: Option<String>,
+        #[arg(long)]
+        server: Option<String>,
+    },
+    /// Unbind a policy from a volume or a server.
+    Unbind {
+        name: String,
+        #[arg(long, required_unless_present = "server", conflicts_with = "server")]
+        volume: Option<String>,
+        #[arg(long)]
+        server: Option<String>,
+    },
+    /// List the tenant's policies.
+    List,
+    /// Delete a policy (its backups stay).
+    Delete { name: String },
+    /// Run a policy now (its backups, then its retention as they finish).
+    Run { name: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use evs_proto::v1::audit_service_client::AuditServiceClient;
+use evs_proto::v1::backup_service_client::BackupServiceClient;
+use evs_proto::v1::policy_service_client::PolicyServiceClient;
 use evs_proto::v1::job_service_client::JobServiceClient;
 use evs_proto::v1::server_service_client::ServerServiceClient;
 use evs_proto::v1::snapshot_service_client::SnapshotServiceClient;
@@ -24,6 +26,8 @@ pub type SnapshotClient = SnapshotServiceClient<InterceptedService<Channel, Bear
 pub type TenantClient = TenantServiceClient<InterceptedService<Channel, BearerAuth>>;
 pub type ServerClient = ServerServiceClient<InterceptedService<Channel, BearerAuth>>;
 pub type AuditClient = AuditServiceClient<InterceptedService<Channel, BearerAuth>>;
+pub type BackupClient = BackupServiceClient<InterceptedService<Channel, BearerAuth>>;
+pub type PolicyClient = PolicyServiceClient<InterceptedService<Channel, BearerAuth>>;
 pub type JobClient = JobServiceClient<InterceptedService<Channel, BearerAuth>>;
 
 /// The clients of every service, over one connection.
@@ -34,6 +38,8 @@ pub struct Api {
     pub server: ServerClient,
     pub audit: AuditClient,
     pub job: JobClient,
+    pub backup: BackupClient,
+    pub policy: PolicyClient,
 }
 
 /// Adds `authorization: Bearer <token>` to every request.
@@ -203,6 +209,8 @@ pub async fn connect(endpoint: &str, token: &str, ca_cert: Option<&Path>) -> any
         tenant: TenantServiceClient::with_interceptor(channel.clone(), auth.clone()),
         server: ServerServiceClient::with_interceptor(channel.clone(), auth.clone()),
         job: JobServiceClient::with_interceptor(channel.clone(), auth.clone()),
+        backup: BackupServiceClient::with_interceptor(channel.clone(), auth.clone()),
+        policy: PolicyServiceClient::with_interceptor(channel.clone(), auth.clone()),
         audit: AuditServiceClient::with_interceptor(channel, auth),
     })
 }

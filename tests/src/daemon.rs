@@ -102,6 +102,8 @@ pub struct DaemonOptions {
     /// to the root, contents), e.g. certificates. The daemon runs in the root, so its
     /// arguments and config may name them by the relative path.
     pub files: Vec<(PathBuf, Vec<u8>)>,
+    /// Extra environment of the daemon (e.g. the credentials of a private S3 server).
+    pub env: Vec<(String, String)>,
 }
 
 /// One running (or stopped) `evs-target`. Dropping it kills the process and removes its
@@ -214,6 +216,7 @@ impl Daemon {
             c.arg("--config").arg(self.config_path());
         }
         c.args(&self.opts.args);
+        c.envs(self.opts.env.iter().map(|(k, v)| (k, v)));
         c
     }
 

@@ -69,6 +69,24 @@ pub enum ApiError {
     ServerExists(String),
     #[error("volume {volume:?} belongs to server {server:?}; delete the server first")]
     VolumeInServer { volume: String, server: String },
+    #[error("backup {0:?} not found")]
+    BackupNotFound(String),
+    #[error("backup store: {0}")]
+    Backup(String),
+    #[error("backup limit reached: {0}")]
+    BackupLimit(String),
+    #[error("a backup of volume {volume:?} is already queued or running (job {job})")]
+    BackupInProgress { volume: String, job: u64 },
+    #[error("volume {name:?} is being restored (job {job})")]
+    BeingRestored { name: String, job: u64 },
+    #[error("policy {0:?} not found")]
+    PolicyNotFound(String),
+    #[error("policy {0:?} already exists")]
+    PolicyExists(String),
+    #[error("{what} is bound to policy {policy:?} already; unbind it first (one policy per volume or server)")]
+    PolicyBound { what: String, policy: String },
+    #[error("policy {policy:?} queued no backup: {errors}")]
+    PolicyRun { policy: String, errors: String },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("internal error: {0}")]
@@ -84,17 +102,24 @@ impl ApiError {
             ApiError::VolumeNotFound(_)
             | ApiError::SnapshotNotFound(_)
             | ApiError::TenantNotFound(_)
-            | ApiError::ServerNotFound(_) => Code::NotFound,
+            | ApiError::ServerNotFound(_)
+            | ApiError::BackupNotFound(_)
+            | ApiError::PolicyNotFound(_) => Code::NotFound,
             ApiError::VolumeExists(_)
             | ApiError::SnapshotExists(_)
             | ApiError::TenantExists(_)
-            | ApiError::ServerExists(_) => Code::AlreadyExists,
+            | ApiError::ServerExists(_)
+            | ApiError::PolicyExists(_) => Code::AlreadyExists,
             ApiError::Attached(_)
             | ApiError::NoUnixSocket
             | ApiError::Connected { .. }
             | ApiError::AdminTenant
             | ApiError::TenantHasVolumes { .. }
             | ApiError::VolumeInServer { .. }
+            | ApiError::BackupInProgress { .. }
+            | ApiError::BeingRestored { .. }
+            | ApiError::PolicyBound { .. }
+            | ApiError::PolicyRun { .. }
             | ApiError::BeingDeleted { .. } => Code::FailedPrecondition,
             ApiError::Jobs(j) => match j {
                 JobsError::NotFound(_) => Code::NotFound,
@@ -103,7 +128,10 @@ impl ApiError {
                 JobsError::Store(s) => store_code(s),
             },
             ApiError::TierDenied | ApiError::PermissionDenied(_) => Code::PermissionDenied,
-            ApiError::QuotaVolumes { .. } | ApiError::QuotaCapacity { .. } => Code::ResourceExhausted,
+            ApiError::QuotaVolumes { .. } | ApiError::QuotaCapacity { .. } | ApiError::BackupLimit(_) => {
+                Code::ResourceExhausted
+            }
+            ApiError::Backup(_) => Code::Unavailable,
             ApiError::Unsupported(_) => Code::Unimplemented,
             ApiError::Store(s) => store_code(s),
             ApiError::Internal(_) => Code::Internal,

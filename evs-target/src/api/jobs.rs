@@ -141,6 +141,10 @@ impl ControlPlane {
                 tracing::warn!(volume = name, id, error = %e, "cannot remove the tier row of a deleted volume");
             }
             self.volume_io.remove(id);
+            // Its backups stay in the store; its change tracking and policy bindings go.
+            if let Err(e) = self.forget_volume_backups(id) {
+                tracing::warn!(volume = name, id, error = %e, "cannot remove the backup records of a deleted volume");
+            }
             removal
         };
         tracing::info!(volume = name, id, bytes = removal.bytes, job = ctx.id(), "volume removed; destroying its data");
@@ -180,6 +184,12 @@ impl JobExecutor for ControlPlane {
     fn run(&self, job: &JobRecord, ctx: &JobContext) -> Result<(), JobError> {
         match &job.kind {
             JobKind::DeleteVolume { volume_id, name } => self.run_delete_volume(*volume_id, name, ctx),
+            JobKind::Backup { .. } => self.run_backup(job, ctx),
+            JobKind::ServerBackup { .. } => self.run_server_backup(job, ctx),
+            JobKind::Restore { .. } => self.run_restore(job, ctx),
+            JobKind::DeleteBackup { .. } => self.run_delete_backup(job, ctx),
+            JobKind::VerifyBackup { .. } => self.run_verify_backup(job, ctx),
+            JobKind::CollectGarbage => self.run_gc(job, ctx),
         }
     }
 }

@@ -17,8 +17,10 @@
 
 pub mod audit;
 pub mod auth;
+pub mod backups;
 pub mod error;
 pub mod jobs;
+pub mod policies;
 pub mod servers;
 pub mod snapshots;
 pub mod tenants;
@@ -87,11 +89,13 @@ pub struct ControlOptions {
     pub default_quota: Quota,
     /// Job limits: interrupted jobs are resumed or failed at open, queued ones start.
     pub jobs: JobOptions,
+    /// Backups: the engine over the backup store.
+    pub backup: Option<Arc<backups::BackupContext>>,
 }
 
 impl Default for ControlOptions {
     fn default() -> Self {
-        ControlOptions { tiers: default_tiers(), default_quota: DEFAULT_QUOTA, jobs: JobOptions::default() }
+        ControlOptions { tiers: default_tiers(), default_quota: DEFAULT_QUOTA, jobs: JobOptions::default(), backup: None }
     }
 }
 
@@ -107,6 +111,8 @@ pub struct ControlPlane {
     audit: AuditLog,
     /// Long operations (volume delete); the control plane runs them (`jobs::JobExecutor`).
     jobs: Arc<JobManager>,
+    /// The backup engine; None when the daemon runs without backups (unit tests).
+    backup: Option<Arc<backups::BackupContext>>,
     /// Serialises the operations that check then change (attach mints a token only if none
     /// exists; delete proceeds only if not attached): without it two concurrent calls could
     /// both pass the check.
@@ -155,6 +161,10 @@ impl ControlPlane {
         w.open_table(servers::SERVERS).map_err(StoreError::from)?;
         w.open_table(servers::VOLUME_SERVERS).map_err(StoreError::from)?;
         w.open_table(servers::CONTROL_COUNTERS).map_err(StoreError::from)?;
+        w.open_table(backups::BACKUP_BASES).map_err(StoreError::from)?;
+        w.open_table(backups::RESTORING).map_err(StoreError::from)?;
+        w.open_table(policies::POLICIES).map_err(StoreError::from)?;
+        w.open_table(policies::POLICY_BINDINGS).map_err(StoreError::from)?;
         w.commit().map_err(StoreError::from)?;
 
         let tenants = Tenants::load(db)?;
@@ -173,6 +183,7 @@ impl ControlPlane {
             volume_io: VolumeIoRegistry::new(),
             audit,
             jobs,
+            backup: opts.backup,
             mutations: Mutex::new(()),
         };
         (report.attachments_loaded, report.attachments_dropped) = cp.load_attachments()?;
@@ -480,6 +491,7 @@ impl ControlPlane {
         }
         let _g = self.mutations.lock();
         let info = self.find_live(owner, name)?;
+        self.ensure_not_restoring(name, info.id)?;
         let token = match self.tokens_of(info.id)?.into_iter().next() {
             Some(token) => {
                 if self.exports.lookup(&token).is_none() {

@@ -39,6 +39,40 @@ pub enum ValidationError {
     ServerName { name: String, why: &'static str },
     #[error("a server needs 1 to {max} volumes, each listed once (got {got})")]
     ServerVolumes { got: usize, max: usize },
+    #[error("invalid backup id {0:?}: expected bk-... or sbk-... as `backup list` prints")]
+    BackupId(String),
+    #[error("invalid encryption key: {0}")]
+    EncryptionKey(String),
+    #[error("a restore needs exactly one of --to NEW_VOLUME and --in-place")]
+    RestoreTarget,
+    #[error("invalid label {name:?}: {why}")]
+    Label { name: String, why: &'static str },
+    #[error("invalid policy name {name:?}: {why}")]
+    PolicyName { name: String, why: &'static str },
+    #[error("{0}")]
+    Policy(String),
+    #[error("a policy binds exactly one of a volume and a server")]
+    PolicyTarget,
+}
+
+/// A policy name: the same rules as a volume name.
+pub fn validate_policy_name(name: &str) -> Result<(), ValidationError> {
+    validate_volume_name(name).map_err(|e| match e {
+        ValidationError::Name { name, why } => ValidationError::PolicyName { name, why },
+        other => other,
+    })
+}
+
+/// A backup label: 1 to 63 of `[A-Za-z0-9._:-]`.
+pub fn validate_label(name: &str) -> Result<(), ValidationError> {
+    let err = |why| Err(ValidationError::Label { name: name.to_string(), why });
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return err("1 to 63 characters");
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':')) {
+        return err("only letters, digits, '.', '_', ':' and '-' are allowed");
+    }
+    Ok(())
 }
 
 /// A tenant name: the same rules as a volume name.
