@@ -66,6 +66,31 @@ pub struct ChangedExtent {
     pub zero: bool,
 }
 
+/// First character of the names of internal snapshots (a backup's base for changed-block
+/// tracking, a replication point): they do not count against the per-volume limit, and the
+/// control API neither lists them nor lets users name them (user names start with a letter or
+/// a digit).
+pub const HIDDEN_PREFIX: char = '.';
+
+/// Whether `name` is an internal snapshot's.
+pub fn is_hidden(name: &str) -> bool {
+    name.starts_with(HIDDEN_PREFIX)
+}
+
+/// User snapshots of `volume` (hidden ones excluded), from the `snapshot_names` table.
+fn user_snapshot_count(t: &impl ReadableTable<&'static str, u64>, volume: u64) -> Result<usize, StoreError> {
+    let prefix = format!("{volume}/");
+    let end = format!("{volume}0");
+    let mut n = 0;
+    for row in t.range(prefix.as_str()..end.as_str())? {
+        let (k, _) = row?;
+        if !k.value().strip_prefix(prefix.as_str()).is_some_and(is_hidden) {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// Checks a snapshot name.
 pub fn validate_snapshot_name(name: &str) -> Result<(), StoreError> {
     let why = if name.is_empty() {
@@ -191,7 +216,7 @@ impl BlockStore {
                 if names.get(catalog::snapshot_key(*vol, name).as_str())?.is_some() {
                     return Err(StoreError::SnapshotExists(format!("{}@{name}", rec.name)));
                 }
-                if snapshot_ids_in(&names, *vol)?.len() >= self.opts.max_snapshots {
+                if !is_hidden(name) && user_snapshot_count(&names, *vol)? >= self.opts.max_snapshots {
                     return Err(StoreError::SnapshotLimit { volume: rec.name, limit: self.opts.max_snapshots });
                 }
                 recs.push(rec);

@@ -93,7 +93,13 @@ impl ControlPlane {
     pub fn list_snapshots(&self, owner: &str, volume: &str) -> Result<Vec<pb::Snapshot>, ApiError> {
         validate_volume_name(volume)?;
         let v = self.find(owner, volume)?;
-        Ok(self.store.list_snapshots(v.id)?.iter().map(|s| self.describe_snapshot(volume, s)).collect())
+        Ok(self
+            .store
+            .list_snapshots(v.id)?
+            .iter()
+            .filter(|s| !evs_snapshot::snapshots::is_hidden(&s.name))
+            .map(|s| self.describe_snapshot(volume, s))
+            .collect())
     }
 
     pub fn get_snapshot(&self, owner: &str, volume: &str, name: &str) -> Result<pb::Snapshot, ApiError> {

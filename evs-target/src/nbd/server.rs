@@ -228,7 +228,11 @@ impl NbdServer {
                 if let Some(snap) = e.snapshot {
                     // Changed blocks against each snapshot this one descends from.
                     match store.snapshot_ancestors(snap) {
-                        Ok(a) => contexts.extend(a.into_iter().map(|s| MetaContext::Changed(s.name))),
+                        Ok(a) => contexts.extend(
+                            a.into_iter()
+                                .filter(|s| !evs_snapshot::snapshots::is_hidden(&s.name))
+                                .map(|s| MetaContext::Changed(s.name)),
+                        ),
                         Err(e) => tracing::warn!(error = %e, "cannot list the ancestors of an exported snapshot"),
                     }
                 }
