@@ -108,6 +108,14 @@ impl std::fmt::Display for JobState {
 pub enum JobKind {
     /// Remove a volume (and its snapshots) from the catalog, then destroy its data.
     DeleteVolume { volume_id: u64, name: String },
+    /// Wait for a newly protected server's initial sync (its first consistent point).
+    DrProtect { group: String, server: String },
+    /// Planned switchover of a DR group.
+    DrSwitchover { group: String },
+    /// Failover of a DR group to this (target) daemon.
+    DrFailover { group: String },
+    /// Replicate back to the old source after a failover.
+    DrReprotect { group: String },
 }
 
 impl JobKind {
@@ -115,6 +123,10 @@ impl JobKind {
     pub fn name(&self) -> &'static str {
         match self {
             JobKind::DeleteVolume { .. } => "delete-volume",
+            JobKind::DrProtect { .. } => "dr-protect",
+            JobKind::DrSwitchover { .. } => "dr-switchover",
+            JobKind::DrFailover { .. } => "dr-failover",
+            JobKind::DrReprotect { .. } => "dr-reprotect",
         }
     }
 
@@ -122,6 +134,10 @@ impl JobKind {
     pub fn target(&self) -> String {
         match self {
             JobKind::DeleteVolume { name, .. } => format!("volume {name}"),
+            JobKind::DrProtect { group, server } => format!("DR group {group}, server {server}"),
+            JobKind::DrSwitchover { group } | JobKind::DrFailover { group } | JobKind::DrReprotect { group } => {
+                format!("DR group {group}")
+            }
         }
     }
 
@@ -130,7 +146,10 @@ impl JobKind {
     /// start-up sweep has removed its files, which the job then finds.
     pub fn resumable(&self) -> bool {
         match self {
-            JobKind::DeleteVolume { .. } => true,
+            JobKind::DeleteVolume { .. } | JobKind::DrProtect { .. } => true,
+            // A role change cut off is not redone blindly: the operator looks at `dr status`
+            // and runs it again (each step checks where the group stands).
+            JobKind::DrSwitchover { .. } | JobKind::DrFailover { .. } | JobKind::DrReprotect { .. } => false,
         }
     }
 
@@ -138,6 +157,7 @@ impl JobKind {
     pub fn deletes_volume(&self) -> Option<u64> {
         match self {
             JobKind::DeleteVolume { volume_id, .. } => Some(*volume_id),
+            _ => None,
         }
     }
 }

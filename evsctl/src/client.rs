@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use evs_proto::v1::audit_service_client::AuditServiceClient;
+use evs_proto::v1::dr_service_client::DrServiceClient;
 use evs_proto::v1::job_service_client::JobServiceClient;
 use evs_proto::v1::server_service_client::ServerServiceClient;
 use evs_proto::v1::snapshot_service_client::SnapshotServiceClient;
@@ -24,6 +25,7 @@ pub type SnapshotClient = SnapshotServiceClient<InterceptedService<Channel, Bear
 pub type TenantClient = TenantServiceClient<InterceptedService<Channel, BearerAuth>>;
 pub type ServerClient = ServerServiceClient<InterceptedService<Channel, BearerAuth>>;
 pub type AuditClient = AuditServiceClient<InterceptedService<Channel, BearerAuth>>;
+pub type DrClient = DrServiceClient<InterceptedService<Channel, BearerAuth>>;
 pub type JobClient = JobServiceClient<InterceptedService<Channel, BearerAuth>>;
 
 /// The clients of every service, over one connection.
@@ -34,6 +36,7 @@ pub struct Api {
     pub server: ServerClient,
     pub audit: AuditClient,
     pub job: JobClient,
+    pub dr: DrClient,
 }
 
 /// Adds `authorization: Bearer <token>` to every request.
@@ -203,6 +206,7 @@ pub async fn connect(endpoint: &str, token: &str, ca_cert: Option<&Path>) -> any
         tenant: TenantServiceClient::with_interceptor(channel.clone(), auth.clone()),
         server: ServerServiceClient::with_interceptor(channel.clone(), auth.clone()),
         job: JobServiceClient::with_interceptor(channel.clone(), auth.clone()),
+        dr: DrServiceClient::with_interceptor(channel.clone(), auth.clone()),
         audit: AuditServiceClient::with_interceptor(channel, auth),
     })
 }

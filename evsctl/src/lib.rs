@@ -12,6 +12,7 @@
 pub mod cli;
 pub mod client;
 pub mod control;
+pub mod dr;
 pub mod output;
 pub mod size;
 pub mod wait;
@@ -44,13 +45,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Server(cmd) => control::server(&mut c.server, cmd, cli.output).await,
         Command::Audit(cmd) => control::audit(&mut c.audit, cmd, cli.output).await,
         Command::Job(cmd) => job(&mut c.job, cmd, cli.output).await,
+        Command::Dr(cmd) => dr::dr(&mut c.dr, &mut c.job, cmd, cli.output).await,
     }
     .map_err(|e| client::explain(e, &client::normalize_endpoint(&cli.endpoint)))?;
     emit(&out)
 }
 
 /// Writes to stdout; a closed pipe (`evsctl volume list | head -1`) is not an error.
-fn emit(s: &str) -> anyhow::Result<()> {
+pub(crate) fn emit(s: &str) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     match stdout.write_all(s.as_bytes()).and_then(|_| stdout.flush()) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("cannot write to stdout"),

@@ -55,21 +55,26 @@ pub struct FrameEncoder {
     pub batch_bytes: usize,
 }
 
+/// Batches stay under gRPC's default 4 MiB message limit: a batch is handed over at 2 MiB,
+/// so it holds at most 2 MiB plus one frame.
+pub const DEFAULT_BATCH_BYTES: usize = 2 << 20;
+
 impl Default for FrameEncoder {
     fn default() -> Self {
-        FrameEncoder { zstd_level: 1, batch_bytes: 4 << 20 }
+        FrameEncoder { zstd_level: 1, batch_bytes: DEFAULT_BATCH_BYTES }
     }
 }
 
 impl FrameEncoder {
-    /// Reads, encodes and hands over (`emit`) the ranges of pair `pair`. A data range that
-    /// reads as zeros goes as a zero frame. Stops at the first error of `read` or `emit`.
+    /// Reads, encodes and hands over (`emit`, with the stats so far) the ranges of pair
+    /// `pair`. A data range that reads as zeros goes as a zero frame. Stops at the first error
+    /// of `read` or `emit`.
     pub fn encode_pair(
         &self,
         pair: u16,
         ranges: &[Range],
         src: &dyn BlockSource,
-        emit: &mut dyn FnMut(Vec<u8>) -> io::Result<()>,
+        emit: &mut dyn FnMut(Vec<u8>, &CycleStats) -> io::Result<()>,
         stats: &mut CycleStats,
     ) -> io::Result<()> {
         let mut batch = Vec::with_capacity(self.batch_bytes + MAX_FRAME_DATA as usize);
@@ -92,11 +97,11 @@ impl FrameEncoder {
             stats.bytes_replicated += u64::from(r.len);
             stats.bytes_sent += (batch.len() - before) as u64;
             if batch.len() >= self.batch_bytes {
-                emit(std::mem::take(&mut batch))?;
+                emit(std::mem::take(&mut batch), stats)?;
             }
         }
         if !batch.is_empty() {
-            emit(batch)?;
+            emit(batch, stats)?;
         }
         Ok(())
     }
@@ -148,7 +153,8 @@ mod tests {
             2,
             &ranges,
             &Pattern,
-            &mut |b| {
+            &mut |b, s| {
+                assert!(s.bytes_sent >= b.len() as u64);
                 batches.push(b);
                 Ok(())
             },

@@ -69,6 +69,28 @@ pub enum ApiError {
     ServerExists(String),
     #[error("volume {volume:?} belongs to server {server:?}; delete the server first")]
     VolumeInServer { volume: String, server: String },
+    #[error("DR group {0:?} not found")]
+    GroupNotFound(String),
+    #[error("DR group {0:?} already exists")]
+    GroupExists(String),
+    #[error("DR peer: {0}")]
+    Peer(String),
+    #[error("volume {name:?} is a replica of DR group {group:?}: it changes only through replication (use a drill, or fail over)")]
+    Replica { name: String, group: String },
+    #[error("volume {name:?} is being switched over (DR group {group:?}); attach it where it is promoted")]
+    Switching { name: String, group: String },
+    #[error("DR group {group:?} is {role} on this daemon; this needs its {want}")]
+    WrongRole { group: String, role: String, want: &'static str },
+    #[error("server {server:?} is protected by DR group {group:?} already")]
+    AlreadyProtected { server: String, group: String },
+    #[error("server {server:?} is not protected by DR group {group:?}")]
+    NotProtected { server: String, group: String },
+    #[error("a drill of DR group {0:?} is running; stop it first")]
+    DrillRunning(String),
+    #[error("DR group {0:?} has no consistent point yet (its initial sync is running)")]
+    Syncing(String),
+    #[error("DR group {group:?}: this daemon holds point {have}, the request is about point {base}")]
+    PointMismatch { group: String, have: u64, base: u64 },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("internal error: {0}")]
@@ -84,17 +106,27 @@ impl ApiError {
             ApiError::VolumeNotFound(_)
             | ApiError::SnapshotNotFound(_)
             | ApiError::TenantNotFound(_)
-            | ApiError::ServerNotFound(_) => Code::NotFound,
+            | ApiError::ServerNotFound(_)
+            | ApiError::GroupNotFound(_)
+            | ApiError::NotProtected { .. } => Code::NotFound,
             ApiError::VolumeExists(_)
             | ApiError::SnapshotExists(_)
             | ApiError::TenantExists(_)
-            | ApiError::ServerExists(_) => Code::AlreadyExists,
+            | ApiError::ServerExists(_)
+            | ApiError::GroupExists(_)
+            | ApiError::AlreadyProtected { .. } => Code::AlreadyExists,
             ApiError::Attached(_)
             | ApiError::NoUnixSocket
             | ApiError::Connected { .. }
             | ApiError::AdminTenant
             | ApiError::TenantHasVolumes { .. }
             | ApiError::VolumeInServer { .. }
+            | ApiError::Replica { .. }
+            | ApiError::Switching { .. }
+            | ApiError::WrongRole { .. }
+            | ApiError::DrillRunning(_)
+            | ApiError::Syncing(_)
+            | ApiError::PointMismatch { .. }
             | ApiError::BeingDeleted { .. } => Code::FailedPrecondition,
             ApiError::Jobs(j) => match j {
                 JobsError::NotFound(_) => Code::NotFound,
@@ -105,6 +137,7 @@ impl ApiError {
             ApiError::TierDenied | ApiError::PermissionDenied(_) => Code::PermissionDenied,
             ApiError::QuotaVolumes { .. } | ApiError::QuotaCapacity { .. } => Code::ResourceExhausted,
             ApiError::Unsupported(_) => Code::Unimplemented,
+            ApiError::Peer(_) => Code::Unavailable,
             ApiError::Store(s) => store_code(s),
             ApiError::Internal(_) => Code::Internal,
         }

@@ -180,6 +180,10 @@ impl JobExecutor for ControlPlane {
     fn run(&self, job: &JobRecord, ctx: &JobContext) -> Result<(), JobError> {
         match &job.kind {
             JobKind::DeleteVolume { volume_id, name } => self.run_delete_volume(*volume_id, name, ctx),
+            JobKind::DrProtect { .. } => self.run_dr_protect(job, ctx),
+            JobKind::DrSwitchover { .. } => self.run_dr_switchover(job, ctx),
+            JobKind::DrFailover { .. } => self.run_dr_failover(job, ctx),
+            JobKind::DrReprotect { .. } => self.run_dr_reprotect(job, ctx),
         }
     }
 }

@@ -39,12 +39,26 @@ pub enum ValidationError {
     ServerName { name: String, why: &'static str },
     #[error("a server needs 1 to {max} volumes, each listed once (got {got})")]
     ServerVolumes { got: usize, max: usize },
+    #[error("invalid group name {name:?}: {why}")]
+    GroupName { name: String, why: &'static str },
+    #[error("invalid endpoint {0:?}: expected http://HOST:PORT or https://HOST:PORT")]
+    Endpoint(String),
+    #[error("{0}")]
+    Dr(String),
 }
 
 /// A tenant name: the same rules as a volume name.
 pub fn validate_tenant_name(name: &str) -> Result<(), ValidationError> {
     validate_volume_name(name).map_err(|e| match e {
         ValidationError::Name { name, why } => ValidationError::TenantName { name, why },
+        other => other,
+    })
+}
+
+/// A protection group name: the same rules as a volume name.
+pub fn validate_group_name(name: &str) -> Result<(), ValidationError> {
+    validate_volume_name(name).map_err(|e| match e {
+        ValidationError::Name { name, why } => ValidationError::GroupName { name, why },
         other => other,
     })
 }
