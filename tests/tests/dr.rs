@@ -200,6 +200,15 @@ fn a_drill_is_a_consistent_point_while_replication_goes_on() {
     let s = status(&a);
     assert!(s["bytes_transferred"].as_u64().unwrap() > 0 && s["cycles"].as_u64().unwrap() > 2, "{s}");
     assert!(s["rpo_seconds"].as_f64().unwrap() < 10.0, "{s}");
+    // The same figures as metrics, on both sides.
+    let m = a.metrics();
+    let l = [("group", "g"), ("role", "source")];
+    assert!(m.get("evs_dr_point_seq", &l).unwrap() >= 3.0);
+    assert!(m.get("evs_dr_bytes_transferred_total", &l).unwrap() > 0.0);
+    assert!(m.get("evs_dr_rpo_seconds", &l).is_some());
+    assert_eq!(m.get("evs_dr_state", &[("group", "g"), ("state", "protected")]), Some(1.0));
+    let mb = b.metrics();
+    assert!(mb.get("evs_dr_point_seq", &[("group", "g"), ("role", "target")]).unwrap() >= 3.0);
 }
 
 #[test]

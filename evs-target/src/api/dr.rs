@@ -507,6 +507,11 @@ impl ControlPlane {
         Ok(self.all_groups()?.into_iter().filter(|(t, _)| t == owner).map(|(_, g)| self.describe_group(&g)).collect())
     }
 
+    /// Every group of every tenant, as status (for the metrics endpoint).
+    pub fn group_statuses(&self) -> Vec<(String, pb::Group)> {
+        self.all_groups().unwrap_or_default().into_iter().map(|(t, g)| (t, self.describe_group(&g))).collect()
+    }
+
     pub fn get_group(&self, owner: &str, name: &str) -> Result<pb::Group, ApiError> {
         Ok(self.describe_group(&self.group_record(owner, name)?))
     }
