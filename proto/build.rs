@@ -7,7 +7,14 @@ use std::path::PathBuf;
 use prost::Message;
 
 /// Every .proto file of the API, relative to the `proto/` include directory.
-const PROTOS: &[&str] = &["evs/v1/volume.proto", "evs/v1/snapshot.proto", "evs/v1/tenant.proto", "evs/v1/job.proto", "evs/v1/backup.proto"];
+const PROTOS: &[&str] = &[
+    "evs/v1/volume.proto",
+    "evs/v1/snapshot.proto",
+    "evs/v1/tenant.proto",
+    "evs/v1/job.proto",
+    "evs/v1/backup.proto",
+    "evs/v1/dr.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for p in PROTOS {

@@ -129,6 +129,13 @@ for label in ("burst", "sustained"):
             burst_secs = credits / (peak - limit) if peak > limit else 0.0
             t = min(secs, burst_secs)
             want = (peak * t + limit * (secs - t)) / secs
+            # The other dimension may bind first: 4 KiB reads against bandwidth, 256 KiB reads
+            # (one I/O unit each) against IOPS.
+            if kind == "iops":
+                other = (q["bandwidth_peak"] if t > 0 else q["bandwidth_limit"]) / 4096
+            else:
+                other = (q["iops_peak"] if t > 0 else q["iops_limit"]) * 262144
+            want = min(want, other)
             unit = "IOPS" if kind == "iops" else "MB/s"
             scale = 1.0 if kind == "iops" else 1e-6
             print("%-10s %-9s %-9s %12.1f %12.1f %7.3f" % (tier, label, unit, want * scale, got * scale, got / want))

@@ -22,7 +22,9 @@ use anyhow::{anyhow, bail, Context};
 use evs_proto::v1::audit_service_server::AuditServiceServer;
 use evs_proto::v1::backup_service_server::BackupServiceServer;
 use evs_proto::v1::policy_service_server::PolicyServiceServer;
+use evs_proto::v1::dr_service_server::DrServiceServer;
 use evs_proto::v1::job_service_server::JobServiceServer;
+use evs_proto::v1::replication_service_server::ReplicationServiceServer;
 use evs_proto::v1::server_service_server::ServerServiceServer;
 use evs_proto::v1::snapshot_service_server::SnapshotServiceServer;
 use evs_proto::v1::tenant_service_server::TenantServiceServer;
@@ -35,6 +37,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
 use crate::api::backups::BackupContext;
+use crate::api::dr::DrContext;
 use crate::api::{ControlOptions, ControlPlane, NbdEndpoints, VolumeApi};
 use crate::config::{is_loopback_ip, Config, IoBackend, ListenAddr, NbdTls, DIRECT_WRITE_MAX};
 use crate::exports::ExportRegistry;
@@ -158,6 +161,20 @@ fn start_scheduler(cp: Arc<ControlPlane>, interval: Duration, stop: Arc<std::syn
     }
 }
 
+/// Runs the due replication cycles of this daemon's source groups until `stop` is set.
+fn start_dr_worker(cp: Arc<ControlPlane>, stop: Arc<std::sync::atomic::AtomicBool>) {
+    let spawned = std::thread::Builder::new().name("evs-dr".into()).spawn(move || {
+        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            if cp.run_due_cycles() == 0 {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the replication worker; DR groups will not replicate");
+    }
+}
+
 async fn bind_tcp(what: &str, addr: &ListenAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr.0.as_str()).await.with_context(|| format!("cannot listen for {what} on {addr}"))
 }
@@ -245,11 +262,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     });
     let (cp, report) = {
         let (store, exports, dir) = (store.clone(), exports.clone(), data_dir.clone());
+        let scheme = if identity.is_some() { "https" } else { "http" };
+        let dr = Arc::new(DrContext::new(
+            tokio::runtime::Handle::current(),
+            config.az.clone(),
+            format!("{scheme}://{api_addr}"),
+        ));
         let opts = ControlOptions {
             tiers: config.tiers.clone(),
             default_quota: config.default_quota,
             jobs: config.jobs,
             backup: Some(backup),
+            dr: Some(dr),
         };
         tokio::task::spawn_blocking(move || ControlPlane::open(store, exports, &dir, endpoints, opts))
             .await
@@ -313,6 +337,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             .add_service(JobServiceServer::new(VolumeApi::new(cp.clone())))
             .add_service(BackupServiceServer::new(VolumeApi::new(cp.clone())))
             .add_service(PolicyServiceServer::new(VolumeApi::new(cp.clone())))
+            .add_service(DrServiceServer::new(VolumeApi::new(cp.clone())))
+            // A frame batch is at most 3 MiB; leave room for a peer configured with bigger ones.
+            .add_service(ReplicationServiceServer::new(VolumeApi::new(cp.clone())).max_decoding_message_size(16 << 20))
             .add_service(reflection)
             .add_service(reflection_alpha);
         let incoming = TcpIncoming::from(api_listener).with_nodelay(Some(true));
@@ -320,6 +347,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             let _ = grpc_stopped.await;
         }))
     };
+    let dr_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    start_dr_worker(cp.clone(), dr_stop.clone());
     let metrics = {
         let info = Arc::new(MetricsInfo { io_backend: engine.name(), az: config.az.clone() });
         tokio::spawn(serve_metrics(metrics_listener, cp.clone(), info))
@@ -384,6 +413,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     }
     scheduler_stop.store(true, std::sync::atomic::Ordering::Release);
+    dr_stop.store(true, std::sync::atomic::Ordering::Release);
     // Jobs stop at their next check and resume at the next start.
     {
         let jobs = cp.jobs().clone();

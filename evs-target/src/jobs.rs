@@ -147,6 +147,14 @@ pub enum JobKind {
     VerifyBackup { backup_id: String },
     /// Remove chunks no backup references.
     CollectGarbage,
+    /// Wait for a newly protected server's initial sync (its first consistent point).
+    DrProtect { group: String, server: String },
+    /// Planned switchover of a DR group.
+    DrSwitchover { group: String },
+    /// Failover of a DR group to this (target) daemon.
+    DrFailover { group: String },
+    /// Replicate back to the old source after a failover.
+    DrReprotect { group: String },
 }
 
 impl JobKind {
@@ -160,6 +168,10 @@ impl JobKind {
             JobKind::DeleteBackup { .. } => "delete-backup",
             JobKind::VerifyBackup { .. } => "verify-backup",
             JobKind::CollectGarbage => "gc",
+            JobKind::DrProtect { .. } => "dr-protect",
+            JobKind::DrSwitchover { .. } => "dr-switchover",
+            JobKind::DrFailover { .. } => "dr-failover",
+            JobKind::DrReprotect { .. } => "dr-reprotect",
         }
     }
 
@@ -175,6 +187,10 @@ impl JobKind {
             JobKind::Restore { backup_id, to, .. } => format!("backup {backup_id} to {to}"),
             JobKind::DeleteBackup { backup_id } | JobKind::VerifyBackup { backup_id } => format!("backup {backup_id}"),
             JobKind::CollectGarbage => "the backup store".to_string(),
+            JobKind::DrProtect { group, server } => format!("DR group {group}, server {server}"),
+            JobKind::DrSwitchover { group } | JobKind::DrFailover { group } | JobKind::DrReprotect { group } => {
+                format!("DR group {group}")
+            }
         }
     }
 
@@ -187,12 +203,16 @@ impl JobKind {
     pub fn resumable(&self) -> bool {
         match self {
             JobKind::DeleteVolume { .. }
+            | JobKind::DrProtect { .. }
             | JobKind::Backup { .. }
             | JobKind::ServerBackup { .. }
             | JobKind::Restore { .. }
             | JobKind::DeleteBackup { .. }
             | JobKind::VerifyBackup { .. }
             | JobKind::CollectGarbage => true,
+            // A role change cut off is not redone blindly: the operator looks at `dr status`
+            // and runs it again (each step checks where the group stands).
+            JobKind::DrSwitchover { .. } | JobKind::DrFailover { .. } | JobKind::DrReprotect { .. } => false,
         }
     }
 

@@ -73,6 +73,7 @@ async fn metrics_conn(mut sock: TcpStream, cp: Arc<ControlPlane>, info: Arc<Metr
                 Ok(Ok(g)) => {
                     let mut text = render_metrics(&g, &info);
                     render_jobs(&mut text, &cp.jobs().counts_by_state());
+                    render_dr(&mut text, &cp.group_statuses());
                     render_volume_io(&mut text, &cp.volume_io().all());
                     http_response(200, "OK", &text, head_only)
                 }
@@ -153,6 +154,34 @@ pub fn render_jobs(out: &mut String, counts: &[(JobState, u64)]) {
     out.push_str("# HELP evs_jobs Jobs by state.\n# TYPE evs_jobs gauge\n");
     for (state, n) in counts {
         out.push_str(&format!("evs_jobs{{state=\"{}\"}} {n}\n", state.name()));
+    }
+}
+
+/// DR groups on this daemon: RPO, point, bytes sent, cycles, state (labels `group`, `tenant`,
+/// `role`).
+pub fn render_dr(out: &mut String, groups: &[(String, evs_proto::v1::Group)]) {
+    let labels = |t: &str, g: &evs_proto::v1::Group| {
+        format!("group=\"{}\",tenant=\"{}\",role=\"{}\"", escape_label(&g.name), escape_label(t), g.role)
+    };
+    type Figure = (&'static str, &'static str, &'static str, fn(&evs_proto::v1::Group) -> f64);
+    let figures: [Figure; 5] = [
+        ("evs_dr_rpo_seconds", "gauge", "Now minus the time of the last consistent point (source).", |g| g.rpo_seconds),
+        ("evs_dr_point_seq", "gauge", "Sequence number of the last consistent point.", |g| g.point_seq as f64),
+        ("evs_dr_bytes_transferred_total", "counter", "Bytes sent to the target, compressed.", |g| {
+            g.bytes_transferred as f64
+        }),
+        ("evs_dr_bytes_replicated_total", "counter", "Bytes of volume data replicated.", |g| g.bytes_replicated as f64),
+        ("evs_dr_cycles_total", "counter", "Replication cycles committed.", |g| g.cycles as f64),
+    ];
+    for (name, kind, help, get) in figures {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (t, g) in groups {
+            out.push_str(&format!("{name}{{{}}} {}\n", labels(t, g), get(g)));
+        }
+    }
+    out.push_str("# HELP evs_dr_state 1 for the group's state.\n# TYPE evs_dr_state gauge\n");
+    for (t, g) in groups {
+        out.push_str(&format!("evs_dr_state{{{},state=\"{}\"}} 1\n", labels(t, g), g.state));
     }
 }
 
@@ -237,6 +266,26 @@ mod tests {
         assert!(text.contains("\nevs_attached_volumes 1\n"), "{text}");
         assert!(text.contains("io_backend=\"uring\",az=\"az\\\"1\"} 1\n"), "{text}");
         assert!(text.contains("\nevs_tenants 2\n"), "{text}");
+    }
+
+    #[test]
+    fn dr_figures() {
+        let g = evs_proto::v1::Group {
+            name: "g".into(),
+            role: "source".into(),
+            state: "protected".into(),
+            rpo_seconds: 2.5,
+            point_seq: 7,
+            bytes_transferred: 1000,
+            ..Default::default()
+        };
+        let mut text = String::new();
+        render_dr(&mut text, &[("t1".into(), g)]);
+        let l = "group=\"g\",tenant=\"t1\",role=\"source\"";
+        assert!(text.contains(&format!("evs_dr_rpo_seconds{{{l}}} 2.5\n")), "{text}");
+        assert!(text.contains(&format!("evs_dr_point_seq{{{l}}} 7\n")), "{text}");
+        assert!(text.contains(&format!("evs_dr_bytes_transferred_total{{{l}}} 1000\n")), "{text}");
+        assert!(text.contains(&format!("evs_dr_state{{{l},state=\"protected\"}} 1\n")), "{text}");
     }
 
     #[test]

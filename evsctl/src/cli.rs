@@ -65,6 +65,102 @@ pub enum Command {
     /// Jobs (long operations such as volume delete): list, show, wait, cancel.
     #[command(subcommand)]
     Job(JobCommand),
+    /// Disaster recovery between AZs: protection groups, drills, switchover, failover.
+    #[command(subcommand)]
+    Dr(DrCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DrCommand {
+    /// Protection groups: create, list, show, delete.
+    #[command(subcommand)]
+    Group(DrGroupCommand),
+    /// Add a server to a group: its volumes get replicas on the target.
+    Protect {
+        group: String,
+        #[arg(long)]
+        server: String,
+        /// Wait for the initial sync (a progress bar on a terminal).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Remove a server from a group (its replicas on the target are deleted).
+    Unprotect {
+        group: String,
+        #[arg(long)]
+        server: String,
+    },
+    /// Start replicating.
+    Enable { group: String },
+    /// Stop replicating (the target keeps its last consistent point).
+    Disable { group: String },
+    /// Per pair: state, last consistent point, RPO, bytes transferred.
+    Status { group: String },
+    /// Drills: clones of the target's last consistent point, attachable over NBD.
+    #[command(subcommand)]
+    Drill(DrDrillCommand),
+    /// Planned: stop writes here, final sync, promote the target, reverse the direction.
+    Switchover {
+        group: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Run on the target with the source lost: promote the last consistent point.
+    Failover {
+        group: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Run on the new source after a failover: replicate back, sending only the delta.
+    Reprotect {
+        group: String,
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DrGroupCommand {
+    /// Create a group on this daemon (the source) and register it on the target.
+    Create {
+        name: String,
+        /// The target AZ daemon's API, http://HOST:PORT or https://HOST:PORT.
+        #[arg(long, value_name = "ENDPOINT")]
+        target: String,
+        /// The tenant's token on the target daemon.
+        #[arg(long, value_name = "TOKEN", env = "EVS_TARGET_TOKEN", hide_env_values = true)]
+        target_token: String,
+        /// The AZ the target must be in.
+        #[arg(long, value_name = "AZ")]
+        target_az: Option<String>,
+        /// Seconds between replication cycles [default: 5].
+        #[arg(long, value_name = "SECONDS")]
+        interval: Option<u64>,
+        /// Bandwidth limit of the group, bytes per second (K, M, G suffixes) [default: none].
+        #[arg(long, value_name = "RATE", value_parser = parse_size)]
+        bandwidth: Option<u64>,
+        /// Where the target reaches this daemon, for the reverse direction [default: this
+        /// daemon's API address].
+        #[arg(long, value_name = "ENDPOINT")]
+        source_endpoint: Option<String>,
+        /// CA certificate (PEM) of the daemons' TLS certificates, for https endpoints.
+        #[arg(long, value_name = "FILE")]
+        ca_cert: Option<PathBuf>,
+    },
+    List,
+    Show {
+        name: String,
+    },
+    /// Delete a group on both sides (the target's replicas are deleted).
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DrDrillCommand {
+    Start { group: String },
+    Stop { group: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use evs_proto::v1::audit_service_client::AuditServiceClient;
 use evs_proto::v1::backup_service_client::BackupServiceClient;
 use evs_proto::v1::policy_service_client::PolicyServiceClient;
+use evs_proto::v1::dr_service_client::DrServiceClient;
 use evs_proto::v1::job_service_client::JobServiceClient;
 use evs_proto::v1::server_service_client::ServerServiceClient;
 use evs_proto::v1::snapshot_service_client::SnapshotServiceClient;
@@ -28,6 +29,7 @@ pub type ServerClient = ServerServiceClient<InterceptedService<Channel, BearerAu
 pub type AuditClient = AuditServiceClient<InterceptedService<Channel, BearerAuth>>;
 pub type BackupClient = BackupServiceClient<InterceptedService<Channel, BearerAuth>>;
 pub type PolicyClient = PolicyServiceClient<InterceptedService<Channel, BearerAuth>>;
+pub type DrClient = DrServiceClient<InterceptedService<Channel, BearerAuth>>;
 pub type JobClient = JobServiceClient<InterceptedService<Channel, BearerAuth>>;
 
 /// The clients of every service, over one connection.
@@ -40,6 +42,7 @@ pub struct Api {
     pub job: JobClient,
     pub backup: BackupClient,
     pub policy: PolicyClient,
+    pub dr: DrClient,
 }
 
 /// Adds `authorization: Bearer <token>` to every request.
@@ -211,6 +214,7 @@ pub async fn connect(endpoint: &str, token: &str, ca_cert: Option<&Path>) -> any
         job: JobServiceClient::with_interceptor(channel.clone(), auth.clone()),
         backup: BackupServiceClient::with_interceptor(channel.clone(), auth.clone()),
         policy: PolicyServiceClient::with_interceptor(channel.clone(), auth.clone()),
+        dr: DrServiceClient::with_interceptor(channel.clone(), auth.clone()),
         audit: AuditServiceClient::with_interceptor(channel, auth),
     })
 }

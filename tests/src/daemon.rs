@@ -89,6 +89,8 @@ fn strip_ansi(s: &str) -> String {
 pub struct DaemonOptions {
     /// Extra command-line arguments of `evs-target`, after the harness's own.
     pub args: Vec<String>,
+    /// The daemon's `--az` [default: az1].
+    pub az: Option<String>,
     /// Text of a TOML config file, written to `<root>/evs-target.toml` and passed as
     /// `--config`.
     pub config: Option<String>,
@@ -204,7 +206,7 @@ impl Daemon {
             .arg("--io-backend")
             .arg(&self.backend)
             .arg("--az")
-            .arg("az1")
+            .arg(self.opts.az.as_deref().unwrap_or("az1"))
             .current_dir(&self.root)
             .env("NO_COLOR", "1")
             .env("RUST_BACKTRACE", "1")

@@ -21,6 +21,7 @@ pub mod daemon;
 pub mod fio;
 pub mod metrics;
 pub mod nbd_client;
+pub mod proxy;
 pub mod s3;
 pub mod tools;
 pub mod util;

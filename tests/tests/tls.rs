@@ -83,6 +83,7 @@ fn tls_daemon(config: &str) -> (Daemon, Pki) {
         api_scheme: Some("https".into()),
         evsctl_args: vec!["--ca-cert".into(), "pki/ca-cert.pem".into()],
         files,
+        ..Default::default()
     });
     (d, pki)
 }

@@ -87,6 +87,28 @@ pub enum ApiError {
     PolicyBound { what: String, policy: String },
     #[error("policy {policy:?} queued no backup: {errors}")]
     PolicyRun { policy: String, errors: String },
+    #[error("DR group {0:?} not found")]
+    GroupNotFound(String),
+    #[error("DR group {0:?} already exists")]
+    GroupExists(String),
+    #[error("DR peer: {0}")]
+    Peer(String),
+    #[error("volume {name:?} is a replica of DR group {group:?}: it changes only through replication (use a drill, or fail over)")]
+    Replica { name: String, group: String },
+    #[error("volume {name:?} is being switched over (DR group {group:?}); attach it where it is promoted")]
+    Switching { name: String, group: String },
+    #[error("DR group {group:?} is {role} on this daemon; this needs its {want}")]
+    WrongRole { group: String, role: String, want: &'static str },
+    #[error("server {server:?} is protected by DR group {group:?} already")]
+    AlreadyProtected { server: String, group: String },
+    #[error("server {server:?} is not protected by DR group {group:?}")]
+    NotProtected { server: String, group: String },
+    #[error("a drill of DR group {0:?} is running; stop it first")]
+    DrillRunning(String),
+    #[error("DR group {0:?} has no consistent point yet (its initial sync is running)")]
+    Syncing(String),
+    #[error("DR group {group:?}: this daemon holds point {have}, the request is about point {base}")]
+    PointMismatch { group: String, have: u64, base: u64 },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("internal error: {0}")]
@@ -104,12 +126,16 @@ impl ApiError {
             | ApiError::TenantNotFound(_)
             | ApiError::ServerNotFound(_)
             | ApiError::BackupNotFound(_)
-            | ApiError::PolicyNotFound(_) => Code::NotFound,
+            | ApiError::PolicyNotFound(_)
+            | ApiError::GroupNotFound(_)
+            | ApiError::NotProtected { .. } => Code::NotFound,
             ApiError::VolumeExists(_)
             | ApiError::SnapshotExists(_)
             | ApiError::TenantExists(_)
             | ApiError::ServerExists(_)
-            | ApiError::PolicyExists(_) => Code::AlreadyExists,
+            | ApiError::PolicyExists(_)
+            | ApiError::GroupExists(_)
+            | ApiError::AlreadyProtected { .. } => Code::AlreadyExists,
             ApiError::Attached(_)
             | ApiError::NoUnixSocket
             | ApiError::Connected { .. }
@@ -120,6 +146,12 @@ impl ApiError {
             | ApiError::BeingRestored { .. }
             | ApiError::PolicyBound { .. }
             | ApiError::PolicyRun { .. }
+            | ApiError::Replica { .. }
+            | ApiError::Switching { .. }
+            | ApiError::WrongRole { .. }
+            | ApiError::DrillRunning(_)
+            | ApiError::Syncing(_)
+            | ApiError::PointMismatch { .. }
             | ApiError::BeingDeleted { .. } => Code::FailedPrecondition,
             ApiError::Jobs(j) => match j {
                 JobsError::NotFound(_) => Code::NotFound,
@@ -133,6 +165,7 @@ impl ApiError {
             }
             ApiError::Backup(_) => Code::Unavailable,
             ApiError::Unsupported(_) => Code::Unimplemented,
+            ApiError::Peer(_) => Code::Unavailable,
             ApiError::Store(s) => store_code(s),
             ApiError::Internal(_) => Code::Internal,
         }

@@ -190,6 +190,10 @@ impl JobExecutor for ControlPlane {
             JobKind::DeleteBackup { .. } => self.run_delete_backup(job, ctx),
             JobKind::VerifyBackup { .. } => self.run_verify_backup(job, ctx),
             JobKind::CollectGarbage => self.run_gc(job, ctx),
+            JobKind::DrProtect { .. } => self.run_dr_protect(job, ctx),
+            JobKind::DrSwitchover { .. } => self.run_dr_switchover(job, ctx),
+            JobKind::DrFailover { .. } => self.run_dr_failover(job, ctx),
+            JobKind::DrReprotect { .. } => self.run_dr_reprotect(job, ctx),
         }
     }
 }

@@ -18,9 +18,11 @@
 pub mod audit;
 pub mod auth;
 pub mod backups;
+pub mod dr;
 pub mod error;
 pub mod jobs;
 pub mod policies;
+pub mod replication;
 pub mod servers;
 pub mod snapshots;
 pub mod tenants;
@@ -91,11 +93,19 @@ pub struct ControlOptions {
     pub jobs: JobOptions,
     /// Backups: the engine over the backup store.
     pub backup: Option<Arc<backups::BackupContext>>,
+    /// Disaster recovery: the runtime and this daemon's identity for its peers.
+    pub dr: Option<Arc<dr::DrContext>>,
 }
 
 impl Default for ControlOptions {
     fn default() -> Self {
-        ControlOptions { tiers: default_tiers(), default_quota: DEFAULT_QUOTA, jobs: JobOptions::default(), backup: None }
+        ControlOptions {
+            tiers: default_tiers(),
+            default_quota: DEFAULT_QUOTA,
+            jobs: JobOptions::default(),
+            backup: None,
+            dr: None,
+        }
     }
 }
 
@@ -113,6 +123,8 @@ pub struct ControlPlane {
     jobs: Arc<JobManager>,
     /// The backup engine; None when the daemon runs without backups (unit tests).
     backup: Option<Arc<backups::BackupContext>>,
+    /// Disaster recovery; None when the daemon runs without (unit tests).
+    dr: Option<Arc<dr::DrContext>>,
     /// Serialises the operations that check then change (attach mints a token only if none
     /// exists; delete proceeds only if not attached): without it two concurrent calls could
     /// both pass the check.
@@ -165,6 +177,8 @@ impl ControlPlane {
         w.open_table(backups::RESTORING).map_err(StoreError::from)?;
         w.open_table(policies::POLICIES).map_err(StoreError::from)?;
         w.open_table(policies::POLICY_BINDINGS).map_err(StoreError::from)?;
+        w.open_table(dr::DR_GROUPS).map_err(StoreError::from)?;
+        w.open_table(dr::DR_REPLICAS).map_err(StoreError::from)?;
         w.commit().map_err(StoreError::from)?;
 
         let tenants = Tenants::load(db)?;
@@ -184,6 +198,7 @@ impl ControlPlane {
             audit,
             jobs,
             backup: opts.backup,
+            dr: opts.dr,
             mutations: Mutex::new(()),
         };
         (report.attachments_loaded, report.attachments_dropped) = cp.load_attachments()?;
@@ -347,7 +362,17 @@ impl ControlPlane {
     pub(super) fn find_live(&self, owner: &str, name: &str) -> Result<VolumeInfo, ApiError> {
         let info = self.find(owner, name)?;
         self.ensure_not_deleting(name, info.id)?;
+        self.ensure_not_replica(name, info.id)?;
         Ok(info)
+    }
+
+    /// Removes one attach token (row and live export; its connections are closed).
+    pub(super) fn revoke_token(&self, token: &str) -> Result<(), ApiError> {
+        let w = self.store.catalog().begin_write().map_err(StoreError::from)?;
+        w.open_table(ATTACHMENTS).map_err(StoreError::from)?.remove(token).map_err(StoreError::from)?;
+        w.commit().map_err(StoreError::from)?;
+        self.exports.revoke(token);
+        Ok(())
     }
 
     /// Creates an empty volume of `tier` ("" = default) for `owner`.
@@ -410,7 +435,7 @@ impl ControlPlane {
         let r = self.store.catalog().begin_read().map_err(StoreError::from)?;
         let t = r.open_table(VOLUME_TIERS).map_err(StoreError::from)?;
         let mut out = Vec::with_capacity(infos.len());
-        for info in &infos {
+        for info in infos.iter().filter(|i| self.replica_of(i.id).is_none()) {
             let tier = t.get(info.id).map_err(StoreError::from)?.map(|g| g.value().to_string());
             out.push(self.describe(info, tier.unwrap_or_else(|| validate::DEFAULT_TIER.to_string())));
         }
@@ -433,6 +458,7 @@ impl ControlPlane {
         if let Some(job) = self.delete_job_of(info.id) {
             return Ok(job);
         }
+        self.ensure_not_replica(name, info.id)?;
         if self.exports.is_attached(info.id) || !self.tokens_of(info.id)?.is_empty() {
             return Err(ApiError::Attached(name.to_string()));
         }
@@ -492,6 +518,7 @@ impl ControlPlane {
         let _g = self.mutations.lock();
         let info = self.find_live(owner, name)?;
         self.ensure_not_restoring(name, info.id)?;
+        self.ensure_not_switching(owner, name, info.id)?;
         let token = match self.tokens_of(info.id)?.into_iter().next() {
             Some(token) => {
                 if self.exports.lookup(&token).is_none() {

@@ -53,6 +53,12 @@ pub enum ValidationError {
     Policy(String),
     #[error("a policy binds exactly one of a volume and a server")]
     PolicyTarget,
+    #[error("invalid group name {name:?}: {why}")]
+    GroupName { name: String, why: &'static str },
+    #[error("invalid endpoint {0:?}: expected http://HOST:PORT or https://HOST:PORT")]
+    Endpoint(String),
+    #[error("{0}")]
+    Dr(String),
 }
 
 /// A policy name: the same rules as a volume name.
@@ -79,6 +85,14 @@ pub fn validate_label(name: &str) -> Result<(), ValidationError> {
 pub fn validate_tenant_name(name: &str) -> Result<(), ValidationError> {
     validate_volume_name(name).map_err(|e| match e {
         ValidationError::Name { name, why } => ValidationError::TenantName { name, why },
+        other => other,
+    })
+}
+
+/// A protection group name: the same rules as a volume name.
+pub fn validate_group_name(name: &str) -> Result<(), ValidationError> {
+    validate_volume_name(name).map_err(|e| match e {
+        ValidationError::Name { name, why } => ValidationError::GroupName { name, why },
         other => other,
     })
 }

@@ -1,0 +1,93 @@
+//! A TCP forwarder between two daemons whose connections a test can cut, to break the
+//! replication link in the middle of a cycle.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+/// Live connections (both ends), shut down on a cut.
+#[derive(Default)]
+struct Conns(Mutex<Vec<TcpStream>>);
+
+/// Forwards connections from `addr()` to a target address.
+pub struct Proxy {
+    addr: SocketAddr,
+    conns: Arc<Conns>,
+    stop: Arc<AtomicBool>,
+    /// Connections cut so far.
+    pub cuts: Arc<AtomicU64>,
+}
+
+impl Proxy {
+    pub fn start(target: SocketAddr) -> Proxy {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let addr = l.local_addr().unwrap();
+        let conns = Arc::new(Conns::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let (conns, stop) = (conns.clone(), stop.clone());
+            l.set_nonblocking(true).unwrap();
+            thread::spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    match l.accept() {
+                        Ok((client, _)) => {
+                            client.set_nonblocking(false).unwrap();
+                            let Ok(server) = TcpStream::connect_timeout(&target, Duration::from_secs(2)) else {
+                                continue;
+                            };
+                            {
+                                let mut g = conns.0.lock().unwrap();
+                                g.push(client.try_clone().unwrap());
+                                g.push(server.try_clone().unwrap());
+                            }
+                            pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+                            pipe(server, client);
+                        }
+                        Err(_) => thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            });
+        }
+        Proxy { addr, conns, stop, cuts: Arc::new(AtomicU64::new(0)) }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Shuts down every connection going through the proxy now.
+    pub fn cut(&self) {
+        let mut g = self.conns.0.lock().unwrap();
+        for c in g.drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+        self.cuts.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    thread::spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = to.shutdown(Shutdown::Write);
+    });
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.cut();
+    }
+}
