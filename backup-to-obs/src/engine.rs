@@ -377,6 +377,28 @@ impl Engine {
         Ok(index)
     }
 
+    /// What a restore or verify starts from: the backup's keys (checked against the key given)
+    /// and its index.
+    async fn open_backup(
+        &self,
+        manifest: &Manifest,
+        key: Option<&[u8; 32]>,
+    ) -> Result<(Option<Arc<TenantKeys>>, FixedIndex), BackupError> {
+        check_manifest(&layout::manifest_key(&manifest.tenant, &manifest.volume, &manifest.backup_id), manifest)?;
+        let keys = Engine::keys_for(manifest, key)?;
+        self.check_format(false).await?;
+        Ok((keys, self.read_index(manifest).await?))
+    }
+
+    /// The key of the manifest named `id` under `prefix` (`<root><tenant>/`), by listing it.
+    async fn find_key(&self, root: &str, prefix: &str, id: &str) -> Result<Option<String>, BackupError> {
+        let listed = self.store.list(prefix).await?;
+        Ok(listed
+            .into_iter()
+            .map(|m| m.key)
+            .find(|k| layout::split_manifest_key(root, k).is_some_and(|(_, _, x)| x == id)))
+    }
+
     /// Reads every manifest under `prefix` (keys `<prefix><a>/<b>/<id>`), `concurrency` at a time.
     async fn read_manifests(&self, prefix: &str) -> Result<Vec<Manifest>, BackupError> {
         let keys: Vec<String> = self
@@ -635,10 +657,7 @@ impl Engine {
         key: Option<&[u8; 32]>,
         progress: &dyn Progress,
     ) -> Result<RestoreStats, BackupError> {
-        check_manifest(&layout::manifest_key(&manifest.tenant, &manifest.volume, &manifest.backup_id), manifest)?;
-        let keys = Engine::keys_for(manifest, key)?;
-        self.check_format(false).await?;
-        let index = self.read_index(manifest).await?;
+        let (keys, index) = self.open_backup(manifest, key).await?;
         progress.set_total(index.volume_size);
         let mut stats = RestoreStats { chunks: index.entries.len() as u64, ..Default::default() };
 
@@ -747,11 +766,9 @@ impl Engine {
         validate_name("tenant", tenant)?;
         validate_backup_id(backup_id)?;
         self.check_format(false).await?;
-        let listed = self.store.list(&layout::manifest_prefix(tenant, None)).await?;
-        let key = listed
-            .into_iter()
-            .map(|m| m.key)
-            .find(|k| layout::split_manifest_key(layout::MANIFESTS_PREFIX, k).is_some_and(|(_, _, id)| id == backup_id))
+        let key = self
+            .find_key(layout::MANIFESTS_PREFIX, &layout::manifest_prefix(tenant, None), backup_id)
+            .await?
             .ok_or_else(|| BackupError::NotFound(format!("backup {backup_id}")))?;
         match self.read_manifest(&key).await {
             // Deleted between the list and the get.
@@ -780,10 +797,7 @@ impl Engine {
         key: Option<&[u8; 32]>,
         progress: &dyn Progress,
     ) -> Result<VerifyReport, BackupError> {
-        check_manifest(&layout::manifest_key(&manifest.tenant, &manifest.volume, &manifest.backup_id), manifest)?;
-        let keys = Engine::keys_for(manifest, key)?;
-        self.check_format(false).await?;
-        let index = self.read_index(manifest).await?;
+        let (keys, index) = self.open_backup(manifest, key).await?;
         let mut report = VerifyReport { backup_id: manifest.backup_id.clone(), ..Default::default() };
         // Each distinct chunk once, with the length its (first) position needs.
         let mut lens: HashMap<ChunkId, u64> = HashMap::new();
@@ -953,10 +967,12 @@ impl Engine {
             validate_name("volume", &v.volume)?;
             validate_backup_id(&v.backup_id)?;
             let vm = match self.read_manifest(&layout::manifest_key(&m.tenant, &v.volume, &v.backup_id)).await {
-                Err(BackupError::Missing { .. }) => return Err(BackupError::Invalid(format!(
+                Err(BackupError::Missing { .. }) => {
+                    return Err(BackupError::Invalid(format!(
                     "backup {} of volume {} does not exist: a server manifest is written after its volumes' manifests",
                     v.backup_id, v.volume
-                ))),
+                )))
+                }
                 other => other?,
             };
             if vm.server_backup.as_deref() != Some(&m.server_backup_id) {
@@ -1013,14 +1029,8 @@ impl Engine {
         self.check_format(false).await?;
         let not_found = || BackupError::NotFound(format!("server backup {server_backup_id}"));
         let key = self
-            .store
-            .list(&layout::server_manifest_prefix(tenant, None))
+            .find_key(layout::SERVERS_PREFIX, &layout::server_manifest_prefix(tenant, None), server_backup_id)
             .await?
-            .into_iter()
-            .map(|m| m.key)
-            .find(|k| {
-                layout::split_manifest_key(layout::SERVERS_PREFIX, k).is_some_and(|(_, _, id)| id == server_backup_id)
-            })
             .ok_or_else(not_found)?;
         match self.read_server_manifest(&key).await {
             Err(BackupError::Missing { .. }) => Err(not_found()),

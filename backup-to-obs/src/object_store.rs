@@ -234,6 +234,23 @@ pub fn staging_dir(root: &Path) -> Result<PathBuf, StoreError> {
     Ok(root.with_file_name(staging))
 }
 
+/// A put dropped before it completed (a backup failing or cancelled with uploads in flight)
+/// leaves its staging file behind; one older than this is no write in progress.
+const STALE_STAGING: Duration = Duration::from_secs(3600);
+
+/// Best effort: a file that cannot be removed now is tried again at the next open.
+fn remove_stale_staging_files(staging: &Path) {
+    let Ok(entries) = std::fs::read_dir(staging) else { return };
+    let now = SystemTime::now();
+    for e in entries.flatten() {
+        let Ok(meta) = e.metadata() else { continue };
+        let old = meta.modified().is_ok_and(|m| now.duration_since(m).unwrap_or_default() >= STALE_STAGING);
+        if meta.is_file() && old {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 impl OpendalStore {
     pub fn open(cfg: &StoreConfig) -> Result<OpendalStore, StoreError> {
         OpendalStore::open_tuned(cfg, &StoreTuning::default())
@@ -252,6 +269,7 @@ impl OpendalStore {
                         .map(str::to_string)
                         .ok_or_else(|| StoreError::Config(format!("file store {:?}: not a UTF-8 path", p.display())))
                 };
+                remove_stale_staging_files(&staging);
                 let fs = Fs::default().root(&utf8(path)?).atomic_write_dir(&utf8(&staging)?);
                 Operator::new(fs).map_err(config_err)?
             }
@@ -320,11 +338,12 @@ impl ObjectStore for OpendalStore {
         validate_key(key)?;
         match self.op.read(key).await {
             Ok(buf) => Ok(buf.to_vec()),
-            // A directory of the fs service is no object.
-            Err(e) if e.kind() == ErrorKind::IsADirectory => {
-                Err(StoreError::NotFound { store: self.describe.clone(), key: key.into() })
-            }
-            Err(e) => Err(self.err(StoreOp::Get, key, e)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Err(self.err(StoreOp::Get, key, e)),
+            // A directory of the fs service is no object (it reads as an Unexpected error).
+            Err(e) => match self.op.stat(key).await {
+                Ok(m) if m.is_dir() => Err(StoreError::NotFound { store: self.describe.clone(), key: key.into() }),
+                _ => Err(self.err(StoreOp::Get, key, e)),
+            },
         }
     }
 
