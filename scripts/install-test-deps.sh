@@ -9,7 +9,9 @@
 #   something is missing. Runs as root, or through sudo when not root (non-interactive when
 #   there is no terminal).
 # * Rust tools: cargo-nextest (`cargo install cargo-nextest --locked`), rustfmt and clippy
-#   (`rustup component add`, when rustup manages the toolchain).
+#   (`rustup component add`, when rustup manages the toolchain), and Garage, the S3 server the
+#   backup tests run against (`cargo install --locked garage --version 2.5.0`: ~20 minutes on
+#   2 cores, so only when missing).
 #
 # Idempotent: a second run installs nothing. Prints what it installed. Exits non-zero when
 # something is missing and cannot be installed here.
@@ -83,8 +85,14 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   installed+=(cargo-nextest)
 fi
 
+if ! command -v garage >/dev/null 2>&1; then
+  log "installing garage 2.5.0 (cargo install --locked garage; takes ~20 minutes on 2 cores)"
+  cargo install --locked garage --version 2.5.0 </dev/null
+  installed+=(garage)
+fi
+
 if ((${#installed[@]})); then
   log "installed: ${installed[*]}"
 else
-  log "nothing to install (qemu-utils, libnbd-bin, fio, nbdkit, cargo-nextest present)"
+  log "nothing to install (qemu-utils, libnbd-bin, fio, nbdkit, cargo-nextest, garage present)"
 fi

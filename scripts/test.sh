@@ -8,7 +8,9 @@
 # Full run, in order:
 #   1. scripts/install-test-deps.sh (qemu-utils, libnbd-bin, fio, nbdkit, cargo-nextest; only
 #      what is missing)
-#   2. cargo build --workspace --bins (the integration tests start the real binaries)
+#   2. cargo build --workspace --bins (the integration tests start the real binaries), and a
+#      single-node Garage (scripts/garage.sh start; stopped at the end) for the tests that need
+#      a real S3 server, unless EVS_TEST_S3_ENDPOINT already names one
 #   3. cargo nextest run --workspace --no-fail-fast with EVS_TEST_IO_BACKEND=uring
 #      (skipped, with the reason, only when io_uring is unavailable on this machine)
 #   4. the same with EVS_TEST_IO_BACKEND=portable
@@ -63,8 +65,10 @@ step() {
   return $rc
 }
 
+garage_dir=
 finish() {
   local line
+  [[ -z $garage_dir ]] || { scripts/garage.sh stop "$garage_dir"; rm -rf "$garage_dir"; }
   printf '\n=== test.sh summary\n'
   printf '  %s\n' "${summary[@]}"
   if ((${#failed_steps[@]})); then
@@ -107,6 +111,17 @@ fi
 if ! step build cargo build --workspace --bins; then
   echo "test.sh: the workspace does not build; not running the tests" >&2
   finish
+fi
+
+# The S3 server of the backup tests (they fail, naming garage.sh, without one).
+start_garage() {
+  local env
+  garage_dir=$(mktemp -d "${TMPDIR:-/tmp}/evs-test-garage.XXXXXX")
+  env=$(scripts/garage.sh start "$garage_dir") || return 1
+  eval "$env"
+}
+if [[ -z ${EVS_TEST_S3_ENDPOINT:-} ]]; then
+  step garage start_garage
 fi
 
 uring_why=$(io_uring_check) && uring_ok=1 || uring_ok=0
