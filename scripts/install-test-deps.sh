@@ -9,8 +9,9 @@
 #   something is missing. Runs as root, or through sudo when not root (non-interactive when
 #   there is no terminal).
 # * Rust tools: cargo-nextest (`cargo install cargo-nextest --locked`), rustfmt and clippy
-#   (`rustup component add`, when rustup manages the toolchain), and Garage 2.5.0, the S3
-#   server of the backup tests (`cargo install --locked garage`; ~20 minutes the first time).
+#   (`rustup component add`, when rustup manages the toolchain), and Garage, the S3 server the
+#   backup tests run against (`cargo install --locked garage --version 2.5.0`: ~20 minutes on
+#   2 cores, so only when missing).
 #
 # Idempotent: a second run installs nothing. Prints what it installed. Exits non-zero when
 # something is missing and cannot be installed here.

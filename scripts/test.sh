@@ -6,10 +6,11 @@
 #   scripts/test.sh [--quick] -- ARGS   # extra ARGS go to `cargo nextest run` (e.g. -E 'test(crash)')
 #
 # Full run, in order:
-#   1. scripts/install-test-deps.sh (qemu-utils, libnbd-bin, fio, nbdkit, cargo-nextest, garage;
-#      only what is missing), then a single-node Garage on loopback (scripts/garage.sh) for the
-#      backup tests, stopped at the end
-#   2. cargo build --workspace --bins (the integration tests start the real binaries)
+#   1. scripts/install-test-deps.sh (qemu-utils, libnbd-bin, fio, nbdkit, cargo-nextest; only
+#      what is missing)
+#   2. cargo build --workspace --bins (the integration tests start the real binaries), and a
+#      single-node Garage (scripts/garage.sh start; stopped at the end) for the tests that need
+#      a real S3 server, unless EVS_TEST_S3_ENDPOINT already names one
 #   3. cargo nextest run --workspace --no-fail-fast with EVS_TEST_IO_BACKEND=uring
 #      (skipped, with the reason, only when io_uring is unavailable on this machine)
 #   4. the same with EVS_TEST_IO_BACKEND=portable
@@ -64,8 +65,10 @@ step() {
   return $rc
 }
 
+garage_dir=
 finish() {
   local line
+  [[ -z $garage_dir ]] || { scripts/garage.sh stop "$garage_dir"; rm -rf "$garage_dir"; }
   printf '\n=== test.sh summary\n'
   printf '  %s\n' "${summary[@]}"
   if ((${#failed_steps[@]})); then
@@ -110,18 +113,18 @@ if ! step build cargo build --workspace --bins; then
   finish
 fi
 
-uring_why=$(io_uring_check) && uring_ok=1 || uring_ok=0
-
-# The S3 test server: a single-node Garage in a temporary directory, for the whole run.
-garage_dir=$(mktemp -d "${TMPDIR:-/tmp}/evs-garage.XXXXXX")
-stop_garage() { scripts/garage.sh stop "$garage_dir" >/dev/null 2>&1; rm -rf "$garage_dir"; }
-trap stop_garage EXIT
-if garage_env=$(scripts/garage.sh start "$garage_dir"); then
-  eval "$garage_env"
-  banner "S3 test server: Garage at $EVS_TEST_S3_ENDPOINT, bucket $EVS_TEST_S3_BUCKET"
-else
-  echo "test.sh: cannot start the S3 test server (scripts/garage.sh start); the backup tests will fail" >&2
+# The S3 server of the backup tests (they fail, naming garage.sh, without one).
+start_garage() {
+  local env
+  garage_dir=$(mktemp -d "${TMPDIR:-/tmp}/evs-test-garage.XXXXXX")
+  env=$(scripts/garage.sh start "$garage_dir") || return 1
+  eval "$env"
+}
+if [[ -z ${EVS_TEST_S3_ENDPOINT:-} ]]; then
+  step garage start_garage
 fi
+
+uring_why=$(io_uring_check) && uring_ok=1 || uring_ok=0
 
 if ((quick)); then
   backend=${EVS_TEST_IO_BACKEND:-}

@@ -66,7 +66,7 @@ pub fn fill(volume: &Volume, offset: u64, len: usize) {
 /// Mixed allocation over `range`: in every `stripe` bytes, the first 1 to 4 blocks (varying from
 /// stripe to stripe) are written, the rest stays a hole. Returns the bytes written.
 pub fn fill_mixed(volume: &Volume, range: std::ops::Range<u64>, stripe: u64) -> u64 {
-    assert!(stripe % BLOCK_SIZE == 0 && stripe >= 4 * BLOCK_SIZE);
+    assert!(stripe.is_multiple_of(BLOCK_SIZE) && stripe >= 4 * BLOCK_SIZE);
     let data = pattern(4 * BLOCK_SIZE as usize, 0xa5);
     let mut written = 0;
     let mut off = range.start;

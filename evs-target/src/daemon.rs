@@ -107,30 +107,13 @@ fn choose_engine(backend: IoBackend) -> anyhow::Result<EngineKind> {
 
 /// The backup engine over `--backup-store`. S3 and OBS keys come from the environment
 /// (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY); a missing one stops the start, named.
-async fn open_backup_engine(config: &Config) -> anyhow::Result<evs_backup::Engine> {
+fn open_backup_engine(config: &Config) -> anyhow::Result<evs_backup::Engine> {
     use crate::config::BackupStore;
-    let key = |name: &str| {
-        std::env::var(name).map_err(|_| {
-            anyhow!("--backup-store {}: set {name} (the store's credentials)", config.backup_store)
-        })
-    };
     let store = match &config.backup_store {
+        // Relative paths are accepted here (the default under a relative data dir).
         BackupStore::File { path } => evs_backup::StoreConfig::File { path: path.clone() },
-        BackupStore::S3(b) => evs_backup::StoreConfig::S3 {
-            bucket: b.bucket.clone(),
-            prefix: b.prefix.clone(),
-            endpoint: b.endpoint.clone(),
-            region: b.region.clone(),
-            access_key: key("AWS_ACCESS_KEY_ID")?,
-            secret_key: key("AWS_SECRET_ACCESS_KEY")?,
-        },
-        BackupStore::Obs(b) => evs_backup::StoreConfig::Obs {
-            bucket: b.bucket.clone(),
-            prefix: b.prefix.clone(),
-            endpoint: b.endpoint.clone(),
-            access_key: key("AWS_ACCESS_KEY_ID")?,
-            secret_key: key("AWS_SECRET_ACCESS_KEY")?,
-        },
+        // The URL was checked when the flag was parsed; the engine's parser adds the keys.
+        other => evs_backup::StoreConfig::from_url_env(&other.to_string())?,
     };
     let s = &config.backups;
     let opts = evs_backup::EngineOptions {
@@ -139,9 +122,9 @@ async fn open_backup_engine(config: &Config) -> anyhow::Result<evs_backup::Engin
         zstd_level: s.zstd_level,
         gc_grace: Duration::from_secs(s.gc_grace_seconds),
     };
-    evs_backup::Engine::open(&store, opts)
-        .await
-        .with_context(|| format!("cannot open the backup store {}", config.backup_store))
+    let objects = evs_backup::OpendalStore::open(&store)
+        .with_context(|| format!("cannot open the backup store {}", config.backup_store))?;
+    Ok(evs_backup::Engine::new(Arc::new(objects), opts))
 }
 
 /// Runs due backup policies every `interval` until `stop` is set.
@@ -254,7 +237,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         unix_tls: config.nbd_tls == NbdTls::Require,
     };
     let backup = Arc::new(BackupContext {
-        engine: Arc::new(open_backup_engine(&config).await?),
+        engine: Arc::new(open_backup_engine(&config)?),
         rt: tokio::runtime::Handle::current(),
         settings: config.backups,
         az: config.az.clone(),

@@ -8,6 +8,7 @@ pub mod exports;
 pub mod jobs;
 pub mod metrics;
 pub mod nbd;
+pub mod policy;
 pub mod qos;
 pub mod tls;
 pub mod volume_io;

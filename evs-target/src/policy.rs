@@ -98,20 +98,25 @@ pub fn expired(backups: &[(String, u64)], r: &Retention) -> Vec<String> {
     for (id, _) in sorted.iter().take(r.keep_last as usize) {
         keep.insert(id);
     }
-    let bucketed = |n: u32, key: &dyn Fn(DateTime<Utc>) -> (i32, u32, u32), keep: &mut BTreeSet<&'_ str>| {
+    // Keeps the newest backup of each of the `n` newest periods `key` defines.
+    fn bucketed<'a>(
+        sorted: &[&'a (String, u64)],
+        n: u32,
+        key: &dyn Fn(DateTime<Utc>) -> (i32, u32, u32),
+        keep: &mut BTreeSet<&'a str>,
+    ) {
         let mut seen = Vec::new();
-        for (id, ms) in &sorted {
+        for (id, ms) in sorted.iter().copied() {
             if seen.len() as u32 >= n {
                 break;
             }
-            let t = DateTime::<Utc>::from_timestamp_millis(*ms as i64).unwrap_or_default();
-            let k = key(t);
+            let k = key(DateTime::<Utc>::from_timestamp_millis(*ms as i64).unwrap_or_default());
             if !seen.contains(&k) {
                 seen.push(k);
                 keep.insert(id);
             }
         }
-    };
+    }
     // Each closure maps a time to its period; the newest backup of a period is the first seen.
     let day = |t: DateTime<Utc>| (t.year(), t.ordinal(), 0);
     let week = |t: DateTime<Utc>| {
@@ -119,9 +124,9 @@ pub fn expired(backups: &[(String, u64)], r: &Retention) -> Vec<String> {
         (w.year(), w.week(), 1)
     };
     let month = |t: DateTime<Utc>| (t.year(), t.month(), 2);
-    bucketed(r.keep_daily, &day, &mut keep);
-    bucketed(r.keep_weekly, &week, &mut keep);
-    bucketed(r.keep_monthly, &month, &mut keep);
+    bucketed(&sorted, r.keep_daily, &day, &mut keep);
+    bucketed(&sorted, r.keep_weekly, &week, &mut keep);
+    bucketed(&sorted, r.keep_monthly, &month, &mut keep);
     sorted.iter().filter(|(id, _)| !keep.contains(id.as_str())).map(|(id, _)| id.clone()).collect()
 }
 

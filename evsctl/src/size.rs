@@ -44,7 +44,7 @@ pub fn format_size(b: u64) -> String {
         scale *= 1024;
         unit += 1;
     }
-    if b % scale == 0 {
+    if b.is_multiple_of(scale) {
         format!("{} {}", b / scale, UNITS[unit])
     } else {
         format!("{:.1} {}", b as f64 / scale as f64, UNITS[unit])

@@ -172,7 +172,7 @@ impl AllocMap {
             let mut next = blk + 1;
             // Skip whole words of one state quickly.
             while next < end {
-                if next % 64 == 0 && next + 64 <= end {
+                if next.is_multiple_of(64) && next + 64 <= end {
                     let w = (next / 64) as usize;
                     let a = b.alloc[w].load(Ordering::Acquire);
                     let z = b.zeroed[w].load(Ordering::Acquire);

@@ -109,7 +109,7 @@ pub(crate) fn now_unix() -> u64 {
 pub fn validate_size(size: u64) -> Result<(), StoreError> {
     let why = if size == 0 {
         "a volume needs at least 512 bytes".to_string()
-    } else if size % 512 != 0 {
+    } else if !size.is_multiple_of(512) {
         "must be a multiple of 512 bytes".to_string()
     } else if size > MAX_VOLUME_SIZE {
         format!("larger than the maximum volume size of {MAX_VOLUME_SIZE} bytes (32 TiB)")

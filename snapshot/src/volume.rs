@@ -288,8 +288,8 @@ impl Volume {
             return Ok(WritePlan::Done);
         }
         let end = offset + len;
-        let aligned_end = end % BLOCK_SIZE == 0 || end == self.size();
-        if offset % BLOCK_SIZE != 0 || !aligned_end {
+        let aligned_end = end.is_multiple_of(BLOCK_SIZE) || end == self.size();
+        if !offset.is_multiple_of(BLOCK_SIZE) || !aligned_end {
             self.write_unaligned(offset, data)?;
             return Ok(WritePlan::Done);
         }
@@ -332,7 +332,7 @@ impl Volume {
 
     /// Writes whole blocks synchronously through the page cache and commits them.
     fn write_blocks(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
-        debug_assert!(offset % BLOCK_SIZE == 0);
+        debug_assert!(offset.is_multiple_of(BLOCK_SIZE));
         let chain = self.chain();
         let head = chain.head();
         head.data_file().write_all_at(data, offset)?;
@@ -480,7 +480,7 @@ impl Volume {
             }
         };
         let end = offset + data.len() as u64;
-        if offset % BLOCK_SIZE == 0 && (end % BLOCK_SIZE == 0 || end == self.size()) {
+        if offset.is_multiple_of(BLOCK_SIZE) && (end.is_multiple_of(BLOCK_SIZE) || end == self.size()) {
             if data.is_empty() {
                 return Ok(());
             }

@@ -208,7 +208,7 @@ fn run(acts: Vec<Act>, engine: EngineKind) {
                 let s = snaps.remove(s % snaps.len());
                 store.delete_snapshot(s.id).unwrap();
                 assert!(matches!(store.snapshot_info(s.id), Err(StoreError::SnapshotNotFound(_))));
-                if n % 2 == 0 {
+                if n.is_multiple_of(2) {
                     store.wait_merges().unwrap();
                 }
             }

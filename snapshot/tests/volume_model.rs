@@ -72,7 +72,7 @@ fn run(acts: Vec<Act>, engine_kind: EngineKind) {
                 let off = off % cur;
                 let len = len.min((cur - off) as usize);
                 let data = pattern(seed, len);
-                if seed % 2 == 0 {
+                if seed.is_multiple_of(2) {
                     plan_and_write(&vol, engine.as_mut(), off, &data).unwrap();
                 } else {
                     vol.write_at(off, &data).unwrap();

@@ -23,9 +23,12 @@ use std::io;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
-use evs_backup::{BackupError, BackupRequest, ChunkSink, ChunkSource, Engine, Manifest, Progress};
+use evs_backup::{
+    BackupError, BackupKind, BackupRequest, ChunkSink, ChunkSource, Engine, Manifest, Progress, ServerManifest,
+    ServerVolume,
+};
 use evs_proto::v1 as pb;
 use evs_proto::v1::backup_service_server::BackupService;
 use evs_snapshot::{ChangedExtent, StoreError, Volume};
@@ -33,7 +36,6 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
-use super::auth::ADMIN_TENANT;
 use super::jobs::job_to_pb;
 use super::validate::{validate_volume_name, ValidationError};
 use super::{ApiError, ControlPlane, VolumeApi};
@@ -61,7 +63,7 @@ pub struct BackupContext {
 
 impl std::fmt::Debug for BackupContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BackupContext").field("store", &self.engine.describe()).field("az", &self.az).finish()
+        f.debug_struct("BackupContext").field("store", &self.engine.store().describe()).field("az", &self.az).finish()
     }
 }
 
@@ -83,32 +85,25 @@ pub fn chunks_touched(extents: &[ChangedExtent], chunk: u64) -> Vec<u64> {
     out.into_iter().collect()
 }
 
-/// A fresh backup id: `bk-YYYYMMDDTHHMMSSmmmZ-xxxxxx` (sortable, unique), `sbk-…` for servers.
-fn new_backup_id(server: bool) -> String {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    let t = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(now.as_millis() as i64).unwrap_or_default();
-    let mut r = [0u8; 3];
-    getrandom::fill(&mut r).expect("OS random number generator");
-    format!(
-        "{}-{}-{:02x}{:02x}{:02x}",
-        if server { "sbk" } else { "bk" },
-        t.format("%Y%m%dT%H%M%S%3fZ"),
-        r[0],
-        r[1],
-        r[2]
-    )
+/// Checks a backup id given by a user (`bk-…` or `sbk-…`), so it never becomes a strange
+/// object key.
+pub fn validate_backup_id(id: &str) -> Result<(), ValidationError> {
+    let checked = if id.starts_with("sbk-") {
+        evs_backup::validate_server_backup_id(id)
+    } else {
+        evs_backup::validate_backup_id(id)
+    };
+    checked.map_err(|_| ValidationError::BackupId(id.to_string()))
 }
 
-/// Checks a backup id given by a user (so it never becomes a strange object key).
-pub fn validate_backup_id(id: &str) -> Result<(), ValidationError> {
-    let ok = (id.starts_with("bk-") || id.starts_with("sbk-"))
-        && id.len() <= 64
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
-    if ok {
-        Ok(())
-    } else {
-        Err(ValidationError::BackupId(id.to_string()))
-    }
+/// The id of volume `index`'s backup within server backup `server_backup_id`: derived from
+/// it (same timestamp, hashed suffix), so a resumed job finds the backups it already made.
+fn server_volume_backup_id(server_backup_id: &str, index: usize) -> String {
+    let rest = server_backup_id.trim_start_matches("sbk-");
+    let stamp = rest.split_once('-').map_or(rest, |(s, _)| s);
+    let h = blake3::hash(format!("{server_backup_id}/{index}").as_bytes());
+    let b = h.as_bytes();
+    format!("bk-{stamp}-{:02x}{:02x}{:02x}", b[0], b[1], b[2])
 }
 
 /// A job's progress as the engine reports it.
@@ -182,6 +177,13 @@ fn backup_error(e: BackupError) -> ApiError {
     }
 }
 
+fn kind_name(kind: BackupKind) -> &'static str {
+    match kind {
+        BackupKind::Full => "full",
+        BackupKind::Incremental => "incremental",
+    }
+}
+
 fn job_failed(e: impl std::fmt::Display) -> JobError {
     JobError::Failed(e.to_string())
 }
@@ -196,7 +198,7 @@ pub fn manifest_to_pb(m: &Manifest) -> pb::Backup {
         server_backup: m.server_backup.clone().unwrap_or_default(),
         size_bytes: m.volume_size,
         created_unix_ms: m.created_ms,
-        mode: if m.full { "full" } else { "incremental" }.into(),
+        mode: kind_name(m.kind).into(),
         parent: m.parent.clone().unwrap_or_default(),
         az: m.az.clone(),
         encrypted: m.encrypted,
@@ -211,7 +213,7 @@ pub fn manifest_to_pb(m: &Manifest) -> pb::Backup {
             bytes_logical: m.stats.bytes_logical,
         }),
         volumes: Vec::new(),
-        name: m.label.clone(),
+        name: m.name.clone().unwrap_or_default(),
     }
 }
 
@@ -281,11 +283,11 @@ impl ControlPlane {
         if id.starts_with("sbk-") {
             let sb = self.block_on(engine.find_server_backup(owner, id))?;
             let mut volumes = Vec::new();
-            for vid in &sb.volume_backups {
-                volumes.push(manifest_to_pb(&self.block_on(engine.find(owner, vid))?));
+            for v in &sb.volumes {
+                volumes.push(manifest_to_pb(&self.block_on(engine.find(owner, &v.backup_id))?));
             }
             Ok(pb::Backup {
-                id: sb.id.clone(),
+                id: sb.server_backup_id.clone(),
                 kind: "server".into(),
                 server: sb.server.clone(),
                 size_bytes: volumes.iter().map(|v| v.size_bytes).sum(),
@@ -294,7 +296,7 @@ impl ControlPlane {
                 az: sb.az.clone(),
                 encrypted: volumes.iter().any(|v| v.encrypted),
                 volumes,
-                name: sb.label.clone(),
+                name: sb.name.clone().unwrap_or_default(),
                 ..Default::default()
             })
         } else {
@@ -308,7 +310,7 @@ impl ControlPlane {
             super::validate::validate_server_name(server)?;
             let mut out = Vec::new();
             for sb in self.block_on(engine.list_server_backups(owner, Some(server)))? {
-                out.push(self.find_backup(owner, &sb.id)?);
+                out.push(self.find_backup(owner, &sb.server_backup_id)?);
             }
             return Ok(out);
         }
@@ -395,7 +397,7 @@ impl ControlPlane {
             return Err(ApiError::BackupInProgress { volume: volume.to_string(), job: j.id });
         }
         self.check_backup_limits(owner, &[(volume.to_string(), info.size)])?;
-        let backup_id = new_backup_id(false);
+        let backup_id = evs_backup::new_backup_id(SystemTime::now());
         let job = self.jobs.submit(
             owner,
             JobKind::Backup {
@@ -436,7 +438,7 @@ impl ControlPlane {
             sizes.push((info.name, info.size));
         }
         self.check_backup_limits(owner, &sizes)?;
-        let backup_id = new_backup_id(true);
+        let backup_id = evs_backup::new_server_backup_id(SystemTime::now());
         let job = self.jobs.submit(
             owner,
             JobKind::ServerBackup {
@@ -596,39 +598,48 @@ impl ControlPlane {
         let chunk = u64::from(bctx.settings.chunk_size);
         let info = self.store.volume_info(volume_id).map_err(job_failed)?;
         let key = self.tenant_key(tenant).map_err(job_failed)?;
+        let fingerprint = key.as_ref().map(evs_backup::key_fingerprint);
         // The base: usable when its backup still exists with our chunk size and key.
         let base = if full { None } else { self.base_of(volume_id).map_err(job_failed)? };
-        let base = base.filter(|b| {
+        let mut base = base.filter(|b| {
             self.block_on(bctx.engine.find(tenant, &b.backup_id)).is_ok_and(|m| {
-                u64::from(m.chunk_size) == chunk && m.encrypted == key.is_some() && self.store.snapshot_info(b.snapshot).is_ok()
+                u64::from(m.chunk_size) == chunk
+                    && m.key_fingerprint == fingerprint
+                    && self.store.snapshot_info(b.snapshot).is_ok()
             })
         });
-        let (extents, _) = self
-            .store
-            .changed_extents(volume_id, base.as_ref().map(|b| b.snapshot), Some(snap))
-            .map_err(job_failed)?;
-        let read_chunks = chunks_touched(&extents, chunk);
         let snap_info = self.store.snapshot_info(snap).map_err(job_failed)?;
-        let source = Arc::new(SnapshotSource { view: self.store.open_snapshot(snap).map_err(job_failed)?, chunk });
-        let req = BackupRequest {
-            tenant,
-            volume: &info.name,
-            backup_id,
-            server_backup,
-            source,
-            read_chunks,
-            parent: base.as_ref().map(|b| b.backup_id.as_str()),
-            kind_full: base.is_none(),
-            snapshot: &snap_info.name,
-            az: &bctx.az,
-            key: key.as_ref(),
-            label,
-        };
+        let view = self.store.open_snapshot(snap).map_err(job_failed)?;
         let progress = JobProgress(ctx);
-        let m = match bctx.rt.block_on(bctx.engine.backup(req, &progress)) {
-            Ok(m) => m,
-            Err(BackupError::Cancelled) => return Err(stopped(ctx)),
-            Err(e) => return Err(job_failed(e)),
+        let m = loop {
+            let (extents, _) = self
+                .store
+                .changed_extents(volume_id, base.as_ref().map(|b| b.snapshot), Some(snap))
+                .map_err(job_failed)?;
+            let req = BackupRequest {
+                tenant,
+                volume: &info.name,
+                backup_id,
+                server_backup,
+                source: Arc::new(SnapshotSource { view: view.clone(), chunk }),
+                read_chunks: chunks_touched(&extents, chunk),
+                parent: base.as_ref().map(|b| b.backup_id.as_str()),
+                kind_full: base.is_none(),
+                snapshot: &snap_info.name,
+                az: &bctx.az,
+                key: key.as_ref(),
+                name: (!label.is_empty()).then_some(label),
+            };
+            match bctx.rt.block_on(bctx.engine.backup(req, &progress)) {
+                Ok(m) => break m,
+                // The parent went (deleted, damaged) between the check and the backup.
+                Err(BackupError::Parent { parent, why }) if base.is_some() => {
+                    ctx.note(format!("parent backup {parent} unusable ({why}): taking a full backup"));
+                    base = None;
+                }
+                Err(BackupError::Cancelled) => return Err(stopped(ctx)),
+                Err(e) => return Err(job_failed(e)),
+            }
         };
         // The new base; the old one's snapshot goes.
         let old = self.base_of(volume_id).map_err(job_failed)?;
@@ -639,7 +650,7 @@ impl ControlPlane {
         }
         ctx.note(format!(
             "{} backup: {} of {} chunks read, {} uploaded ({} bytes), {} deduplicated, {} zero",
-            if m.full { "full" } else { "incremental" },
+            kind_name(m.kind),
             m.stats.chunks_read,
             m.stats.chunks,
             m.stats.chunks_uploaded,
@@ -716,7 +727,7 @@ impl ControlPlane {
         let mut volume_backups = Vec::with_capacity(volume_ids.len());
         for (i, (vid, snap)) in volume_ids.iter().zip(&snaps).enumerate() {
             // Volume backup ids derive from the server backup's, so a resumed job finds them.
-            let vb = format!("bk-{}-{i:02}", backup_id.trim_start_matches("sbk-"));
+            let vb = server_volume_backup_id(backup_id, i);
             let done = self.block_on(bctx.engine.find(&job.tenant, &vb)).ok();
             let m = match done {
                 Some(m) => m,
@@ -732,11 +743,19 @@ impl ControlPlane {
                     }
                 },
             };
-            volume_backups.push(m.backup_id.clone());
+            volume_backups.push(ServerVolume { volume: m.volume.clone(), backup_id: m.backup_id.clone() });
         }
-        bctx.rt
-            .block_on(bctx.engine.put_server_backup(&job.tenant, server, backup_id, &volume_backups, label, &bctx.az))
-            .map_err(job_failed)?;
+        let snapshot = self.store.snapshot_info(snaps[0]).map(|s| s.name).unwrap_or_default();
+        let sm = ServerManifest::new(
+            &job.tenant,
+            server,
+            backup_id,
+            (!label.is_empty()).then_some(label.as_str()),
+            &bctx.az,
+            &snapshot,
+            volume_backups,
+        );
+        bctx.rt.block_on(bctx.engine.put_server_manifest(&sm)).map_err(job_failed)?;
         if let Some(p) = policy {
             self.apply_retention(&job.tenant, p, None, Some(server));
         }
@@ -795,7 +814,7 @@ impl ControlPlane {
             match r {
                 Ok(stats) => ctx.note(format!(
                     "restored {} to volume #{volume_id}: {} chunks written, {} zero",
-                    p.id, stats.chunks_written, stats.chunks_zero
+                    p.id, stats.chunks - stats.chunks_zero, stats.chunks_zero
                 )),
                 Err(BackupError::Cancelled) => return Err(stopped(ctx)),
                 Err(e) => return Err(job_failed(e)),
@@ -843,7 +862,7 @@ impl ControlPlane {
                 Ok(sb) => {
                     // The server manifest first: a server backup is never left half-listed.
                     bctx.rt.block_on(bctx.engine.delete_server_backup(&sb)).map_err(job_failed)?;
-                    sb.volume_backups.clone()
+                    sb.volumes.iter().map(|v| v.backup_id.clone()).collect()
                 }
                 Err(BackupError::NotFound(_)) => return Ok(()),
                 Err(e) => return Err(job_failed(e)),
@@ -905,7 +924,7 @@ impl ControlPlane {
             };
             checked += report.chunks_checked;
             problems.extend(report.missing.iter().map(|k| format!("missing chunk {k}")));
-            problems.extend(report.corrupt.iter().map(|(k, why)| format!("corrupt chunk {k}: {why}")));
+            problems.extend(report.corrupt.iter().map(|c| format!("corrupt chunk {}: {}", c.key, c.why)));
         }
         if problems.is_empty() {
             ctx.note(format!("{checked} chunks verified, all intact"));
@@ -929,7 +948,7 @@ impl ControlPlane {
         };
         ctx.note(format!(
             "gc: {} chunks referenced, {} removed ({} bytes), {} kept within the grace period, {} orphan indexes removed",
-            r.chunks_referenced, r.chunks_removed, r.bytes_removed, r.chunks_in_grace, r.indexes_removed
+            r.chunks_referenced, r.chunks_removed, r.bytes_removed, r.chunks_within_grace, r.indexes_removed
         ));
         Ok(())
     }
@@ -1079,12 +1098,15 @@ mod tests {
 
     #[test]
     fn backup_ids() {
-        let a = new_backup_id(false);
-        let b = new_backup_id(false);
-        assert!(a.starts_with("bk-20") && a.len() == "bk-20261201T093516123Z-abcdef".len(), "{a}");
-        assert_ne!(a, b);
-        assert!(validate_backup_id(&a).is_ok());
-        assert!(validate_backup_id(&new_backup_id(true)).is_ok());
+        let a = evs_backup::new_backup_id(SystemTime::now());
+        let s = evs_backup::new_server_backup_id(SystemTime::now());
+        assert!(validate_backup_id(&a).is_ok(), "{a}");
+        assert!(validate_backup_id(&s).is_ok(), "{s}");
+        let (v0, v1) = (server_volume_backup_id(&s, 0), server_volume_backup_id(&s, 1));
+        assert!(validate_backup_id(&v0).is_ok() && validate_backup_id(&v1).is_ok(), "{v0} {v1}");
+        assert_ne!(v0, v1);
+        assert_eq!(v0, server_volume_backup_id(&s, 0));
+        assert_eq!(v0[3..22], s[4..23], "same timestamp");
         for bad in ["", "bk-../x", "x-1", "bk-a/b", &"bk-".repeat(30)] {
             assert!(validate_backup_id(bad).is_err(), "{bad}");
         }

@@ -152,7 +152,7 @@ pub fn validate_volume_size(size: u64) -> Result<(), ValidationError> {
     if size == 0 {
         return err("the size must be greater than zero".into());
     }
-    if size % SECTOR != 0 {
+    if !size.is_multiple_of(SECTOR) {
         return err("the size must be a multiple of 512 bytes".into());
     }
     if size > MAX_VOLUME_SIZE {
@@ -185,7 +185,7 @@ impl fmt::Display for HumanBytes {
             scale *= 1024;
             unit += 1;
         }
-        if b % scale == 0 {
+        if b.is_multiple_of(scale) {
             write!(f, "{} {}", b / scale, UNITS[unit])
         } else {
             write!(f, "{:.1} {}", b as f64 / scale as f64, UNITS[unit])

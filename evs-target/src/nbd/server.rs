@@ -1113,7 +1113,7 @@ mod tests {
     fn descriptors_split_at_the_32_bit_limit() {
         let mut d = Vec::new();
         push_desc(&mut d, 10 << 30, 1);
-        assert!(d.iter().all(|e| e.length as u64 % 4096 == 0 && e.flags == 1));
+        assert!(d.iter().all(|e| (e.length as u64).is_multiple_of(4096) && e.flags == 1));
         assert_eq!(d.iter().map(|e| e.length as u64).sum::<u64>(), 10 << 30);
     }
 }
