@@ -10,4 +10,5 @@ pub mod metrics;
 pub mod nbd;
 pub mod qos;
 pub mod tls;
+pub mod vhost;
 pub mod volume_io;

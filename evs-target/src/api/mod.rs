@@ -37,7 +37,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use tonic::{Request, Response, Status};
 
 use crate::config::{Quota, DEFAULT_QUOTA};
-use crate::exports::{Export, ExportRegistry};
+use crate::exports::{Export, ExportRegistry, Protocol};
 use crate::jobs::{JobKind, JobManager, JobOptions, JobRecord, RecoveryReport};
 use crate::qos::{default_tiers, Limits, TierSpec};
 use crate::volume_io::{VolumeIo, VolumeIoRegistry};
@@ -195,7 +195,7 @@ impl ControlPlane {
             match self.store.open_volume(volume_id) {
                 Ok(volume) => {
                     let io = self.io_of(volume_id)?;
-                    self.exports.insert(token, Export { volume_id, volume, read_only: false, snapshot: None, io });
+                    self.exports.insert(token, Export { volume_id, volume, read_only: false, snapshot: None, io, protocol: Protocol::Nbd });
                     loaded += 1;
                 }
                 Err(StoreError::VolumeNotFound(_)) => {
@@ -489,7 +489,7 @@ impl ControlPlane {
                     let io = self.io_of(info.id)?;
                     self.exports.insert(
                         token.clone(),
-                        Export { volume_id: info.id, volume, read_only: false, snapshot: None, io },
+                        Export { volume_id: info.id, volume, read_only: false, snapshot: None, io, protocol: Protocol::Nbd },
                     );
                 }
                 token
@@ -506,7 +506,7 @@ impl ControlPlane {
                 w.commit().map_err(StoreError::from)?;
                 let io = self.io_of(info.id)?;
                 self.exports
-                    .insert(token.clone(), Export { volume_id: info.id, volume, read_only: false, snapshot: None, io });
+                    .insert(token.clone(), Export { volume_id: info.id, volume, read_only: false, snapshot: None, io, protocol: Protocol::Nbd });
                 tracing::info!(owner, volume = name, id = info.id, "volume attached");
                 token
             }

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 use super::validate::{parse_snapshot_ref, validate_snapshot_name, validate_volume_name, ValidationError};
 use super::{ApiError, ControlPlane, VolumeApi};
-use crate::exports::{Export, ExportRegistry};
+use crate::exports::{Export, ExportRegistry, Protocol};
 
 /// Attach token → snapshot id.
 pub(super) const SNAPSHOT_ATTACHMENTS: TableDefinition<&str, u64> = TableDefinition::new("snapshot_attachments");
@@ -179,7 +179,7 @@ impl ControlPlane {
                 let io = self.io_of(vid)?;
                 self.exports.insert(
                     token.clone(),
-                    Export { volume_id: vid, volume: view, read_only: true, snapshot: Some(s.id), io },
+                    Export { volume_id: vid, volume: view, read_only: true, snapshot: Some(s.id), io, protocol: Protocol::Nbd },
                 );
                 tracing::info!(owner, volume, snapshot = name, "snapshot attached");
                 token
@@ -235,7 +235,7 @@ impl ControlPlane {
                 Ok((volume_id, view)) => {
                     let io = self.io_of(volume_id)?;
                     self.exports
-                        .insert(token, Export { volume_id, volume: view, read_only: true, snapshot: Some(snap), io });
+                        .insert(token, Export { volume_id, volume: view, read_only: true, snapshot: Some(snap), io, protocol: Protocol::Nbd });
                     loaded += 1;
                 }
                 Err(StoreError::SnapshotNotFound(_)) => stale.push(snap),
