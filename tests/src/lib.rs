@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod nbd_client;
 pub mod tools;
 pub mod util;
+pub mod vm;
 
 pub use daemon::{bin_path, io_backend, name_field, u64_field, volume_list, volume_object, Daemon, DaemonOptions};
 pub use nbd_client::{ConnectOptions, NbdClient, NbdUri, RawConn, TlsClient};

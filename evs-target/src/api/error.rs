@@ -70,6 +70,8 @@ pub enum ApiError {
     #[error("volume {volume:?} belongs to server {server:?}; delete the server first")]
     VolumeInServer { volume: String, server: String },
     #[error(transparent)]
+    Serve(#[from] crate::exports::ServeError),
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error("internal error: {0}")]
     Internal(String),
@@ -105,6 +107,11 @@ impl ApiError {
             ApiError::TierDenied | ApiError::PermissionDenied(_) => Code::PermissionDenied,
             ApiError::QuotaVolumes { .. } | ApiError::QuotaCapacity { .. } => Code::ResourceExhausted,
             ApiError::Unsupported(_) => Code::Unimplemented,
+            ApiError::Serve(crate::exports::ServeError::NoVhostUser) => Code::FailedPrecondition,
+            ApiError::Serve(crate::exports::ServeError::Vhost(crate::vhost::VhostError::PathTooLong(_))) => {
+                Code::FailedPrecondition
+            }
+            ApiError::Serve(_) => Code::Internal,
             ApiError::Store(s) => store_code(s),
             ApiError::Internal(_) => Code::Internal,
         }

@@ -39,6 +39,19 @@ pub enum ValidationError {
     ServerName { name: String, why: &'static str },
     #[error("a server needs 1 to {max} volumes, each listed once (got {got})")]
     ServerVolumes { got: usize, max: usize },
+    #[error("unknown protocol {0:?} (expected nbd or vhost-user)")]
+    Protocol(String),
+    #[error("a unix-socket NBD URI (--unix) and --protocol vhost-user do not go together: vhost-user is always a unix socket")]
+    UnixWithVhostUser,
+}
+
+/// The front end an attach asks for: "" or "nbd", or "vhost-user"; `require_unix` is for NBD.
+pub fn validate_protocol(protocol: &str, require_unix: bool) -> Result<crate::exports::Protocol, ValidationError> {
+    let p = crate::exports::Protocol::parse(protocol).ok_or_else(|| ValidationError::Protocol(protocol.to_string()))?;
+    if require_unix && p == crate::exports::Protocol::VhostUser {
+        return Err(ValidationError::UnixWithVhostUser);
+    }
+    Ok(p)
 }
 
 /// A tenant name: the same rules as a volume name.
