@@ -39,6 +39,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
 use crate::exports::{Closer, Export, ExportRegistry};
 use queue::{GuestMem, QueueWorker, Vring};
@@ -317,6 +318,18 @@ impl VhostUserBackend for BlkBackend {
 
     fn queues_per_thread(&self) -> Vec<u64> {
         (0..self.num_queues).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Without one, the vring threads never end and dropping the daemon (which joins them)
+        // hangs: the handler notifies it when the connection's daemon is dropped.
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create a vring thread's exit event");
+                None
+            }
+        }
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
