@@ -28,7 +28,7 @@ pub const GUEST_MODULES: [&str; 6] =
 /// The last line the guest's /init prints before powering off.
 pub const EXIT_MARKER: &str = "EVS-SCENARIO-EXIT";
 
-/// Guest RAM (MiB): shared memfd memory, as vhost-user needs.
+/// Guest RAM (MiB) unless a test asks for more: shared memfd memory, as vhost-user needs.
 pub const GUEST_MEM_MIB: u32 = 256;
 
 /// How the guest's CPU runs.
@@ -102,7 +102,7 @@ impl GuestImage {
 
     /// Builds an initramfs (uncompressed newc cpio) whose /init runs `scenario` (a busybox sh
     /// script) and `extra` files (guest path, host file).
-    pub fn initramfs(&self, dir: &Path, scenario: &str, extra: &[(&str, PathBuf)]) -> PathBuf {
+    pub fn initramfs(&self, dir: &Path, scenario: &str, extra: &[(String, PathBuf)]) -> PathBuf {
         let mut c = Cpio::default();
         for d in ["bin", "dev", "proc", "sys", "mnt", "tmp", "lib", "lib/modules", "lib64", "usr", "usr/lib"] {
             c.dir(d);
@@ -145,7 +145,7 @@ impl GuestImage {
         }
         let dir = tempfile::tempdir().expect("tempdir");
         let initrd = self.initramfs(dir.path(), "echo probe\n", &[]);
-        let vm = Vm { image: self, accel: Accel::Kvm, smp: 1, disks: Vec::new(), initrd };
+        let vm = Vm { image: self, accel: Accel::Kvm, smp: 1, disks: Vec::new(), initrd, mem_mib: GUEST_MEM_MIB };
         let ok = vm.run(dir.path(), Duration::from_secs(20)).is_ok();
         let accel = if ok { Accel::Kvm } else { Accel::Tcg };
         let _ = fs::create_dir_all(&self.cache);
@@ -162,7 +162,7 @@ fn is_static(p: &Path) -> bool {
 /// The guest's /init: mounts, modules, the scenario, its exit status on the console, power off.
 fn init_script() -> String {
     let mut s = String::from(
-        "#!/bin/busybox sh\n/bin/busybox --install -s /bin\nexport PATH=/bin\n\
+        "#!/bin/busybox sh\n/bin/busybox --install -s /bin\nexport PATH=/bin:/usr/bin\n\
          mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n",
     );
     for m in GUEST_MODULES {
@@ -223,6 +223,8 @@ pub struct Vm<'a> {
     pub smp: u32,
     pub disks: Vec<Disk>,
     pub initrd: PathBuf,
+    /// Guest RAM in MiB (the initramfs lives in it).
+    pub mem_mib: u32,
 }
 
 /// What a guest run printed.
@@ -255,9 +257,9 @@ impl Vm<'_> {
             Accel::Tcg => ("pc,accel=tcg", "max"),
         };
         c.args(["-nodefaults", "-no-user-config", "-machine", machine, "-cpu", cpu])
-            .args(["-smp", &self.smp.to_string(), "-m", &format!("{GUEST_MEM_MIB}M")])
+            .args(["-smp", &self.smp.to_string(), "-m", &format!("{}M", self.mem_mib)])
             .args(["-display", "none", "-no-reboot", "-monitor", "none"])
-            .args(["-object", &format!("memory-backend-memfd,id=mem,size={GUEST_MEM_MIB}M,share=on")])
+            .args(["-object", &format!("memory-backend-memfd,id=mem,size={}M,share=on", self.mem_mib)])
             .args(["-numa", "node,memdev=mem"])
             .arg("-kernel")
             .arg(&self.image.kernel)
@@ -332,6 +334,24 @@ impl Vm<'_> {
         }
         Ok(c)
     }
+}
+
+/// A program and the shared libraries it loads (from `ldd`), as (guest path, host path) pairs
+/// for [`GuestImage::initramfs`]: the guest gets the host's binary and libraries at the same
+/// paths.
+pub fn program_with_libs(program: &Path) -> Vec<(String, PathBuf)> {
+    let out = output_with_timeout(Command::new("ldd").arg(program), Duration::from_secs(30));
+    assert!(out.status.success(), "ldd {}\n{}", program.display(), format_output(&out));
+    let mut files = vec![(program.to_string_lossy().trim_start_matches('/').to_string(), program.to_path_buf())];
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // "libx.so.1 => /lib/x86_64-linux-gnu/libx.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let path = line.split("=>").nth(1).unwrap_or(line).split_whitespace().next().unwrap_or_default();
+        if path.starts_with('/') {
+            let host = fs::canonicalize(path).unwrap_or_else(|_| PathBuf::from(path));
+            files.push((path.trim_start_matches('/').to_string(), host));
+        }
+    }
+    files
 }
 
 /// Writes `text` to a new file (scripts, configs).

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use evs_tests::tools::{format_output, require_tool, run_tool};
-use evs_tests::vm::{Console, Disk, GuestImage, Vm};
+use evs_tests::vm::{program_with_libs, Console, Disk, GuestImage, Vm, GUEST_MEM_MIB};
 use evs_tests::{tool, u64_field, Daemon};
 
 /// A scenario's time limit (TCG included).
@@ -80,9 +80,8 @@ fn check_files_over_nbd(uri: &str, dir: &Path, guest: &[(String, String)]) {
         assert_eq!(sum.len(), 64, "a sha256 from the guest for {name}: {sum:?}");
         let out_file = dir.join(format!("host-{name}"));
         let _ = std::fs::remove_file(&out_file);
-        let out = run_tool(
-            Command::new(&debugfs).arg("-R").arg(format!("dump /{name} {}", out_file.display())).arg(&img),
-        );
+        let out =
+            run_tool(Command::new(&debugfs).arg("-R").arg(format!("dump /{name} {}", out_file.display())).arg(&img));
         assert!(out_file.is_file(), "debugfs dumped /{name}\n{}", format_output(&out));
         assert_eq!(&sha256(&out_file), sum, "file {name} read back over NBD differs from what the guest wrote");
     }
@@ -90,7 +89,7 @@ fn check_files_over_nbd(uri: &str, dir: &Path, guest: &[(String, String)]) {
 
 fn boot(image: &GuestImage, dir: &Path, disk: Disk, scenario: &str) -> Console {
     let initrd = image.initramfs(dir, scenario, &[]);
-    let vm = Vm { image, accel: image.accel(), smp: 2, disks: vec![disk], initrd };
+    let vm = Vm { image, accel: image.accel(), smp: 2, disks: vec![disk], initrd, mem_mib: GUEST_MEM_MIB };
     let c = vm.run(dir, BOOT_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.exit_status(), Some(0), "the guest scenario failed\n{}", c.text);
     c
@@ -122,7 +121,8 @@ fn vm_on_vhost_user_writes_files_the_host_reads_over_nbd() {
     assert_eq!(d.evsctl_ok(&["volume", "attach", "vm", "--protocol", "vhost-user"]).trim(), sock.to_str().unwrap());
 
     let dir = tempfile::tempdir().unwrap();
-    let c = boot(&image, dir.path(), Disk::VhostUser { socket: sock.clone(), queues: 2, reconnect: 0 }, &write_scenario());
+    let c =
+        boot(&image, dir.path(), Disk::VhostUser { socket: sock.clone(), queues: 2, reconnect: 0 }, &write_scenario());
     let guest = sums(&c);
 
     // The guest's I/O went through the volume's counters; its sync was a FLUSH.
@@ -139,7 +139,12 @@ fn vm_on_vhost_user_writes_files_the_host_reads_over_nbd() {
     // and cannot write.
     d.evsctl_ok(&["snapshot", "create", "vm", "s1"]);
     let ro_sock = socket_of(&d, &["snapshot", "attach", "vm@s1", "--protocol", "vhost-user"]);
-    let c = boot(&image, dir.path(), Disk::VhostUser { socket: ro_sock.clone(), queues: 1, reconnect: 0 }, &verify_ro_scenario());
+    let c = boot(
+        &image,
+        dir.path(),
+        Disk::VhostUser { socket: ro_sock.clone(), queues: 1, reconnect: 0 },
+        &verify_ro_scenario(),
+    );
     assert_eq!(c.values("RO"), vec!["1".to_string()], "the guest sees a read-only disk\n{}", c.text);
     assert_eq!(sums(&c), guest, "the snapshot holds the files\n{}", c.text);
     assert_eq!(c.values("WRITE"), vec!["refused".to_string()], "writes to the snapshot are refused\n{}", c.text);
@@ -207,7 +212,7 @@ fn vm_on_vhost_user_resumes_after_a_daemon_restart() {
     let (img, dpath) = (image.clone(), dir.path().to_path_buf());
     let disk = Disk::VhostUser { socket: sock.clone(), queues: 1, reconnect: 1 };
     let guest = std::thread::spawn(move || {
-        let vm = Vm { image: &img, accel, smp: 1, disks: vec![disk], initrd };
+        let vm = Vm { image: &img, accel, smp: 1, disks: vec![disk], initrd, mem_mib: GUEST_MEM_MIB };
         vm.run(&dpath, BOOT_TIMEOUT)
     });
     let start = Instant::now();
@@ -231,8 +236,102 @@ fn vm_on_vhost_user_resumes_after_a_daemon_restart() {
     for (name, sum) in &s {
         let out_file = dir.path().join(format!("host-{name}"));
         run_tool(
-            Command::new(require_tool("debugfs")).arg("-R").arg(format!("dump /{name} {}", out_file.display())).arg(&img),
+            Command::new(require_tool("debugfs"))
+                .arg("-R")
+                .arg(format!("dump /{name} {}", out_file.display()))
+                .arg(&img),
         );
         assert_eq!(&sha256(&out_file), sum, "file {name} after the restart");
+    }
+}
+
+/// The benchmark of benches/scripts/vhost-bench.sh (ignored in the suite): fio inside one
+/// guest with three disks, 4 KiB random read and write at QD32 over vhost-user (volume A), over
+/// NBD (the same volume A) and on qemu's own file-backed virtio-blk (a raw file on the file
+/// system of the daemon's data), interleaved rounds. Prints a table and the ratios; with
+/// `EVS_BENCH_OUT=FILE` also writes them there.
+#[test]
+#[ignore = "benchmark: run benches/scripts/vhost-bench.sh"]
+fn vm_bench_vhost_user_vs_nbd_vs_file() {
+    let rounds: u32 = std::env::var("EVS_BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let runtime: u32 = std::env::var("EVS_BENCH_RUNTIME").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
+    let span_mib: u64 = 256;
+    let image = GuestImage::prepare();
+    let d = Daemon::start();
+    d.evsctl_ok(&["volume", "create", "bench", "--size", "1G", "--tier", "unlimited"]);
+    let sock = socket_of(&d, &["volume", "attach", "bench", "--protocol", "vhost-user"]);
+    let uri = d.attach("bench");
+    let raw = d.root().join("qemu-native.raw");
+    std::fs::File::create(&raw).unwrap().set_len(1 << 30).unwrap();
+    let disks = [("vhost-user", "vda"), ("nbd", "vdb"), ("qemu-file", "vdc")];
+    let mut scen = String::from("set -e\n");
+    // Precondition: the span is written on every disk, so reads hit data, not holes.
+    for (_, dev) in disks {
+        scen.push_str(&format!("dd if=/dev/zero of=/dev/{dev} bs=1M count={span_mib} oflag=direct 2>/dev/null\n"));
+    }
+    for round in 0..rounds {
+        for rw in ["randread", "randwrite"] {
+            // Rotate the order each round so no disk always runs first.
+            for i in 0..disks.len() {
+                let (name, dev) = disks[(i + round as usize) % disks.len()];
+                scen.push_str(&format!(
+                    "echo \"FIO {name} {rw} $(fio --name=b --filename=/dev/{dev} --direct=1 --ioengine=libaio \
+                     --iodepth=32 --rw={rw} --bs=4k --size={span_mib}M --runtime={runtime} --time_based \
+                     --group_reporting --output-format=terse --terse-version=3 | cut -d';' -f8,49)\"\n"
+                ));
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = image.initramfs(dir.path(), &scen, &program_with_libs(&require_tool("fio")));
+    let disk_list = vec![
+        Disk::VhostUser { socket: sock, queues: 2, reconnect: 0 },
+        Disk::Nbd { uri },
+        Disk::File { path: raw.clone() },
+    ];
+    let accel = image.accel();
+    let vm = Vm { image: &image, accel, smp: 2, disks: disk_list, initrd, mem_mib: 1024 };
+    let c = vm.run(dir.path(), Duration::from_secs(3600)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.exit_status(), Some(0), "the benchmark scenario failed\n{}", c.text);
+    // name rw -> IOPS per round
+    let mut results: std::collections::BTreeMap<(String, String), Vec<f64>> = Default::default();
+    for v in c.values("FIO") {
+        let f: Vec<&str> = v.split_whitespace().collect();
+        let (name, rw, vals) = (f[0], f[1], f.get(2).copied().unwrap_or_default());
+        let mut it = vals.split(';').map(|x| x.parse::<f64>().unwrap_or(0.0));
+        let (r, w) = (it.next().unwrap_or(0.0), it.next().unwrap_or(0.0));
+        results.entry((name.to_string(), rw.to_string())).or_default().push(if rw == "randread" { r } else { w });
+    }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let mut report = format!(
+        "vhost-user vs NBD vs qemu file-backed virtio-blk: fio in the guest ({}), 4 KiB random, QD32, libaio, \
+         O_DIRECT, {span_mib} MiB span, {rounds} interleaved rounds of {runtime} s, median IOPS\n",
+        accel.name()
+    );
+    for rw in ["randread", "randwrite"] {
+        let get = |n: &str| results.get(&(n.to_string(), rw.to_string())).map(|v| median(v)).unwrap_or(0.0);
+        let (vu, nbd, file) = (get("vhost-user"), get("nbd"), get("qemu-file"));
+        let rounds_of =
+            |n: &str| format!("{:?}", results.get(&(n.to_string(), rw.to_string())).cloned().unwrap_or_default());
+        report.push_str(&format!(
+            "{rw:9}  vhost-user {vu:>9.0}  nbd {nbd:>9.0}  qemu-file {file:>9.0}  vhost/nbd {:.2}x  vhost/file {:.2}x\n",
+            vu / nbd.max(1.0),
+            vu / file.max(1.0)
+        ));
+        report.push_str(&format!(
+            "           rounds: vhost-user {}  nbd {}  qemu-file {}\n",
+            rounds_of("vhost-user"),
+            rounds_of("nbd"),
+            rounds_of("qemu-file")
+        ));
+        assert!(vu > 0.0 && nbd > 0.0 && file > 0.0, "every disk reported IOPS\n{report}\n{}", c.text);
+    }
+    println!("{report}");
+    if let Ok(p) = std::env::var("EVS_BENCH_OUT") {
+        std::fs::write(p, &report).unwrap();
     }
 }

@@ -534,10 +534,8 @@ impl ControlPlane {
         let _g = self.mutations.lock();
         let info = self.find_live(owner, name)?;
         let protocols = self.attachment_protocols()?;
-        let existing = self
-            .tokens_of(info.id)?
-            .into_iter()
-            .find(|t| protocols.get(t).copied().unwrap_or_default() == protocol);
+        let existing =
+            self.tokens_of(info.id)?.into_iter().find(|t| protocols.get(t).copied().unwrap_or_default() == protocol);
         let token = match existing {
             Some(token) => {
                 if self.exports.lookup(&token).is_none() {

@@ -195,7 +195,8 @@ impl ControlPlane {
                 let view = self.store.open_snapshot(s.id)?;
                 self.persist_attachment(SNAPSHOT_ATTACHMENTS, &token, s.id, protocol)?;
                 let io = self.io_of(vid)?;
-                let export = Export { volume_id: vid, volume: view, read_only: true, snapshot: Some(s.id), io, protocol };
+                let export =
+                    Export { volume_id: vid, volume: view, read_only: true, snapshot: Some(s.id), io, protocol };
                 if let Err(e) = self.exports.serve(token.clone(), export) {
                     if let Err(e2) = self.remove_attachment_rows(SNAPSHOT_ATTACHMENTS, std::slice::from_ref(&token)) {
                         tracing::error!(volume, snapshot = name, error = %e2, "cannot remove the rows of a failed attach");
@@ -251,7 +252,8 @@ impl ControlPlane {
                 Ok((volume_id, view)) => {
                     let io = self.io_of(volume_id)?;
                     let protocol = protocols.get(&token).copied().unwrap_or_default();
-                    let export = Export { volume_id, volume: view, read_only: true, snapshot: Some(snap), io, protocol };
+                    let export =
+                        Export { volume_id, volume: view, read_only: true, snapshot: Some(snap), io, protocol };
                     match self.exports.serve(token, export) {
                         Ok(_) => loaded += 1,
                         Err(e) => tracing::warn!(snapshot = snap, error = %e, "cannot serve a persisted attachment"),

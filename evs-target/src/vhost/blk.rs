@@ -77,7 +77,7 @@ pub fn config_space(size: u64, num_queues: u16, read_only: bool) -> [u8; CONFIG_
     c[0..8].copy_from_slice(&(size / SECTOR).to_le_bytes()); // capacity
     put32(&mut c, 8, 0); // size_max (not offered)
     put32(&mut c, 12, SEG_MAX); // seg_max
-    // geometry (16..20) not offered
+                                // geometry (16..20) not offered
     put32(&mut c, 20, SECTOR as u32); // blk_size
     c[24] = 3; // physical_block_exp: 2^3 logical blocks = 4 KiB
     c[25] = 0; // alignment_offset
@@ -125,9 +125,15 @@ pub struct GuestRange {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BlkOp {
     /// Read `len` bytes at `offset` into the data ranges.
-    Read { offset: u64, len: u64 },
+    Read {
+        offset: u64,
+        len: u64,
+    },
     /// Write the data ranges (`len` bytes) at `offset`.
-    Write { offset: u64, len: u64 },
+    Write {
+        offset: u64,
+        len: u64,
+    },
     Flush,
     /// The device id string into the data ranges.
     GetId,
@@ -233,7 +239,9 @@ pub fn directions_ok(descs: &[Desc], req: &BlkRequest) -> bool {
         BlkOp::Flush | BlkOp::Unsupported(_) => return true,
     };
     req.data.iter().all(|r| {
-        descs.iter().any(|d| d.write == want_write && r.addr >= d.addr && r.addr + r.len as u64 <= d.addr + d.len as u64)
+        descs
+            .iter()
+            .any(|d| d.write == want_write && r.addr >= d.addr && r.addr + r.len as u64 <= d.addr + d.len as u64)
     })
 }
 
@@ -409,10 +417,7 @@ mod tests {
         let mut seg = [0u8; 16];
         seg[0..8].copy_from_slice(&8u64.to_le_bytes());
         seg[8..12].copy_from_slice(&16u32.to_le_bytes());
-        assert_eq!(
-            parse_segments(&seg, 1 << 20).unwrap(),
-            vec![ZeroSegment { offset: 4096, len: 8192, unmap: false }]
-        );
+        assert_eq!(parse_segments(&seg, 1 << 20).unwrap(), vec![ZeroSegment { offset: 4096, len: 8192, unmap: false }]);
         seg[12..16].copy_from_slice(&1u32.to_le_bytes());
         assert!(parse_segments(&seg, 1 << 20).unwrap()[0].unmap);
         seg[12..16].copy_from_slice(&2u32.to_le_bytes());
