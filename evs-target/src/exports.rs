@@ -197,3 +197,20 @@ impl ExportRegistry {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Protocol;
+
+    #[test]
+    fn protocol_names() {
+        assert_eq!(Protocol::parse(""), Some(Protocol::Nbd));
+        assert_eq!(Protocol::parse("nbd"), Some(Protocol::Nbd));
+        assert_eq!(Protocol::parse("vhost-user"), Some(Protocol::VhostUser));
+        assert_eq!(Protocol::parse("iscsi"), None);
+        assert_eq!(Protocol::parse("VHOST-USER"), None);
+        for p in [Protocol::Nbd, Protocol::VhostUser] {
+            assert_eq!(Protocol::parse(p.name()), Some(p));
+        }
+    }
+}

@@ -160,6 +160,17 @@ impl fmt::Display for HumanBytes {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn protocols() {
+        use crate::exports::Protocol;
+        assert_eq!(validate_protocol("", false), Ok(Protocol::Nbd));
+        assert_eq!(validate_protocol("nbd", true), Ok(Protocol::Nbd));
+        assert_eq!(validate_protocol("vhost-user", false), Ok(Protocol::VhostUser));
+        assert_eq!(validate_protocol("vhost-user", true), Err(ValidationError::UnixWithVhostUser));
+        assert_eq!(validate_protocol("iscsi", false), Err(ValidationError::Protocol("iscsi".into())));
+    }
+
     use super::*;
 
     #[test]
