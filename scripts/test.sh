@@ -6,7 +6,8 @@
 #   scripts/test.sh [--quick] -- ARGS   # extra ARGS go to `cargo nextest run` (e.g. -E 'test(crash)')
 #
 # Full run, in order:
-#   1. scripts/install-test-deps.sh (qemu-utils, libnbd-bin, fio, nbdkit, cargo-nextest; only
+#   1. scripts/install-test-deps.sh (qemu-utils, libnbd-bin, fio, nbdkit, qemu-system-x86,
+#      busybox-static, e2fsprogs, a guest kernel for the VM tests, cargo-nextest; only
 #      what is missing)
 #   2. cargo build --workspace --bins (the integration tests start the real binaries)
 #   3. cargo nextest run --workspace --no-fail-fast with EVS_TEST_IO_BACKEND=uring
