@@ -148,7 +148,7 @@ impl ExportRegistry {
         self.inner.lock().exports.values().any(|e| e.snapshot == Some(snap))
     }
 
-    /// Live NBD connections to volume `volume_id` itself.
+    /// Live connections (NBD clients, vhost-user frontends) to volume `volume_id` itself.
     pub fn volume_connections(&self, volume_id: u64) -> usize {
         let g = self.inner.lock();
         g.exports

@@ -84,3 +84,35 @@ fn vhost_user_attach_refusals_change_nothing() {
     d.evsctl_ok(&["snapshot", "detach", "v@s"]);
     assert!(!sock.exists());
 }
+
+#[test]
+fn a_connected_vhost_user_frontend_blocks_rollback_and_detach_ends_it() {
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+    let d = Daemon::start();
+    d.evsctl_ok(&["volume", "create", "v", "--size", "64M"]);
+    d.evsctl_ok(&["snapshot", "create", "v", "s"]);
+    let v = vhost_attach(&d, "v");
+    let sock = PathBuf::from(v["vhost_user_socket"].as_str().unwrap());
+    // A frontend that connects (and says nothing yet) is a live connection of the volume.
+    let mut conn = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = d.evsctl(&["snapshot", "rollback", "v@s"]);
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("vhost-user frontend"), "{err}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "rollback kept succeeding with a frontend connected");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Detach ends the connection: the frontend reads end-of-file.
+    d.evsctl_ok(&["volume", "detach", "v"]);
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(conn.read(&mut buf).unwrap_or(0), 0, "the connection was closed by detach");
+    assert!(!sock.exists());
+    // With nothing connected the rollback goes through.
+    d.evsctl_ok(&["snapshot", "rollback", "v@s"]);
+}

@@ -29,7 +29,7 @@ pub enum ApiError {
     #[error("snapshot {0:?} already exists")]
     SnapshotExists(String),
     #[error(
-        "volume {volume:?} has {connections} NBD connection(s); disconnect the clients (or detach) before a rollback"
+        "volume {volume:?} has {connections} NBD connection(s) or vhost-user frontend(s); disconnect the clients (or detach) before a rollback"
     )]
     Connected { volume: String, connections: usize },
     #[error(
