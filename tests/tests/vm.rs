@@ -130,6 +130,8 @@ fn vm_on_vhost_user_writes_files_the_host_reads_over_nbd() {
     assert!(metric(&d, "evs_volume_read_ops_total", "vm") > 0.0, "reads counted");
     assert!(metric(&d, "evs_volume_other_ops_total", "vm") > 0.0, "flushes counted");
     assert!(u64_field(&d.show_volume("vm"), "allocated_bytes") >= 6 << 20, "the files' blocks are allocated");
+    assert_eq!(metric(&d, "evs_volume_queue_depth", "vm"), 0.0, "every request was answered");
+    assert_eq!(metric(&d, "evs_volume_errors_total", "vm"), 0.0, "no request failed");
 
     // The host reads the same volume over NBD (a second attachment, same volume).
     let uri = d.attach("vm");
@@ -169,6 +171,27 @@ fn vm_on_nbd_writes_files_the_host_reads_back() {
     let guest = sums(&c);
     assert!(metric(&d, "evs_volume_write_ops_total", "vm") > 0.0, "writes counted");
     check_files_over_nbd(&uri, dir.path(), &guest);
+}
+
+#[test]
+fn vm_on_vhost_user_is_held_to_the_volume_tier() {
+    // Tier common: 40 MB/s and no burst above the limit; 48 MiB of 1 MiB writes take over a
+    // second, so the limiter must hold requests back (delay, never fail).
+    let image = GuestImage::prepare();
+    let d = Daemon::start();
+    d.evsctl_ok(&["volume", "create", "vm", "--size", "256M", "--tier", "common"]);
+    let sock = socket_of(&d, &["volume", "attach", "vm", "--protocol", "vhost-user"]);
+    let scenario = "set -e\ndd if=/dev/zero of=/dev/vda bs=1048576 count=48 oflag=direct 2>/dev/null\n\
+                    echo \"SUM z $(dd if=/dev/vda bs=1048576 count=48 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)\"\n";
+    let dir = tempfile::tempdir().unwrap();
+    let c = boot(&image, dir.path(), Disk::VhostUser { socket: sock, queues: 1, reconnect: 0 }, scenario);
+    assert!(metric(&d, "evs_volume_throttled_ops_total", "vm") > 0.0, "QoS held requests back\n{}", c.text);
+    assert!(metric(&d, "evs_volume_write_bytes_total", "vm") >= (48 << 20) as f64, "every write went through");
+    assert_eq!(metric(&d, "evs_volume_errors_total", "vm"), 0.0, "throttled, never failed");
+    // 48 MiB of zeros read back as written.
+    let zeros = dir.path().join("zeros");
+    std::fs::write(&zeros, vec![0u8; 48 << 20]).unwrap();
+    assert_eq!(sums(&c), vec![("z".to_string(), sha256(&zeros))], "{}", c.text);
 }
 
 #[test]
