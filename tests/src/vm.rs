@@ -145,7 +145,15 @@ impl GuestImage {
         }
         let dir = tempfile::tempdir().expect("tempdir");
         let initrd = self.initramfs(dir.path(), "echo probe\n", &[]);
-        let vm = Vm { image: self, accel: Accel::Kvm, smp: 1, disks: Vec::new(), initrd, mem_mib: GUEST_MEM_MIB };
+        let vm = Vm {
+            image: self,
+            accel: Accel::Kvm,
+            smp: 1,
+            disks: Vec::new(),
+            initrd,
+            mem_mib: GUEST_MEM_MIB,
+            allow_reboot: false,
+        };
         let ok = vm.run(dir.path(), Duration::from_secs(20)).is_ok();
         let accel = if ok { Accel::Kvm } else { Accel::Tcg };
         let _ = fs::create_dir_all(&self.cache);
@@ -225,6 +233,9 @@ pub struct Vm<'a> {
     pub initrd: PathBuf,
     /// Guest RAM in MiB (the initramfs lives in it).
     pub mem_mib: u32,
+    /// A guest reboot resets the machine and boots again (QEMU without `-no-reboot`);
+    /// otherwise it ends QEMU.
+    pub allow_reboot: bool,
 }
 
 /// What a guest run printed.
@@ -258,9 +269,10 @@ impl Vm<'_> {
         };
         c.args(["-nodefaults", "-no-user-config", "-machine", machine, "-cpu", cpu])
             .args(["-smp", &self.smp.to_string(), "-m", &format!("{}M", self.mem_mib)])
-            .args(["-display", "none", "-no-reboot", "-monitor", "none"])
+            .args(["-display", "none", "-monitor", "none"])
             .args(["-object", &format!("memory-backend-memfd,id=mem,size={}M,share=on", self.mem_mib)])
             .args(["-numa", "node,memdev=mem"])
+            .args(if self.allow_reboot { &[][..] } else { &["-no-reboot"][..] })
             .arg("-kernel")
             .arg(&self.image.kernel)
             .arg("-initrd")

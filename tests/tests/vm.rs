@@ -89,7 +89,15 @@ fn check_files_over_nbd(uri: &str, dir: &Path, guest: &[(String, String)]) {
 
 fn boot(image: &GuestImage, dir: &Path, disk: Disk, scenario: &str) -> Console {
     let initrd = image.initramfs(dir, scenario, &[]);
-    let vm = Vm { image, accel: image.accel(), smp: 2, disks: vec![disk], initrd, mem_mib: GUEST_MEM_MIB };
+    let vm = Vm {
+        image,
+        accel: image.accel(),
+        smp: 2,
+        disks: vec![disk],
+        initrd,
+        mem_mib: GUEST_MEM_MIB,
+        allow_reboot: false,
+    };
     let c = vm.run(dir, BOOT_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.exit_status(), Some(0), "the guest scenario failed\n{}", c.text);
     c
@@ -235,7 +243,8 @@ fn vm_on_vhost_user_resumes_after_a_daemon_restart() {
     let (img, dpath) = (image.clone(), dir.path().to_path_buf());
     let disk = Disk::VhostUser { socket: sock.clone(), queues: 1, reconnect: 1 };
     let guest = std::thread::spawn(move || {
-        let vm = Vm { image: &img, accel, smp: 1, disks: vec![disk], initrd, mem_mib: GUEST_MEM_MIB };
+        let vm =
+            Vm { image: &img, accel, smp: 1, disks: vec![disk], initrd, mem_mib: GUEST_MEM_MIB, allow_reboot: false };
         vm.run(&dpath, BOOT_TIMEOUT)
     });
     let start = Instant::now();
@@ -313,7 +322,7 @@ fn vm_bench_vhost_user_vs_nbd_vs_file() {
         Disk::File { path: raw.clone() },
     ];
     let accel = image.accel();
-    let vm = Vm { image: &image, accel, smp: 2, disks: disk_list, initrd, mem_mib: 1024 };
+    let vm = Vm { image: &image, accel, smp: 2, disks: disk_list, initrd, mem_mib: 1024, allow_reboot: false };
     let c = vm.run(dir.path(), Duration::from_secs(3600)).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.exit_status(), Some(0), "the benchmark scenario failed\n{}", c.text);
     // name rw -> IOPS per round
@@ -356,5 +365,69 @@ fn vm_bench_vhost_user_vs_nbd_vs_file() {
     println!("{report}");
     if let Ok(p) = std::env::var("EVS_BENCH_OUT") {
         std::fs::write(p, &report).unwrap();
+    }
+}
+
+#[test]
+fn vm_on_vhost_user_survives_a_guest_reset() {
+    // First boot: a file system and a file, then a hard reboot (a machine reset: QEMU stops
+    // and restarts the device's rings on the same connection). Second boot: the file is
+    // there, and new I/O after the reset works.
+    let image = GuestImage::prepare();
+    let d = Daemon::start();
+    d.evsctl_ok(&["volume", "create", "vm", "--size", "256M", "--tier", "unlimited"]);
+    let sock = socket_of(&d, &["volume", "attach", "vm", "--protocol", "vhost-user"]);
+    let scenario = "if mount -t ext4 /dev/vda /mnt 2>/dev/null && [ -f /mnt/boot1 ]; then\n\
+                      set -e\n\
+                      echo SECOND-BOOT\n\
+                      echo \"SUM boot1 $(sha256sum /mnt/boot1 | cut -d' ' -f1)\"\n\
+                      dd if=/dev/urandom of=/mnt/boot2 bs=65536 count=16 2>/dev/null\n\
+                      sync\n\
+                      echo \"SUM boot2 $(sha256sum /mnt/boot2 | cut -d' ' -f1)\"\n\
+                      umount /mnt\n\
+                      sync\n\
+                    else\n\
+                      set -e\n\
+                      mke2fs -q -F /dev/vda\n\
+                      mount -t ext4 /dev/vda /mnt\n\
+                      dd if=/dev/urandom of=/mnt/boot1 bs=65536 count=16 2>/dev/null\n\
+                      sync\n\
+                      echo \"SUM boot1 $(sha256sum /mnt/boot1 | cut -d' ' -f1)\"\n\
+                      umount /mnt\n\
+                      sync\n\
+                      echo FIRST-BOOT\n\
+                      reboot -f\n\
+                    fi\n";
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = image.initramfs(dir.path(), scenario, &[]);
+    let disk = Disk::VhostUser { socket: sock, queues: 2, reconnect: 0 };
+    let vm = Vm {
+        image: &image,
+        accel: image.accel(),
+        smp: 2,
+        disks: vec![disk],
+        initrd,
+        mem_mib: GUEST_MEM_MIB,
+        allow_reboot: true,
+    };
+    let c = vm.run(dir.path(), BOOT_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.exit_status(), Some(0), "the second boot's scenario\n{}", c.text);
+    assert!(c.text.contains("FIRST-BOOT") && c.text.contains("SECOND-BOOT"), "two boots\n{}", c.text);
+    let s = sums(&c);
+    assert_eq!(s.len(), 3, "{}", c.text);
+    assert_eq!(s[0], s[1], "the file written before the reset reads the same after it\n{}", c.text);
+    assert_eq!(d.log().matches("vhost-user frontend connected").count(), 1, "one connection across the reset");
+    let uri = d.attach("vm");
+    let img = dir.path().join("readback.raw");
+    tool("nbdcopy", &[&uri, img.to_str().unwrap()]);
+    for (name, sum) in &s[1..] {
+        let out_file = dir.path().join(format!("host-{name}"));
+        run_tool(
+            Command::new(require_tool("debugfs"))
+                .arg("-R")
+                .arg(format!("dump /{name} {}", out_file.display()))
+                .arg(&img),
+        );
+        assert_eq!(&sha256(&out_file), sum, "file {name}");
     }
 }
