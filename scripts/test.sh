@@ -6,7 +6,8 @@
 #   scripts/test.sh [--quick] -- ARGS   # extra ARGS go to `cargo nextest run` (e.g. -E 'test(crash)')
 #
 # Full run, in order:
-#   1. scripts/install-test-deps.sh (qemu-utils, libnbd-bin, fio, nbdkit, cargo-nextest; only
+#   1. scripts/install-test-deps.sh (qemu-utils, libnbd-bin, fio, nbdkit, qemu-system-x86,
+#      busybox-static, e2fsprogs, a guest kernel for the VM tests, cargo-nextest; only
 #      what is missing)
 #   2. cargo build --workspace --bins (the integration tests start the real binaries), and a
 #      single-node Garage (scripts/garage.sh start; stopped at the end) for the tests that need

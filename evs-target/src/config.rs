@@ -50,6 +50,10 @@ pub struct Flags {
     /// Also serve NBD on this unix socket.
     #[arg(long, value_name = "PATH", value_parser = parse_socket_path)]
     pub nbd_socket: Option<PathBuf>,
+    /// Directory of the vhost-user-blk sockets (one per vhost-user attachment; the daemon
+    /// creates it with mode 0700) [default: <data-dir>/vhost].
+    #[arg(long, value_name = "DIR", value_parser = parse_vhost_user_dir)]
+    pub vhost_user_dir: Option<PathBuf>,
     /// gRPC API listen address [default: 127.0.0.1:10810].
     #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
     pub api_listen: Option<ListenAddr>,
@@ -100,6 +104,8 @@ pub struct Config {
     pub az: String,
     pub nbd_listen: ListenAddr,
     pub nbd_socket: Option<PathBuf>,
+    /// Where vhost-user-blk sockets are created (`vhost_user_dir`, default `<data-dir>/vhost`).
+    pub vhost_user_dir: PathBuf,
     pub api_listen: ListenAddr,
     pub metrics_listen: ListenAddr,
     pub backup_store: BackupStore,
@@ -291,6 +297,7 @@ impl Config {
             az: flags.az.or(file.az).unwrap_or_else(|| DEFAULT_AZ.to_string()),
             nbd_listen: flags.nbd_listen.or(file.nbd_listen).unwrap_or_else(|| ListenAddr(DEFAULT_NBD_LISTEN.into())),
             nbd_socket: flags.nbd_socket.or(file.nbd_socket),
+            vhost_user_dir: flags.vhost_user_dir.or(file.vhost_user_dir).unwrap_or_else(|| data_dir.join("vhost")),
             api_listen: flags.api_listen.or(file.api_listen).unwrap_or_else(|| ListenAddr(DEFAULT_API_LISTEN.into())),
             metrics_listen: flags
                 .metrics_listen
@@ -430,6 +437,7 @@ struct FileConfig {
     az: Option<String>,
     nbd_listen: Option<ListenAddr>,
     nbd_socket: Option<PathBuf>,
+    vhost_user_dir: Option<PathBuf>,
     api_listen: Option<ListenAddr>,
     metrics_listen: Option<ListenAddr>,
     backup_store: Option<BackupStore>,
@@ -455,6 +463,7 @@ struct RawFile {
     az: Option<Spanned<String>>,
     nbd_listen: Option<Spanned<String>>,
     nbd_socket: Option<Spanned<String>>,
+    vhost_user_dir: Option<Spanned<String>>,
     api_listen: Option<Spanned<String>>,
     metrics_listen: Option<Spanned<String>>,
     backup_store: Option<Spanned<String>>,
@@ -716,6 +725,7 @@ impl FileConfig {
             az: check(text, path, "az", raw.az, parse_az)?,
             nbd_listen: check(text, path, "nbd_listen", raw.nbd_listen, parse_listen)?,
             nbd_socket: check(text, path, "nbd_socket", raw.nbd_socket, parse_socket_path)?,
+            vhost_user_dir: check(text, path, "vhost_user_dir", raw.vhost_user_dir, parse_vhost_user_dir)?,
             api_listen: check(text, path, "api_listen", raw.api_listen, parse_listen)?,
             metrics_listen: check(text, path, "metrics_listen", raw.metrics_listen, parse_listen)?,
             backup_store: check(text, path, "backup_store", raw.backup_store, parse_backup_store)?,
@@ -891,6 +901,22 @@ fn parse_socket_path(s: &str) -> Result<PathBuf, String> {
     // sun_path holds 108 bytes including the terminating NUL.
     if s.len() > 107 {
         return Err(format!("socket path {s:?} is longer than the 107 bytes a unix socket address holds"));
+    }
+    Ok(PathBuf::from(s))
+}
+
+/// Longest `vhost_user_dir`: a socket is `DIR/<32 hex digits>.sock`, and a unix socket
+/// address holds 107 bytes.
+pub const MAX_VHOST_USER_DIR: usize = 107 - 1 - 32 - 5;
+
+fn parse_vhost_user_dir(s: &str) -> Result<PathBuf, String> {
+    if s.is_empty() {
+        return Err("the vhost-user socket directory must not be empty".into());
+    }
+    if s.len() > MAX_VHOST_USER_DIR {
+        return Err(format!(
+            "vhost-user socket directory {s:?} is longer than {MAX_VHOST_USER_DIR} bytes: its sockets would not fit the 107 bytes of a unix socket address"
+        ));
     }
     Ok(PathBuf::from(s))
 }
@@ -1109,6 +1135,7 @@ mod tests {
     fn defaults() {
         let c = Config::load(flags(&[])).unwrap();
         assert_eq!(c.data_dir, PathBuf::from("./evs-data"));
+        assert_eq!(c.vhost_user_dir, PathBuf::from("./evs-data/vhost"));
         assert_eq!(c.az, "az1");
         assert_eq!(c.nbd_listen.0, "127.0.0.1:10809");
         assert_eq!(c.api_listen.0, "127.0.0.1:10810");
@@ -1151,6 +1178,8 @@ mod tests {
             "0.0.0.0:20809",
             "--nbd-socket",
             "/run/evs.sock",
+            "--vhost-user-dir",
+            "/run/evs/vhost",
             "--api-listen",
             "[::1]:20810",
             "--metrics-listen",
@@ -1168,6 +1197,7 @@ mod tests {
         assert_eq!(c.az, "az2");
         assert_eq!(c.nbd_listen.0, "0.0.0.0:20809");
         assert_eq!(c.nbd_socket, Some(PathBuf::from("/run/evs.sock")));
+        assert_eq!(c.vhost_user_dir, PathBuf::from("/run/evs/vhost"));
         assert_eq!(c.api_listen.0, "[::1]:20810");
         assert_eq!(c.metrics_listen.0, "localhost:20811");
         assert_eq!(c.backup_store.to_string(), "file:///srv/evs/obs");
@@ -1203,6 +1233,7 @@ mod tests {
         let toml = r#"
 data_dir = "/var/lib/evs"
 az = "az9"
+vhost_user_dir = "/run/vh"
 nbd_listen = "0.0.0.0:1"
 api_listen = "127.0.0.1:2"
 io_backend = "portable"
@@ -1213,6 +1244,9 @@ allow_plaintext = true
         let c = with_file(toml, &["--api-listen", "127.0.0.1:3", "--direct-writes", "on"]).unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/evs"));
         assert_eq!(c.az, "az9");
+        assert_eq!(c.vhost_user_dir, PathBuf::from("/run/vh"));
+        let e = with_file(&format!("vhost_user_dir = \"/{}\"\n", "d".repeat(80)), &[]).unwrap_err().to_string();
+        assert!(e.contains("vhost_user_dir") && e.contains("unix socket address"), "{e}");
         assert_eq!(c.nbd_listen.0, "0.0.0.0:1");
         assert_eq!(c.api_listen.0, "127.0.0.1:3", "the flag wins");
         assert_eq!(c.io_backend, IoBackend::Portable);

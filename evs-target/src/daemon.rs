@@ -9,6 +9,7 @@
 //!
 //! Shutdown order: stop accepting (gRPC server asked to stop, NBD accept loops dropped),
 //! close NBD connections after their in-flight requests, wait for the connection threads,
+//! close the vhost-user sockets and connections (in-flight guest requests complete first),
 //! let in-flight gRPC calls finish (bounded), stop the running jobs at their next check
 //! (bounded; they stay `running` in the catalog and resume at the next start), flush every
 //! volume, exit 0.
@@ -44,9 +45,13 @@ use crate::exports::ExportRegistry;
 use crate::metrics::{serve_metrics, MetricsInfo};
 use crate::nbd::server::{NbdServer, NbdTlsConfig};
 use crate::tls::{self, TlsIdentity};
+use crate::vhost::VhostUserServer;
 
 /// How long in-flight gRPC calls get to finish at shutdown.
 const GRPC_DRAIN: Duration = Duration::from_secs(10);
+/// Queues per vhost-user-blk device (one vring thread each; QEMU's `num-queues` may ask for
+/// fewer, e.g. one per vCPU).
+const VHOST_USER_QUEUES: usize = 4;
 /// How long running jobs get to reach their next check at shutdown.
 const JOBS_DRAIN: Duration = Duration::from_secs(10);
 
@@ -229,6 +234,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let metrics_addr = metrics_listener.local_addr().context("metrics listener address")?;
 
     let exports = ExportRegistry::new();
+    // Before the control plane opens: it re-binds the persisted vhost-user sockets.
+    let vhost_dir = std::path::absolute(&config.vhost_user_dir)
+        .with_context(|| format!("bad vhost-user directory {}", config.vhost_user_dir.display()))?;
+    let vhost = VhostUserServer::new(&vhost_dir, engine, VHOST_USER_QUEUES, &exports)
+        .with_context(|| format!("cannot create the vhost-user socket directory {}", vhost_dir.display()))?;
+    exports.set_vhost(vhost.clone());
     // "on" lets loopback peers stay in plain text, so a loopback listener's URIs stay nbd://.
     let endpoints = NbdEndpoints {
         tcp: nbd_addr,
@@ -349,6 +360,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         api = %api_addr,
         api_tls = identity.is_some(),
         nbd_tls = config.nbd_tls.name(),
+        vhost_user_dir = %vhost_dir.display(),
         metrics = %metrics_addr,
         io_backend = %engine.name(),
         direct_writes = config.direct_writes,
@@ -380,6 +392,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     metrics.abort();
     // Drain NBD: in-flight requests are answered, then every connection closes.
     nbd.shutdown();
+    // vhost-user: listeners close, each guest's requests in flight complete, connections end.
+    {
+        let vhost = vhost.clone();
+        tokio::task::spawn_blocking(move || vhost.shutdown()).await.context("closing vhost-user sockets")?;
+    }
     {
         let nbd = nbd.clone();
         tokio::task::spawn_blocking(move || nbd.wait_idle()).await.context("waiting for NBD connections")?;

@@ -3,6 +3,10 @@
 //! An attach token is the NBD export name: 32 random bytes, hex, bound to one volume. The
 //! control API persists attachments in the catalog and mirrors them here; detach removes the
 //! entry and closes the connections that used it.
+//!
+//! An attachment is served over one protocol: NBD (the token is the export name) or
+//! vhost-user-blk (the token names a unix socket of [`crate::vhost`]); the NBD server does not
+//! serve vhost-user tokens.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,7 +14,34 @@ use std::sync::Arc;
 use evs_snapshot::Volume;
 use parking_lot::Mutex;
 
+use crate::vhost::{VhostError, VhostUserServer};
 use crate::volume_io::VolumeIo;
+
+/// The front end an attachment is served on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    #[default]
+    Nbd,
+    VhostUser,
+}
+
+impl Protocol {
+    /// Parses the API's `protocol` field: "" or "nbd", or "vhost-user".
+    pub fn parse(s: &str) -> Option<Protocol> {
+        match s {
+            "" | "nbd" => Some(Protocol::Nbd),
+            "vhost-user" | "vhost-user-blk" => Some(Protocol::VhostUser),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Nbd => "nbd",
+            Protocol::VhostUser => "vhost-user",
+        }
+    }
+}
 
 /// Shuts down one connection's socket (a handle on a clone of the socket).
 pub type Closer = Arc<dyn Fn(std::net::Shutdown) + Send + Sync>;
@@ -26,6 +57,8 @@ pub struct Export {
     pub snapshot: Option<u64>,
     /// The volume's QoS limiter and counters (a snapshot export shares its volume's).
     pub io: Arc<VolumeIo>,
+    /// The front end serving it.
+    pub protocol: Protocol,
 }
 
 #[derive(Default)]
@@ -39,6 +72,17 @@ struct Inner {
 #[derive(Default)]
 pub struct ExportRegistry {
     inner: Mutex<Inner>,
+    /// The vhost-user front end, when the daemon runs one.
+    vhost: Mutex<Option<Arc<VhostUserServer>>>,
+}
+
+/// Why an export could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("this daemon has no vhost-user front end")]
+    NoVhostUser,
+    #[error(transparent)]
+    Vhost(#[from] VhostError),
 }
 
 impl ExportRegistry {
@@ -57,6 +101,38 @@ impl ExportRegistry {
         self.inner.lock().exports.insert(token, export);
     }
 
+    /// Gives the registry its vhost-user front end (before attachments are loaded).
+    pub fn set_vhost(&self, server: Arc<VhostUserServer>) {
+        *self.vhost.lock() = Some(server);
+    }
+
+    /// The vhost-user front end, if any.
+    pub fn vhost(&self) -> Option<Arc<VhostUserServer>> {
+        self.vhost.lock().clone()
+    }
+
+    /// Registers `export` under `token` and, for a vhost-user export, starts its socket.
+    /// Returns the socket path of a vhost-user export. On error nothing is registered.
+    pub fn serve(&self, token: String, export: Export) -> Result<Option<std::path::PathBuf>, ServeError> {
+        let path = match export.protocol {
+            Protocol::Nbd => None,
+            Protocol::VhostUser => {
+                let server = self.vhost().ok_or(ServeError::NoVhostUser)?;
+                // Registered first, so a frontend that connects at once finds the token.
+                self.insert(token.clone(), export.clone());
+                match server.listen(&token, export) {
+                    Ok(p) => return Ok(Some(p)),
+                    Err(e) => {
+                        self.inner.lock().exports.remove(&token);
+                        return Err(e.into());
+                    }
+                }
+            }
+        };
+        self.insert(token, export);
+        Ok(path)
+    }
+
     /// The export for `token`, if attached.
     pub fn lookup(&self, token: &str) -> Option<Export> {
         self.inner.lock().exports.get(token).cloned()
@@ -72,7 +148,7 @@ impl ExportRegistry {
         self.inner.lock().exports.values().any(|e| e.snapshot == Some(snap))
     }
 
-    /// Live NBD connections to volume `volume_id` itself.
+    /// Live connections (NBD clients, vhost-user frontends) to volume `volume_id` itself.
     pub fn volume_connections(&self, volume_id: u64) -> usize {
         let g = self.inner.lock();
         g.exports
@@ -85,7 +161,13 @@ impl ExportRegistry {
     /// Removes `token` and shuts down the connections that use it. Returns whether it existed.
     pub fn revoke(&self, token: &str) -> bool {
         let mut g = self.inner.lock();
-        let existed = g.exports.remove(token).is_some();
+        let removed = g.exports.remove(token);
+        let existed = removed.is_some();
+        if removed.is_some_and(|e| e.protocol == Protocol::VhostUser) {
+            if let Some(v) = self.vhost.lock().as_ref() {
+                v.stop(token);
+            }
+        }
         if let Some(conns) = g.conns.remove(token) {
             for (_, close) in conns {
                 close(std::net::Shutdown::Both);
@@ -112,6 +194,23 @@ impl ExportRegistry {
             if v.is_empty() {
                 g.conns.remove(token);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Protocol;
+
+    #[test]
+    fn protocol_names() {
+        assert_eq!(Protocol::parse(""), Some(Protocol::Nbd));
+        assert_eq!(Protocol::parse("nbd"), Some(Protocol::Nbd));
+        assert_eq!(Protocol::parse("vhost-user"), Some(Protocol::VhostUser));
+        assert_eq!(Protocol::parse("iscsi"), None);
+        assert_eq!(Protocol::parse("VHOST-USER"), None);
+        for p in [Protocol::Nbd, Protocol::VhostUser] {
+            assert_eq!(Protocol::parse(p.name()), Some(p));
         }
     }
 }

@@ -11,4 +11,5 @@ pub mod nbd;
 pub mod policy;
 pub mod qos;
 pub mod tls;
+pub mod vhost;
 pub mod volume_io;

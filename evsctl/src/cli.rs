@@ -388,13 +388,16 @@ pub enum SnapshotCommand {
         #[arg(long)]
         to: Option<String>,
     },
-    /// Export a snapshot read-only over NBD and print the URI.
+    /// Export a snapshot read-only over NBD (or vhost-user) and print the URI (or socket).
     Attach {
         #[arg(value_name = "VOLUME@SNAP")]
         snapshot: String,
         /// Print the nbd+unix:// URI of the daemon's unix socket instead of nbd://.
         #[arg(long)]
         unix: bool,
+        /// Front end: nbd, or vhost-user (prints the vhost-user-blk socket; a read-only disk).
+        #[arg(long, default_value = "nbd", value_parser = ["nbd", "vhost-user"])]
+        protocol: String,
     },
     /// Revoke a snapshot's NBD export.
     Detach {
@@ -446,14 +449,18 @@ pub enum VolumeCommand {
         #[arg(long)]
         tier: String,
     },
-    /// Export a volume over NBD and print the URI to give the client.
+    /// Export a volume over NBD (or vhost-user) and print the URI (or socket) to give the client.
     Attach {
         name: String,
         /// Print the nbd+unix:// URI of the daemon's unix socket instead of nbd://.
         #[arg(long)]
         unix: bool,
+        /// Front end: nbd, or vhost-user (prints the vhost-user-blk unix socket for QEMU,
+        /// Cloud Hypervisor, Firecracker).
+        #[arg(long, default_value = "nbd", value_parser = ["nbd", "vhost-user"])]
+        protocol: String,
     },
-    /// Revoke a volume's NBD export (its connections are closed).
+    /// Revoke a volume's exports (NBD and vhost-user; their connections are closed).
     Detach { name: String },
 }
 

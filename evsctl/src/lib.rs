@@ -144,9 +144,9 @@ async fn volume(
             let r = c.set_volume_tier(pb::SetVolumeTierRequest { name, tier }).await.map_err(ServerError::from)?;
             one_volume(volume_of(r.into_inner().volume)?, format)
         }
-        VolumeCommand::Attach { name, unix } => {
+        VolumeCommand::Attach { name, unix, protocol } => {
             let r = c
-                .attach_volume(pb::AttachVolumeRequest { name, require_unix: unix })
+                .attach_volume(pb::AttachVolumeRequest { name, require_unix: unix, protocol })
                 .await
                 .map_err(ServerError::from)?
                 .into_inner();
@@ -155,9 +155,15 @@ async fn volume(
                 unix_uri: Some(r.unix_uri).filter(|u| !u.is_empty()),
                 export_name: r.export_name,
                 volume: r.volume.map(VolumeView::from),
+                protocol: r.protocol,
+                vhost_user_socket: Some(r.vhost_user_socket).filter(|s| !s.is_empty()),
             };
             match format {
                 OutputFormat::Json => output::json(&view),
+                // Just the socket, so `sock=$(evsctl volume attach db --protocol vhost-user)` works.
+                OutputFormat::Table if view.protocol == "vhost-user" => {
+                    format!("{}\n", view.vhost_user_socket.context("the server returned no vhost-user socket")?)
+                }
                 // Just the URI, so `uri=$(evsctl volume attach db)` works.
                 OutputFormat::Table if unix => {
                     format!("{}\n", view.unix_uri.context("the server returned no unix-socket URI")?)
@@ -309,10 +315,10 @@ async fn snapshot(c: &mut SnapshotClient, cmd: SnapshotCommand, format: OutputFo
                 OutputFormat::Table => output::diff_table(&view),
             }
         }
-        SnapshotCommand::Attach { snapshot, unix } => {
+        SnapshotCommand::Attach { snapshot, unix, protocol } => {
             let (volume, name) = split_ref(&snapshot)?;
             let r = c
-                .attach_snapshot(pb::AttachSnapshotRequest { volume, name, require_unix: unix })
+                .attach_snapshot(pb::AttachSnapshotRequest { volume, name, require_unix: unix, protocol })
                 .await
                 .map_err(ServerError::from)?
                 .into_inner();
@@ -321,9 +327,14 @@ async fn snapshot(c: &mut SnapshotClient, cmd: SnapshotCommand, format: OutputFo
                 unix_uri: Some(r.unix_uri).filter(|u| !u.is_empty()),
                 export_name: r.export_name,
                 snapshot: r.snapshot.map(SnapshotView::from),
+                protocol: r.protocol,
+                vhost_user_socket: Some(r.vhost_user_socket).filter(|s| !s.is_empty()),
             };
             match format {
                 OutputFormat::Json => output::json(&view),
+                OutputFormat::Table if view.protocol == "vhost-user" => {
+                    format!("{}\n", view.vhost_user_socket.context("the server returned no vhost-user socket")?)
+                }
                 OutputFormat::Table if unix => {
                     format!("{}\n", view.unix_uri.context("the server returned no unix-socket URI")?)
                 }

@@ -104,6 +104,10 @@ pub struct AttachView {
     pub unix_uri: Option<String>,
     pub export_name: String,
     pub volume: Option<VolumeView>,
+    /// "nbd" or "vhost-user".
+    pub protocol: String,
+    /// The vhost-user-blk socket of a vhost-user attachment.
+    pub vhost_user_socket: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -285,6 +289,8 @@ pub struct SnapshotAttachView {
     pub unix_uri: Option<String>,
     pub export_name: String,
     pub snapshot: Option<SnapshotView>,
+    pub protocol: String,
+    pub vhost_user_socket: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -596,8 +602,17 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&s).unwrap();
         assert_eq!(v["volumes"][0]["size_bytes"], 10u64 << 30);
         assert_eq!(v["volumes"][0]["tier"], "gpssd");
-        let a = json(&AttachView { uri: "nbd://h:1/t".into(), unix_uri: None, export_name: "t".into(), volume: None });
+        let a = json(&AttachView {
+            uri: "nbd://h:1/t".into(),
+            unix_uri: None,
+            export_name: "t".into(),
+            volume: None,
+            protocol: "nbd".into(),
+            vhost_user_socket: None,
+        });
         let v: serde_json::Value = serde_json::from_str(&a).unwrap();
         assert!(v["unix_uri"].is_null());
+        assert!(v["vhost_user_socket"].is_null());
+        assert_eq!(v["protocol"], "nbd");
     }
 }

@@ -29,7 +29,7 @@ pub enum ApiError {
     #[error("snapshot {0:?} already exists")]
     SnapshotExists(String),
     #[error(
-        "volume {volume:?} has {connections} NBD connection(s); disconnect the clients (or detach) before a rollback"
+        "volume {volume:?} has {connections} NBD connection(s) or vhost-user frontend(s); disconnect the clients (or detach) before a rollback"
     )]
     Connected { volume: String, connections: usize },
     #[error(
@@ -110,6 +110,8 @@ pub enum ApiError {
     #[error("DR group {group:?}: this daemon holds point {have}, the request is about point {base}")]
     PointMismatch { group: String, have: u64, base: u64 },
     #[error(transparent)]
+    Serve(#[from] crate::exports::ServeError),
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error("internal error: {0}")]
     Internal(String),
@@ -166,6 +168,11 @@ impl ApiError {
             ApiError::Backup(_) => Code::Unavailable,
             ApiError::Unsupported(_) => Code::Unimplemented,
             ApiError::Peer(_) => Code::Unavailable,
+            ApiError::Serve(crate::exports::ServeError::NoVhostUser) => Code::FailedPrecondition,
+            ApiError::Serve(crate::exports::ServeError::Vhost(crate::vhost::VhostError::PathTooLong(_))) => {
+                Code::FailedPrecondition
+            }
+            ApiError::Serve(_) => Code::Internal,
             ApiError::Store(s) => store_code(s),
             ApiError::Internal(_) => Code::Internal,
         }

@@ -41,7 +41,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use tonic::{Request, Response, Status};
 
 use crate::config::{Quota, DEFAULT_QUOTA};
-use crate::exports::{Export, ExportRegistry};
+use crate::exports::{Export, ExportRegistry, Protocol};
 use crate::jobs::{JobKind, JobManager, JobOptions, JobRecord, RecoveryReport};
 use crate::qos::{default_tiers, Limits, TierSpec};
 use crate::volume_io::{VolumeIo, VolumeIoRegistry};
@@ -52,6 +52,9 @@ use validate::{validate_tier, validate_volume_name, validate_volume_size, Valida
 
 /// Attach token (the NBD export name) → volume id.
 const ATTACHMENTS: TableDefinition<&str, u64> = TableDefinition::new("attachments");
+/// Attach token → front end, for the attachments (volume or snapshot) not served over NBD.
+/// A token without a row is an NBD export.
+pub(super) const ATTACHMENT_PROTOCOLS: TableDefinition<&str, &str> = TableDefinition::new("attachment_protocols");
 /// Volume id → tier name. A volume without a row has the default tier.
 const VOLUME_TIERS: TableDefinition<u64, &str> = TableDefinition::new("volume_tiers");
 
@@ -81,6 +84,9 @@ pub struct Gauges {
 pub struct Attachment {
     pub token: String,
     pub volume: pb::Volume,
+    pub protocol: Protocol,
+    /// The vhost-user socket, for a vhost-user attachment.
+    pub socket: Option<PathBuf>,
 }
 
 /// What the control plane is configured with.
@@ -168,6 +174,7 @@ impl ControlPlane {
         let w = db.begin_write().map_err(StoreError::from)?;
         w.open_table(ATTACHMENTS).map_err(StoreError::from)?;
         w.open_table(VOLUME_TIERS).map_err(StoreError::from)?;
+        w.open_table(ATTACHMENT_PROTOCOLS).map_err(StoreError::from)?;
         w.open_table(snapshots::SNAPSHOT_ATTACHMENTS).map_err(StoreError::from)?;
         w.open_table(tenants::TENANT_INFO).map_err(StoreError::from)?;
         w.open_table(servers::SERVERS).map_err(StoreError::from)?;
@@ -215,14 +222,20 @@ impl ControlPlane {
     /// (deleted by a tool working on the catalog directly, say) are removed.
     fn load_attachments(&self) -> Result<(usize, usize), StoreError> {
         let rows = self.attachment_rows()?;
+        let protocols = self.attachment_protocols()?;
         let mut stale = Vec::new();
         let mut loaded = 0;
         for (token, volume_id) in rows {
             match self.store.open_volume(volume_id) {
                 Ok(volume) => {
                     let io = self.io_of(volume_id)?;
-                    self.exports.insert(token, Export { volume_id, volume, read_only: false, snapshot: None, io });
-                    loaded += 1;
+                    let protocol = protocols.get(&token).copied().unwrap_or_default();
+                    let export = Export { volume_id, volume, read_only: false, snapshot: None, io, protocol };
+                    match self.exports.serve(token, export) {
+                        Ok(_) => loaded += 1,
+                        // The row stays: the next attach (or start) serves it again.
+                        Err(e) => tracing::warn!(volume_id, error = %e, "cannot serve a persisted attachment"),
+                    }
                 }
                 Err(StoreError::VolumeNotFound(_)) => {
                     tracing::warn!(volume_id, "dropping the attachment of a volume that no longer exists");
@@ -256,9 +269,34 @@ impl ControlPlane {
         Ok(rows)
     }
 
-    /// The tokens attaching `volume_id` (normally at most one).
+    /// The tokens attaching `volume_id` (at most one per protocol).
     fn tokens_of(&self, volume_id: u64) -> Result<Vec<String>, StoreError> {
         Ok(self.attachment_rows()?.into_iter().filter(|(_, id)| *id == volume_id).map(|(t, _)| t).collect())
+    }
+
+    /// The front end of every attachment not served over NBD, by token.
+    pub(super) fn attachment_protocols(&self) -> Result<std::collections::HashMap<String, Protocol>, StoreError> {
+        let r = self.store.catalog().begin_read()?;
+        let t = r.open_table(ATTACHMENT_PROTOCOLS)?;
+        let mut out = std::collections::HashMap::new();
+        for row in t.iter()? {
+            let (token, p) = row?;
+            match Protocol::parse(p.value()) {
+                Some(p) => {
+                    out.insert(token.value().to_string(), p);
+                }
+                None => tracing::warn!(protocol = p.value(), "unknown attachment protocol in the catalog"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The vhost-user socket of a token served over vhost-user.
+    pub(super) fn socket_of(&self, token: &str, protocol: Protocol) -> Option<PathBuf> {
+        match protocol {
+            Protocol::Nbd => None,
+            Protocol::VhostUser => self.exports.vhost().map(|v| v.socket_path(token)),
+        }
     }
 
     pub fn tenants(&self) -> &Tenants {
@@ -511,25 +549,41 @@ impl ControlPlane {
     /// Exports a volume over NBD; returns its existing token if it is already attached.
     /// With `require_unix`, a daemon without a unix socket refuses before attaching anything.
     pub fn attach_volume(&self, owner: &str, name: &str, require_unix: bool) -> Result<Attachment, ApiError> {
+        self.attach_volume_over(owner, name, require_unix, Protocol::Nbd)
+    }
+
+    /// Exports a volume over `protocol` (one attachment per protocol; attaching again returns
+    /// the existing one).
+    pub fn attach_volume_over(
+        &self,
+        owner: &str,
+        name: &str,
+        require_unix: bool,
+        protocol: Protocol,
+    ) -> Result<Attachment, ApiError> {
         validate_volume_name(name)?;
         if require_unix && self.endpoints.unix.is_none() {
             return Err(ApiError::NoUnixSocket);
+        }
+        if protocol == Protocol::VhostUser && self.exports.vhost().is_none() {
+            return Err(crate::exports::ServeError::NoVhostUser.into());
         }
         let _g = self.mutations.lock();
         let info = self.find_live(owner, name)?;
         self.ensure_not_restoring(name, info.id)?;
         self.ensure_not_switching(owner, name, info.id)?;
-        let token = match self.tokens_of(info.id)?.into_iter().next() {
+        let protocols = self.attachment_protocols()?;
+        let existing =
+            self.tokens_of(info.id)?.into_iter().find(|t| protocols.get(t).copied().unwrap_or_default() == protocol);
+        let token = match existing {
             Some(token) => {
                 if self.exports.lookup(&token).is_none() {
-                    // Persisted but not in the registry (cannot happen after a normal start,
-                    // but make the table the truth either way).
+                    // Persisted but not served (its socket could not be bound at start, say):
+                    // make the table the truth.
                     let volume = self.store.open_volume(info.id)?;
                     let io = self.io_of(info.id)?;
-                    self.exports.insert(
-                        token.clone(),
-                        Export { volume_id: info.id, volume, read_only: false, snapshot: None, io },
-                    );
+                    let export = Export { volume_id: info.id, volume, read_only: false, snapshot: None, io, protocol };
+                    self.exports.serve(token.clone(), export)?;
                 }
                 token
             }
@@ -537,20 +591,58 @@ impl ControlPlane {
                 let token = ExportRegistry::new_token();
                 let volume = self.store.open_volume(info.id)?;
                 // Persist first: the registry only ever serves what a restart would serve.
-                let w = self.store.catalog().begin_write().map_err(StoreError::from)?;
-                w.open_table(ATTACHMENTS)
-                    .map_err(StoreError::from)?
-                    .insert(token.as_str(), info.id)
-                    .map_err(StoreError::from)?;
-                w.commit().map_err(StoreError::from)?;
+                self.persist_attachment(ATTACHMENTS, &token, info.id, protocol)?;
                 let io = self.io_of(info.id)?;
-                self.exports
-                    .insert(token.clone(), Export { volume_id: info.id, volume, read_only: false, snapshot: None, io });
-                tracing::info!(owner, volume = name, id = info.id, "volume attached");
+                let export = Export { volume_id: info.id, volume, read_only: false, snapshot: None, io, protocol };
+                if let Err(e) = self.exports.serve(token.clone(), export) {
+                    // Nothing half-done: the rows go again.
+                    if let Err(e2) = self.remove_attachment_rows(ATTACHMENTS, std::slice::from_ref(&token)) {
+                        tracing::error!(volume = name, error = %e2, "cannot remove the rows of a failed attach");
+                    }
+                    return Err(e.into());
+                }
+                tracing::info!(owner, volume = name, id = info.id, protocol = protocol.name(), "volume attached");
                 token
             }
         };
-        Ok(Attachment { token, volume: self.describe(&info, self.tier_of(info.id)?) })
+        let socket = self.socket_of(&token, protocol);
+        Ok(Attachment { token, volume: self.describe(&info, self.tier_of(info.id)?), protocol, socket })
+    }
+
+    /// Records an attachment: `token` → `id` in `table`, and its protocol unless NBD.
+    pub(super) fn persist_attachment(
+        &self,
+        table: TableDefinition<&str, u64>,
+        token: &str,
+        id: u64,
+        protocol: Protocol,
+    ) -> Result<(), StoreError> {
+        let w = self.store.catalog().begin_write()?;
+        w.open_table(table)?.insert(token, id)?;
+        if protocol != Protocol::Nbd {
+            w.open_table(ATTACHMENT_PROTOCOLS)?.insert(token, protocol.name())?;
+        }
+        w.commit()?;
+        Ok(())
+    }
+
+    /// Removes the rows of `tokens` from `table` and their protocols.
+    pub(super) fn remove_attachment_rows(
+        &self,
+        table: TableDefinition<&str, u64>,
+        tokens: &[String],
+    ) -> Result<(), StoreError> {
+        let w = self.store.catalog().begin_write()?;
+        {
+            let mut t = w.open_table(table)?;
+            let mut p = w.open_table(ATTACHMENT_PROTOCOLS)?;
+            for token in tokens {
+                t.remove(token.as_str())?;
+                p.remove(token.as_str())?;
+            }
+        }
+        w.commit()?;
+        Ok(())
     }
 
     /// Revokes a volume's attach tokens and closes their connections. Returns whether it was
@@ -561,14 +653,7 @@ impl ControlPlane {
         let info = self.find(owner, name)?;
         let tokens = self.tokens_of(info.id)?;
         if !tokens.is_empty() {
-            let w = self.store.catalog().begin_write().map_err(StoreError::from)?;
-            {
-                let mut t = w.open_table(ATTACHMENTS).map_err(StoreError::from)?;
-                for token in &tokens {
-                    t.remove(token.as_str()).map_err(StoreError::from)?;
-                }
-            }
-            w.commit().map_err(StoreError::from)?;
+            self.remove_attachment_rows(ATTACHMENTS, &tokens)?;
         }
         let mut was_attached = !tokens.is_empty();
         for token in &tokens {
@@ -776,18 +861,28 @@ impl VolumeService for VolumeApi {
         &self,
         req: Request<pb::AttachVolumeRequest>,
     ) -> Result<Response<pb::AttachVolumeResponse>, Status> {
-        let pb::AttachVolumeRequest { name, require_unix } = req.get_ref().clone();
+        let pb::AttachVolumeRequest { name, require_unix, protocol } = req.get_ref().clone();
         let api_local = req.local_addr();
         let target = format!("volume {name}");
         let (a, uri, unix_uri) = self
             .run_mut(&req, "VolumeService/AttachVolume", target, move |cp, owner| {
-                let a = cp.attach_volume(owner, &name, require_unix)?;
-                let uri = cp.tcp_uri(&a.token, api_local);
-                let unix_uri = cp.unix_uri(&a.token).unwrap_or_default();
+                let protocol = validate::validate_protocol(&protocol, require_unix)?;
+                let a = cp.attach_volume_over(owner, &name, require_unix, protocol)?;
+                let (uri, unix_uri) = match a.protocol {
+                    Protocol::Nbd => (cp.tcp_uri(&a.token, api_local), cp.unix_uri(&a.token).unwrap_or_default()),
+                    Protocol::VhostUser => (String::new(), String::new()),
+                };
                 Ok((a, uri, unix_uri))
             })
             .await?;
-        Ok(Response::new(pb::AttachVolumeResponse { uri, unix_uri, export_name: a.token, volume: Some(a.volume) }))
+        Ok(Response::new(pb::AttachVolumeResponse {
+            uri,
+            unix_uri,
+            export_name: a.token,
+            volume: Some(a.volume),
+            protocol: a.protocol.name().to_string(),
+            vhost_user_socket: a.socket.map(|p| p.display().to_string()).unwrap_or_default(),
+        }))
     }
 
     async fn detach_volume(

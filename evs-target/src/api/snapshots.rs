@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 use super::validate::{parse_snapshot_ref, validate_snapshot_name, validate_volume_name, ValidationError};
 use super::{ApiError, ControlPlane, VolumeApi};
-use crate::exports::{Export, ExportRegistry};
+use crate::exports::{Export, ExportRegistry, Protocol};
 
 /// Attach token → snapshot id.
 pub(super) const SNAPSHOT_ATTACHMENTS: TableDefinition<&str, u64> = TableDefinition::new("snapshot_attachments");
@@ -27,6 +27,9 @@ const DIFF_CHUNK: usize = 4096;
 pub struct SnapshotAttachment {
     pub token: String,
     pub snapshot: pb::Snapshot,
+    pub protocol: Protocol,
+    /// The vhost-user socket (a read-only disk), for a vhost-user attachment.
+    pub socket: Option<std::path::PathBuf>,
 }
 
 impl ControlPlane {
@@ -164,34 +167,54 @@ impl ControlPlane {
         name: &str,
         require_unix: bool,
     ) -> Result<SnapshotAttachment, ApiError> {
+        self.attach_snapshot_over(owner, volume, name, require_unix, Protocol::Nbd)
+    }
+
+    /// Exports a snapshot read-only over `protocol` (one attachment per protocol).
+    pub fn attach_snapshot_over(
+        &self,
+        owner: &str,
+        volume: &str,
+        name: &str,
+        require_unix: bool,
+        protocol: Protocol,
+    ) -> Result<SnapshotAttachment, ApiError> {
         if require_unix && self.endpoints.unix.is_none() {
             return Err(ApiError::NoUnixSocket);
+        }
+        if protocol == Protocol::VhostUser && self.exports.vhost().is_none() {
+            return Err(crate::exports::ServeError::NoVhostUser.into());
         }
         let _g = self.mutations.lock();
         let (vid, s) = self.find_snapshot(owner, volume, name)?;
         self.ensure_not_deleting(volume, vid)?;
-        let existing = self.snapshot_attachment_rows()?.into_iter().find(|(_, id)| *id == s.id).map(|(t, _)| t);
+        let protocols = self.attachment_protocols()?;
+        let existing = self
+            .snapshot_attachment_rows()?
+            .into_iter()
+            .find(|(t, id)| *id == s.id && protocols.get(t).copied().unwrap_or_default() == protocol)
+            .map(|(t, _)| t);
         let token = match existing {
             Some(t) => t,
             None => {
                 let token = ExportRegistry::new_token();
                 let view = self.store.open_snapshot(s.id)?;
-                let w = self.store.catalog().begin_write().map_err(StoreError::from)?;
-                w.open_table(SNAPSHOT_ATTACHMENTS)
-                    .map_err(StoreError::from)?
-                    .insert(token.as_str(), s.id)
-                    .map_err(StoreError::from)?;
-                w.commit().map_err(StoreError::from)?;
+                self.persist_attachment(SNAPSHOT_ATTACHMENTS, &token, s.id, protocol)?;
                 let io = self.io_of(vid)?;
-                self.exports.insert(
-                    token.clone(),
-                    Export { volume_id: vid, volume: view, read_only: true, snapshot: Some(s.id), io },
-                );
-                tracing::info!(owner, volume, snapshot = name, "snapshot attached");
+                let export =
+                    Export { volume_id: vid, volume: view, read_only: true, snapshot: Some(s.id), io, protocol };
+                if let Err(e) = self.exports.serve(token.clone(), export) {
+                    if let Err(e2) = self.remove_attachment_rows(SNAPSHOT_ATTACHMENTS, std::slice::from_ref(&token)) {
+                        tracing::error!(volume, snapshot = name, error = %e2, "cannot remove the rows of a failed attach");
+                    }
+                    return Err(e.into());
+                }
+                tracing::info!(owner, volume, snapshot = name, protocol = protocol.name(), "snapshot attached");
                 token
             }
         };
-        Ok(SnapshotAttachment { token, snapshot: self.describe_snapshot(volume, &s) })
+        let socket = self.socket_of(&token, protocol);
+        Ok(SnapshotAttachment { token, snapshot: self.describe_snapshot(volume, &s), protocol, socket })
     }
 
     pub fn detach_snapshot(&self, owner: &str, volume: &str, name: &str) -> Result<bool, ApiError> {
@@ -207,14 +230,7 @@ impl ControlPlane {
         if tokens.is_empty() {
             return Ok(false);
         }
-        let w = self.store.catalog().begin_write()?;
-        {
-            let mut t = w.open_table(SNAPSHOT_ATTACHMENTS)?;
-            for token in &tokens {
-                t.remove(token.as_str())?;
-            }
-        }
-        w.commit()?;
+        self.remove_attachment_rows(SNAPSHOT_ATTACHMENTS, &tokens)?;
         for token in &tokens {
             self.exports.revoke(token);
         }
@@ -236,13 +252,18 @@ impl ControlPlane {
     pub(super) fn load_snapshot_attachments(&self) -> Result<(usize, usize), StoreError> {
         let mut stale = Vec::new();
         let mut loaded = 0;
+        let protocols = self.attachment_protocols()?;
         for (token, snap) in self.snapshot_attachment_rows()? {
             match self.store.snapshot_info(snap).and_then(|s| Ok((s.volume, self.store.open_snapshot(snap)?))) {
                 Ok((volume_id, view)) => {
                     let io = self.io_of(volume_id)?;
-                    self.exports
-                        .insert(token, Export { volume_id, volume: view, read_only: true, snapshot: Some(snap), io });
-                    loaded += 1;
+                    let protocol = protocols.get(&token).copied().unwrap_or_default();
+                    let export =
+                        Export { volume_id, volume: view, read_only: true, snapshot: Some(snap), io, protocol };
+                    match self.exports.serve(token, export) {
+                        Ok(_) => loaded += 1,
+                        Err(e) => tracing::warn!(snapshot = snap, error = %e, "cannot serve a persisted attachment"),
+                    }
                 }
                 Err(StoreError::SnapshotNotFound(_)) => stale.push(snap),
                 Err(e) => return Err(e),
@@ -382,14 +403,17 @@ impl SnapshotService for VolumeApi {
         &self,
         req: Request<pb::AttachSnapshotRequest>,
     ) -> Result<Response<pb::AttachSnapshotResponse>, Status> {
-        let pb::AttachSnapshotRequest { volume, name, require_unix } = req.get_ref().clone();
+        let pb::AttachSnapshotRequest { volume, name, require_unix, protocol } = req.get_ref().clone();
         let api_local = req.local_addr();
         let target = format!("snapshot {volume}@{name}");
         let (a, uri, unix_uri) = self
             .run_mut(&req, "SnapshotService/AttachSnapshot", target, move |cp, owner| {
-                let a = cp.attach_snapshot(owner, &volume, &name, require_unix)?;
-                let uri = cp.tcp_uri(&a.token, api_local);
-                let unix_uri = cp.unix_uri(&a.token).unwrap_or_default();
+                let protocol = super::validate::validate_protocol(&protocol, require_unix)?;
+                let a = cp.attach_snapshot_over(owner, &volume, &name, require_unix, protocol)?;
+                let (uri, unix_uri) = match a.protocol {
+                    Protocol::Nbd => (cp.tcp_uri(&a.token, api_local), cp.unix_uri(&a.token).unwrap_or_default()),
+                    Protocol::VhostUser => (String::new(), String::new()),
+                };
                 Ok((a, uri, unix_uri))
             })
             .await?;
@@ -398,6 +422,8 @@ impl SnapshotService for VolumeApi {
             unix_uri,
             export_name: a.token,
             snapshot: Some(a.snapshot),
+            protocol: a.protocol.name().to_string(),
+            vhost_user_socket: a.socket.map(|p| p.display().to_string()).unwrap_or_default(),
         }))
     }
 

@@ -59,6 +59,19 @@ pub enum ValidationError {
     Endpoint(String),
     #[error("{0}")]
     Dr(String),
+    #[error("unknown protocol {0:?} (expected nbd or vhost-user)")]
+    Protocol(String),
+    #[error("a unix-socket NBD URI (--unix) and --protocol vhost-user do not go together: vhost-user is always a unix socket")]
+    UnixWithVhostUser,
+}
+
+/// The front end an attach asks for: "" or "nbd", or "vhost-user"; `require_unix` is for NBD.
+pub fn validate_protocol(protocol: &str, require_unix: bool) -> Result<crate::exports::Protocol, ValidationError> {
+    let p = crate::exports::Protocol::parse(protocol).ok_or_else(|| ValidationError::Protocol(protocol.to_string()))?;
+    if require_unix && p == crate::exports::Protocol::VhostUser {
+        return Err(ValidationError::UnixWithVhostUser);
+    }
+    Ok(p)
 }
 
 /// A policy name: the same rules as a volume name.
@@ -195,6 +208,17 @@ impl fmt::Display for HumanBytes {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn protocols() {
+        use crate::exports::Protocol;
+        assert_eq!(validate_protocol("", false), Ok(Protocol::Nbd));
+        assert_eq!(validate_protocol("nbd", true), Ok(Protocol::Nbd));
+        assert_eq!(validate_protocol("vhost-user", false), Ok(Protocol::VhostUser));
+        assert_eq!(validate_protocol("vhost-user", true), Err(ValidationError::UnixWithVhostUser));
+        assert_eq!(validate_protocol("iscsi", false), Err(ValidationError::Protocol("iscsi".into())));
+    }
+
     use super::*;
 
     #[test]

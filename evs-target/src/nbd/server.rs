@@ -223,7 +223,8 @@ impl NbdServer {
         let exports = &self.exports;
         let store = &self.store;
         let lookup = |name: &str| {
-            exports.lookup(name).map(|e: Export| {
+            // vhost-user attach tokens are not NBD export names.
+            exports.lookup(name).filter(|e| e.protocol == crate::exports::Protocol::Nbd).map(|e: Export| {
                 let mut contexts = MetaContext::all();
                 if let Some(snap) = e.snapshot {
                     // Changed blocks against each snapshot this one descends from.

@@ -1,0 +1,589 @@
+//! One virtqueue's worker: pops the guest's requests, runs them on the queue's own I/O engine
+//! (an io_uring, or the portable engine), and completes them in the used ring.
+//!
+//! The worker runs on the vring thread that vhost-user-backend gives each queue, from the kick
+//! that wakes it until the queue is idle: while requests are in flight it keeps popping new
+//! ones after every batch of completions (guest notifications stay off meanwhile), so a guest
+//! at queue depth 32 keeps 32 requests in the ring without a kick per request.
+//!
+//! Data moves through bounce buffers: a read lands in a pooled aligned buffer and is copied
+//! into the guest's buffers; a write is gathered from them first. The engine's ops own their
+//! buffers (that is what keeps the engine API safe), and guest memory may change under us at
+//! any time, so the volume never sees a guest page directly. One memcpy per direction.
+//!
+//! QoS, counters and the durability rule are the NBD server's: each request's cost is reserved
+//! on the volume's shared limiter before it starts (a request told "not before t" is held, with
+//! nothing popped behind it, until t); a write's allocation bits are set by
+//! [`Volume::commit_write`] after its data op completed and before its status is written;
+//! FLUSH is [`Volume::flush`].
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use evs_snapshot::volume::{PendingWrite, ZERO_FD};
+use evs_snapshot::{AlignedBuf, Completion, EngineKind, IoEngine, Op, Segment, StoreError, Volume, WritePlan};
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+
+use super::blk::{self, BlkOp, BlkRequest, Desc, GuestRange};
+use crate::exports::Export;
+use crate::qos::Cost;
+use crate::volume_io::VolumeIo;
+
+pub(crate) type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+pub(crate) type Vring = VringRwLock<GuestMem>;
+
+/// Buffers kept for reuse per queue.
+const POOL_MAX: usize = 64;
+
+/// A request whose engine op is in flight.
+enum InFlight {
+    Read { head: u16, data: Vec<GuestRange>, status: u64, len: usize, start: Instant },
+    Write { head: u16, status: u64, pending: PendingWrite, len: usize, start: Instant },
+}
+
+/// A popped request held back by QoS until `deadline`.
+struct Held {
+    head: u16,
+    descs: Vec<Desc>,
+    deadline: Instant,
+    since: Instant,
+}
+
+/// The state of one queue's worker (owned by its vring thread; the mutex around it is only
+/// taken by that thread and by `stop_vring`).
+pub(crate) struct QueueWorker {
+    volume: Arc<Volume>,
+    io: Arc<VolumeIo>,
+    volume_id: u64,
+    read_only: bool,
+    kind: EngineKind,
+    engine: Option<Box<dyn IoEngine>>,
+    mem: GuestMem,
+    slots: Vec<Option<InFlight>>,
+    free_slots: Vec<usize>,
+    in_flight: usize,
+    writes_in_flight: usize,
+    held: Option<Held>,
+    pool: Vec<AlignedBuf>,
+    segs: Vec<Segment>,
+    /// Gathered write payload (reused).
+    gather: Vec<u8>,
+    /// Used-ring entries added since the last notification.
+    unsignalled: bool,
+}
+
+/// How a request that finished without an engine op went, for the counters.
+enum Outcome {
+    Read(u64),
+    Write(u64),
+    Other,
+    Error,
+}
+
+impl QueueWorker {
+    pub(crate) fn new(export: &Export, kind: EngineKind, mem: GuestMem) -> QueueWorker {
+        QueueWorker {
+            volume: export.volume.clone(),
+            io: export.io.clone(),
+            volume_id: export.volume_id,
+            read_only: export.read_only,
+            kind,
+            engine: None,
+            mem,
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            in_flight: 0,
+            writes_in_flight: 0,
+            held: None,
+            pool: Vec::new(),
+            segs: Vec::new(),
+            gather: Vec::new(),
+            unsignalled: false,
+        }
+    }
+
+    /// Serves the queue until it is idle: nothing in flight, nothing held, and no request
+    /// made available since notifications were turned back on. Returns early, with nothing in
+    /// flight, when the frontend stops the queue.
+    pub(crate) fn run(&mut self, vring: &Vring) -> io::Result<()> {
+        if self.engine.is_none() {
+            self.engine = Some(self.kind.build(blk::MAX_QUEUE_SIZE as u32 + 8)?);
+        }
+        let mut done = Vec::new();
+        vring.disable_notification().map_err(io::Error::other)?;
+        loop {
+            let ready = {
+                let state = vring.get_ref();
+                state.is_enabled() && state.get_queue().ready()
+            };
+            if ready {
+                self.start_requests(vring);
+            } else if let Some(h) = self.held.take() {
+                // The queue is being stopped: a popped request must complete (the frontend
+                // counts it as taken), QoS deadline or not.
+                self.start(vring, h.head, &h.descs, h.since);
+            }
+            self.signal(vring)?;
+            if self.in_flight == 0 {
+                if let Some(h) = &self.held {
+                    let now = Instant::now();
+                    if h.deadline > now {
+                        std::thread::sleep(h.deadline - now);
+                    }
+                    continue;
+                }
+                // Idle: turn notifications back on; a request that slipped in meanwhile is
+                // served now rather than after a kick that will not come.
+                if !ready || !vring.enable_notification().map_err(io::Error::other)? {
+                    return Ok(());
+                }
+                vring.disable_notification().map_err(io::Error::other)?;
+                continue;
+            }
+            let deadline = self.held.as_ref().map(|h| h.deadline);
+            self.wait(1, deadline, &mut done);
+            for c in done.drain(..) {
+                self.complete(vring, c);
+            }
+        }
+    }
+
+    fn wait(&mut self, min: usize, deadline: Option<Instant>, done: &mut Vec<Completion>) {
+        let engine = self.engine.as_mut().expect("engine built in run");
+        let r = match deadline {
+            Some(d) => engine.wait_until(min, d),
+            None => engine.wait(min),
+        };
+        if let Err(e) = r {
+            if e.kind() != io::ErrorKind::Interrupted {
+                tracing::error!(error = %e, "vhost-user queue: I/O engine wait failed");
+            }
+        }
+        engine.drain(done);
+    }
+
+    /// Pops and starts requests until the queue is empty or one is held by QoS.
+    fn start_requests(&mut self, vring: &Vring) {
+        loop {
+            let (head, descs, since) = match self.held.take() {
+                Some(h) => {
+                    let now = Instant::now();
+                    if now < h.deadline {
+                        self.held = Some(h);
+                        return;
+                    }
+                    self.io.stats.add_throttled(now.saturating_duration_since(h.since));
+                    (h.head, h.descs, h.since)
+                }
+                None => {
+                    let mem = self.mem.memory();
+                    let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
+                    let Some(chain) = chain else { return };
+                    let head = chain.head_index();
+                    let descs: Vec<Desc> =
+                        chain.map(|d| Desc { addr: d.addr().0, len: d.len(), write: d.is_write_only() }).collect();
+                    let now = Instant::now();
+                    let cost = self.cost(&descs);
+                    if let Some(deadline) = self.io.limiter.reserve(cost, now) {
+                        if deadline > now {
+                            self.held = Some(Held { head, descs, deadline, since: now });
+                            return;
+                        }
+                    }
+                    (head, descs, now)
+                }
+            };
+            self.start(vring, head, &descs, since);
+        }
+    }
+
+    /// The QoS cost of a chain (a request that will be refused costs nothing).
+    fn cost(&self, descs: &[Desc]) -> Cost {
+        match self.parse(descs) {
+            Some(req) if blk::validate(&req, self.volume.size(), self.read_only).is_ok() => match req.op {
+                BlkOp::Read { len, .. } | BlkOp::Write { len, .. } => Cost::transfer(len),
+                BlkOp::Discard | BlkOp::WriteZeroes => Cost::metadata(),
+                BlkOp::Flush | BlkOp::GetId | BlkOp::Unsupported(_) => Cost::FREE,
+            },
+            _ => Cost::FREE,
+        }
+    }
+
+    /// Reads the header from guest memory and parses the chain; None for a chain without a
+    /// status byte or header (nothing can be answered).
+    fn parse(&self, descs: &[Desc]) -> Option<BlkRequest> {
+        let mem = self.mem.memory();
+        let mut header = [0u8; blk::OUT_HDR_LEN];
+        let mut at = 0;
+        for r in blk::header_ranges(descs) {
+            let n = r.len as usize;
+            mem.read_slice(&mut header[at..at + n], GuestAddress(r.addr)).ok()?;
+            at += n;
+        }
+        if at < blk::OUT_HDR_LEN {
+            return None;
+        }
+        blk::parse(descs, &header).ok()
+    }
+
+    /// Starts one request: an engine op (read, aligned write) or done inline.
+    fn start(&mut self, vring: &Vring, head: u16, descs: &[Desc], since: Instant) {
+        let stats = &self.io.stats;
+        let Some(req) = self.parse(descs) else {
+            tracing::debug!(head, "vhost-user: malformed descriptor chain; completing it empty");
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+            self.add_used(vring, head, 0);
+            return;
+        };
+        stats.queue_depth.fetch_add(1, Ordering::Relaxed);
+        let checked = if !blk::directions_ok(descs, &req) {
+            Err(blk::RequestError::Direction)
+        } else {
+            blk::validate(&req, self.volume.size(), self.read_only)
+        };
+        if let Err(e) = checked {
+            tracing::debug!(error = %e, "vhost-user request refused");
+            self.finish_inline(vring, head, req.status, blk::STATUS_IOERR, 0, Outcome::Error, since);
+            return;
+        }
+        let (status, written, outcome) = match req.op {
+            BlkOp::Read { offset, len } => {
+                if len > 0 {
+                    return self.start_read(vring, head, req, offset, len as usize, since);
+                }
+                (blk::STATUS_OK, 0, Outcome::Read(0))
+            }
+            BlkOp::Write { offset, len } => return self.start_write(vring, head, req, offset, len as usize, since),
+            BlkOp::Flush => match self.volume.flush() {
+                Ok(()) => (blk::STATUS_OK, 0, Outcome::Other),
+                Err(e) => self.store_error("flush", &e),
+            },
+            BlkOp::GetId => {
+                let id = blk::device_id(self.volume_id);
+                match self.scatter(&req.data, &id) {
+                    Ok(n) => (blk::STATUS_OK, n as u32, Outcome::Other),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "vhost-user: cannot write the device id");
+                        (blk::STATUS_IOERR, 0, Outcome::Error)
+                    }
+                }
+            }
+            BlkOp::Discard | BlkOp::WriteZeroes => match self.zero_segments(vring, &req) {
+                Ok(()) => (blk::STATUS_OK, 0, Outcome::Other),
+                Err(msg) => {
+                    tracing::debug!(error = %msg, "vhost-user discard/write-zeroes failed");
+                    (blk::STATUS_IOERR, 0, Outcome::Error)
+                }
+            },
+            BlkOp::Unsupported(ty) => {
+                tracing::debug!(ty, "vhost-user: unsupported request type");
+                (blk::STATUS_UNSUPP, 0, Outcome::Other)
+            }
+        };
+        self.finish_inline(vring, head, req.status, status, written, outcome, since);
+    }
+
+    fn store_error(&self, what: &str, e: &StoreError) -> (u8, u32, Outcome) {
+        tracing::debug!(error = %e, "vhost-user {what} failed");
+        (blk::STATUS_IOERR, 0, Outcome::Error)
+    }
+
+    /// Runs the segments of a DISCARD / WRITE_ZEROES request.
+    fn zero_segments(&mut self, vring: &Vring, req: &BlkRequest) -> Result<(), String> {
+        let payload = self.gather_data(&req.data).map_err(|e| e.to_string())?;
+        let segs = blk::parse_segments(&payload, self.volume.size()).map_err(|e| e.to_string())?;
+        for s in segs {
+            let r = if req.op == BlkOp::Discard {
+                self.while_frozen(vring, |v| v.trim(s.offset, s.len))
+            } else {
+                self.while_frozen(vring, |v| v.write_zeroes(s.offset, s.len, !s.unmap))
+            };
+            r.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Copies the request's data out of guest memory.
+    fn gather_data(&self, data: &[GuestRange]) -> Result<Vec<u8>, vm_memory::GuestMemoryError> {
+        let mut out = vec![0u8; data.iter().map(|r| r.len as usize).sum()];
+        let mem = self.mem.memory();
+        let mut at = 0;
+        for r in data {
+            mem.read_slice(&mut out[at..at + r.len as usize], GuestAddress(r.addr))?;
+            at += r.len as usize;
+        }
+        Ok(out)
+    }
+
+    /// Copies `src` into the guest ranges, in order; returns the bytes written.
+    fn scatter(&self, data: &[GuestRange], src: &[u8]) -> Result<usize, vm_memory::GuestMemoryError> {
+        let mem = self.mem.memory();
+        let mut at = 0;
+        for r in data {
+            if at == src.len() {
+                break;
+            }
+            let n = (r.len as usize).min(src.len() - at);
+            mem.write_slice(&src[at..at + n], GuestAddress(r.addr))?;
+            at += n;
+        }
+        Ok(at)
+    }
+
+    fn start_read(&mut self, vring: &Vring, head: u16, req: BlkRequest, offset: u64, len: usize, since: Instant) {
+        let mut buf = self.take_buf(len);
+        self.segs.clear();
+        if let Err(e) = self.volume.read_segments(offset, len as u64, 0, &mut self.segs) {
+            self.recycle(buf);
+            let (st, w, o) = self.store_error("read", &e);
+            return self.finish_inline(vring, head, req.status, st, w, o, since);
+        }
+        let mut segs = Vec::with_capacity(self.segs.len());
+        for s in &self.segs {
+            if s.fd == ZERO_FD {
+                buf[s.buf_offset..s.buf_offset + s.len].fill(0);
+            } else {
+                segs.push(*s);
+            }
+        }
+        if segs.is_empty() {
+            // All holes: no engine op needed.
+            let r = self.scatter(&req.data, &buf[..len]);
+            self.recycle(buf);
+            let (st, w, o) = match r {
+                Ok(n) => (blk::STATUS_OK, n as u32, Outcome::Read(len as u64)),
+                Err(_) => (blk::STATUS_IOERR, 0, Outcome::Error),
+            };
+            return self.finish_inline(vring, head, req.status, st, w, o, since);
+        }
+        let slot = self.alloc_slot(InFlight::Read { head, data: req.data, status: req.status, len, start: since });
+        self.engine.as_mut().expect("engine").push(slot as u64, Op::Read { buf, segs });
+    }
+
+    fn start_write(&mut self, vring: &Vring, head: u16, req: BlkRequest, offset: u64, len: usize, since: Instant) {
+        // Gather into the reusable buffer, then plan (which copies into an aligned one).
+        let mut gather = std::mem::take(&mut self.gather);
+        gather.resize(len, 0);
+        let copied = {
+            let mem = self.mem.memory();
+            let mut at = 0;
+            req.data.iter().try_for_each(|r| {
+                let n = r.len as usize;
+                let res = mem.read_slice(&mut gather[at..at + n], GuestAddress(r.addr));
+                at += n;
+                res
+            })
+        };
+        if copied.is_err() {
+            self.gather = gather;
+            return self.finish_inline(vring, head, req.status, blk::STATUS_IOERR, 0, Outcome::Error, since);
+        }
+        let planned = loop {
+            let buf = self.take_buf(len.next_multiple_of(4096));
+            match self.volume.plan_write_in(offset, &gather, buf) {
+                Err(StoreError::Frozen) => {
+                    self.finish_writes(vring);
+                    self.volume.wait_thawed();
+                }
+                other => break other,
+            }
+        };
+        self.gather = gather;
+        match planned {
+            Ok(WritePlan::Submit { op, pending }) => {
+                let slot = self.alloc_slot(InFlight::Write { head, status: req.status, pending, len, start: since });
+                self.writes_in_flight += 1;
+                self.engine.as_mut().expect("engine").push(slot as u64, op);
+            }
+            Ok(WritePlan::Done) => {
+                self.finish_inline(vring, head, req.status, blk::STATUS_OK, 0, Outcome::Write(len as u64), since)
+            }
+            Err(e) => {
+                let (st, w, o) = self.store_error("write", &e);
+                self.finish_inline(vring, head, req.status, st, w, o, since)
+            }
+        }
+    }
+
+    /// Runs a mutation, waiting out a snapshot's freeze: this queue's own writes finish first
+    /// (the freeze waits for them), then the freeze ends, then the mutation is retried.
+    fn while_frozen<T>(
+        &mut self,
+        vring: &Vring,
+        f: impl Fn(&Volume) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        loop {
+            match f(&self.volume) {
+                Err(StoreError::Frozen) => {
+                    self.finish_writes(vring);
+                    self.volume.wait_thawed();
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Completes every write in flight (before waiting for a snapshot's freeze to end).
+    fn finish_writes(&mut self, vring: &Vring) {
+        let mut done = Vec::new();
+        while self.writes_in_flight > 0 {
+            self.wait(1, None, &mut done);
+            for c in done.drain(..) {
+                self.complete(vring, c);
+            }
+        }
+    }
+
+    fn complete(&mut self, vring: &Vring, c: Completion) {
+        let slot = c.tag as usize;
+        let Some(state) = self.slots.get_mut(slot).and_then(Option::take) else {
+            tracing::error!(slot, "vhost-user: completion for an unknown slot");
+            return;
+        };
+        self.free_slots.push(slot);
+        self.in_flight -= 1;
+        let io = self.io.clone();
+        let stats = &io.stats;
+        stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
+        match state {
+            InFlight::Read { head, data, status, len, start } => {
+                let Op::Read { buf, .. } = c.op else { unreachable!("read slot on another op") };
+                let (st, written) = match c.result {
+                    Ok(_) => match self.scatter(&data, &buf[..len]) {
+                        Ok(n) => {
+                            stats.read_ops.fetch_add(1, Ordering::Relaxed);
+                            stats.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                            stats.read_latency.observe(start.elapsed());
+                            (blk::STATUS_OK, n as u32)
+                        }
+                        Err(_) => (blk::STATUS_IOERR, 0),
+                    },
+                    Err(e) => {
+                        tracing::debug!(error = %e, "vhost-user read failed");
+                        (blk::STATUS_IOERR, 0)
+                    }
+                };
+                if st != blk::STATUS_OK {
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                self.recycle(buf);
+                self.write_status(vring, head, status, st, written);
+            }
+            InFlight::Write { head, status, pending, len, start } => {
+                self.writes_in_flight -= 1;
+                let Op::Write { buf, .. } = c.op else { unreachable!("write slot on another op") };
+                self.recycle(buf);
+                let st = match c.result {
+                    Ok(_) => {
+                        // Durability rule: the map bits only after the data is written.
+                        self.volume.commit_write(pending);
+                        stats.write_ops.fetch_add(1, Ordering::Relaxed);
+                        stats.write_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                        stats.write_latency.observe(start.elapsed());
+                        blk::STATUS_OK
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "vhost-user write failed");
+                        stats.errors.fetch_add(1, Ordering::Relaxed);
+                        blk::STATUS_IOERR
+                    }
+                };
+                self.write_status(vring, head, status, st, 0);
+            }
+        }
+    }
+
+    /// Completes a request that did not go to the engine, with its counters.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_inline(
+        &mut self,
+        vring: &Vring,
+        head: u16,
+        status_addr: u64,
+        status: u8,
+        written: u32,
+        outcome: Outcome,
+        since: Instant,
+    ) {
+        let stats = &self.io.stats;
+        stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
+        match outcome {
+            Outcome::Read(n) => {
+                stats.read_ops.fetch_add(1, Ordering::Relaxed);
+                stats.read_bytes.fetch_add(n, Ordering::Relaxed);
+                stats.read_latency.observe(since.elapsed());
+            }
+            Outcome::Write(n) => {
+                stats.write_ops.fetch_add(1, Ordering::Relaxed);
+                stats.write_bytes.fetch_add(n, Ordering::Relaxed);
+                stats.write_latency.observe(since.elapsed());
+            }
+            Outcome::Other => {
+                stats.other_ops.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Error => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.write_status(vring, head, status_addr, status, written);
+    }
+
+    /// Writes the status byte and puts the chain in the used ring (`written` data bytes plus
+    /// the status byte).
+    fn write_status(&mut self, vring: &Vring, head: u16, status_addr: u64, status: u8, written: u32) {
+        let ok = self.mem.memory().write_obj(status, GuestAddress(status_addr)).is_ok();
+        self.add_used(vring, head, if ok { written + 1 } else { 0 });
+    }
+
+    fn add_used(&mut self, vring: &Vring, head: u16, len: u32) {
+        if let Err(e) = vring.add_used(head, len) {
+            tracing::warn!(error = %e, head, "vhost-user: cannot add to the used ring");
+        }
+        self.unsignalled = true;
+    }
+
+    /// Tells the guest about new used entries, when it wants to hear (EVENT_IDX).
+    fn signal(&mut self, vring: &Vring) -> io::Result<()> {
+        if !self.unsignalled {
+            return Ok(());
+        }
+        self.unsignalled = false;
+        if vring.needs_notification().map_err(io::Error::other)? {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    fn alloc_slot(&mut self, s: InFlight) -> usize {
+        self.in_flight += 1;
+        match self.free_slots.pop() {
+            Some(i) => {
+                self.slots[i] = Some(s);
+                i
+            }
+            None => {
+                self.slots.push(Some(s));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    fn take_buf(&mut self, len: usize) -> AlignedBuf {
+        if let Some(i) = self.pool.iter().position(|b| b.capacity() >= len && b.capacity() <= len * 2 + 8192) {
+            let mut b = self.pool.swap_remove(i);
+            b.set_len(len);
+            return b;
+        }
+        AlignedBuf::zeroed(len)
+    }
+
+    fn recycle(&mut self, b: AlignedBuf) {
+        if self.pool.len() < POOL_MAX && b.capacity() <= 4 << 20 {
+            self.pool.push(b);
+        }
+    }
+}
