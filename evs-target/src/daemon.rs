@@ -22,9 +22,9 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use evs_proto::v1::audit_service_server::AuditServiceServer;
 use evs_proto::v1::backup_service_server::BackupServiceServer;
-use evs_proto::v1::policy_service_server::PolicyServiceServer;
 use evs_proto::v1::dr_service_server::DrServiceServer;
 use evs_proto::v1::job_service_server::JobServiceServer;
+use evs_proto::v1::policy_service_server::PolicyServiceServer;
 use evs_proto::v1::replication_service_server::ReplicationServiceServer;
 use evs_proto::v1::server_service_server::ServerServiceServer;
 use evs_proto::v1::snapshot_service_server::SnapshotServiceServer;
@@ -115,8 +115,12 @@ fn choose_engine(backend: IoBackend) -> anyhow::Result<EngineKind> {
 fn open_backup_engine(config: &Config) -> anyhow::Result<evs_backup::Engine> {
     use crate::config::BackupStore;
     let store = match &config.backup_store {
-        // Relative paths are accepted here (the default under a relative data dir).
-        BackupStore::File { path } => evs_backup::StoreConfig::File { path: path.clone() },
+        // A relative path (the default under a relative data dir) is made absolute here: the
+        // store takes absolute paths only.
+        BackupStore::File { path } => evs_backup::StoreConfig::File {
+            path: std::path::absolute(path)
+                .with_context(|| format!("cannot resolve the backup store path {}", path.display()))?,
+        },
         // The URL was checked when the flag was parsed; the engine's parser adds the keys.
         other => evs_backup::StoreConfig::from_url_env(&other.to_string())?,
     };
@@ -136,7 +140,8 @@ fn open_backup_engine(config: &Config) -> anyhow::Result<evs_backup::Engine> {
 fn start_scheduler(cp: Arc<ControlPlane>, interval: Duration, stop: Arc<std::sync::atomic::AtomicBool>) {
     let spawned = std::thread::Builder::new().name("evs-policies".into()).spawn(move || {
         while !stop.load(std::sync::atomic::Ordering::Acquire) {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let now =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
             cp.run_due_policies(now);
             let until = std::time::Instant::now() + interval;
             while std::time::Instant::now() < until && !stop.load(std::sync::atomic::Ordering::Acquire) {
@@ -348,11 +353,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tokio::spawn(serve_metrics(metrics_listener, cp.clone(), info))
     };
     let scheduler_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    start_scheduler(
-        cp.clone(),
-        Duration::from_secs(config.backups.scheduler_interval_seconds),
-        scheduler_stop.clone(),
-    );
+    start_scheduler(cp.clone(), Duration::from_secs(config.backups.scheduler_interval_seconds), scheduler_stop.clone());
 
     tracing::info!(
         nbd = %nbd_addr,

@@ -62,7 +62,12 @@ fn policy_label(policy: &str) -> String {
 
 fn retention_of(r: Option<pb::Retention>) -> Retention {
     let r = r.unwrap_or_default();
-    Retention { keep_last: r.keep_last, keep_daily: r.keep_daily, keep_weekly: r.keep_weekly, keep_monthly: r.keep_monthly }
+    Retention {
+        keep_last: r.keep_last,
+        keep_daily: r.keep_daily,
+        keep_weekly: r.keep_weekly,
+        keep_monthly: r.keep_monthly,
+    }
 }
 
 impl ControlPlane {
@@ -165,7 +170,10 @@ impl ControlPlane {
             for s in &rec.servers {
                 b.remove(format!("s/{owner}/{s}").as_str()).map_err(StoreError::from)?;
             }
-            w.open_table(POLICIES).map_err(StoreError::from)?.remove(key(owner, name).as_str()).map_err(StoreError::from)?;
+            w.open_table(POLICIES)
+                .map_err(StoreError::from)?
+                .remove(key(owner, name).as_str())
+                .map_err(StoreError::from)?;
         }
         w.commit().map_err(StoreError::from)?;
         tracing::info!(owner, policy = name, "policy deleted");
@@ -212,7 +220,10 @@ impl ControlPlane {
             _ => {}
         }
         let bytes = serde_json::to_vec(&rec).map_err(|e| StoreError::Catalog(e.to_string()))?;
-        w.open_table(POLICIES).map_err(StoreError::from)?.insert(pkey.as_str(), bytes.as_slice()).map_err(StoreError::from)?;
+        w.open_table(POLICIES)
+            .map_err(StoreError::from)?
+            .insert(pkey.as_str(), bytes.as_slice())
+            .map_err(StoreError::from)?;
         w.commit().map_err(StoreError::from)?;
         tracing::info!(owner, policy = name, volume, server, "policy bound");
         Ok(self.describe_policy(name, &rec))
@@ -393,11 +404,15 @@ impl PolicyService for VolumeApi {
     ) -> Result<Response<pb::DeletePolicyResponse>, Status> {
         let name = req.get_ref().name.clone();
         let target = format!("policy {name}");
-        self.run_mut(&req, "PolicyService/DeletePolicy", target, move |cp, owner| cp.delete_policy(owner, &name)).await?;
+        self.run_mut(&req, "PolicyService/DeletePolicy", target, move |cp, owner| cp.delete_policy(owner, &name))
+            .await?;
         Ok(Response::new(pb::DeletePolicyResponse {}))
     }
 
-    async fn bind_policy(&self, req: Request<pb::BindPolicyRequest>) -> Result<Response<pb::BindPolicyResponse>, Status> {
+    async fn bind_policy(
+        &self,
+        req: Request<pb::BindPolicyRequest>,
+    ) -> Result<Response<pb::BindPolicyResponse>, Status> {
         let pb::BindPolicyRequest { name, volume, server } = req.get_ref().clone();
         let target = format!("policy {name}");
         let policy = self
@@ -425,7 +440,8 @@ impl PolicyService for VolumeApi {
     async fn run_policy(&self, req: Request<pb::RunPolicyRequest>) -> Result<Response<pb::RunPolicyResponse>, Status> {
         let name = req.get_ref().name.clone();
         let target = format!("policy {name}");
-        let jobs = self.run_mut(&req, "PolicyService/RunPolicy", target, move |cp, owner| cp.run_policy(owner, &name)).await?;
+        let jobs =
+            self.run_mut(&req, "PolicyService/RunPolicy", target, move |cp, owner| cp.run_policy(owner, &name)).await?;
         Ok(Response::new(pb::RunPolicyResponse { jobs: jobs.iter().map(job_to_pb).collect() }))
     }
 }
