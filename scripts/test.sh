@@ -9,7 +9,8 @@
 #   1. scripts/install-test-deps.sh (qemu-utils, libnbd-bin, fio, nbdkit, qemu-system-x86,
 #      busybox-static, e2fsprogs, a guest kernel for the VM tests, cargo-nextest; only
 #      what is missing)
-#   2. cargo build --workspace --bins (the integration tests start the real binaries), and a
+#   2. cargo build --workspace --bins --features evs-target/failpoints (the integration tests
+#      start the real binaries; the feature gives them the crash matrix's crash points), and a
 #      single-node Garage (scripts/garage.sh start; stopped at the end) for the tests that need
 #      a real S3 server, unless EVS_TEST_S3_ENDPOINT already names one
 #   3. cargo nextest run --workspace --no-fail-fast with EVS_TEST_IO_BACKEND=uring
@@ -109,7 +110,11 @@ if ! step deps scripts/install-test-deps.sh; then
   echo "test.sh: cannot install what the tests need (see above)" >&2
   finish
 fi
-if ! step build cargo build --workspace --bins; then
+# The binaries under test carry the crash points of the crash-matrix tests (inert unless
+# FAILPOINTS names one); every cargo command below uses the same features, so nothing is built
+# twice.
+features=(--features evs-target/failpoints)
+if ! step build cargo build --workspace --bins "${features[@]}"; then
   echo "test.sh: the workspace does not build; not running the tests" >&2
   finish
 fi
@@ -132,19 +137,19 @@ if ((quick)); then
   if [[ -z $backend ]]; then
     if ((uring_ok)); then backend=uring; else backend=portable; fi
   fi
-  step "nextest[$backend]" env EVS_TEST_IO_BACKEND="$backend" cargo nextest run --workspace --no-fail-fast "${nextest_extra[@]}"
+  step "nextest[$backend]" env EVS_TEST_IO_BACKEND="$backend" cargo nextest run --workspace "${features[@]}" --no-fail-fast "${nextest_extra[@]}"
   step fmt cargo fmt --all -- --check
   finish
 fi
 
 if ((uring_ok)); then
-  step "nextest[uring]" env EVS_TEST_IO_BACKEND=uring cargo nextest run --workspace --no-fail-fast "${nextest_extra[@]}"
+  step "nextest[uring]" env EVS_TEST_IO_BACKEND=uring cargo nextest run --workspace "${features[@]}" --no-fail-fast "${nextest_extra[@]}"
 else
   banner "SKIPPING the io_uring run: io_uring is unavailable on this machine ($uring_why)"
   summary+=("nextest[uring]: SKIPPED (io_uring unavailable: $uring_why)")
   skipped_steps+=("nextest[uring]")
 fi
-step "nextest[portable]" env EVS_TEST_IO_BACKEND=portable cargo nextest run --workspace --no-fail-fast "${nextest_extra[@]}"
+step "nextest[portable]" env EVS_TEST_IO_BACKEND=portable cargo nextest run --workspace "${features[@]}" --no-fail-fast "${nextest_extra[@]}"
 step fmt cargo fmt --all -- --check
-step clippy cargo clippy --workspace --all-targets -- -D warnings
+step clippy cargo clippy --workspace --all-targets "${features[@]}" -- -D warnings
 finish

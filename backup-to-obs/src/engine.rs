@@ -577,8 +577,10 @@ impl Engine {
             stats,
         };
         // The commit point.
+        crash_point!("backup-before-manifest");
         let mkey = layout::manifest_key(req.tenant, req.volume, req.backup_id);
         self.store.put(&mkey, encode_manifest(&manifest)).await?;
+        crash_point!("backup-after-manifest");
         Ok(manifest)
     }
 
@@ -693,6 +695,7 @@ impl Engine {
                             let (data, stored_len) = stored;
                             let r = tokio::task::spawn_blocking(move || sink.write(offset, &data)).await;
                             joined(r)?.map_err(BackupError::Sink)?;
+                            crash_point!("restore-after-chunk");
                             Ok((len, count, Some(stored_len)))
                         }
                     }

@@ -17,6 +17,18 @@
 //! leases/backups/<backup-id>, leases/gc        backups and gc in progress (see [`engine`])
 //! ```
 
+
+/// A named crash point (see `evs_snapshot::crash_point!`, the same mechanism; this crate does
+/// not depend on the block store).
+macro_rules! crash_point {
+    ($name:literal) => {
+        fail::fail_point!($name, |_| {
+            eprintln!(concat!("failpoint ", $name, " hit: aborting"));
+            std::process::abort()
+        })
+    };
+}
+
 pub mod chunk;
 pub mod crypto;
 pub mod engine;

@@ -368,6 +368,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         az = %config.az,
         data_dir = %data_dir.display(),
         backup_store = %config.backup_store,
+        failpoints = cfg!(feature = "failpoints"),
         "evs-target ready"
     );
 

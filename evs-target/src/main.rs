@@ -7,6 +7,9 @@ use evs_target::config::{Config, Flags};
 use evs_target::daemon;
 
 fn main() -> ExitCode {
+    // Test builds: the crash points named in FAILPOINTS (see evs_snapshot::crash_point!).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let flags = Flags::parse();
     let config = match Config::load(flags) {
         Ok(c) => c,

@@ -121,7 +121,10 @@ impl Layer {
             return Ok(());
         }
         let pages = self.map.take_dirty();
-        let res = self.data.sync_data().and_then(|()| self.map.write(&self.map_file, &pages));
+        let res = self.data.sync_data().and_then(|()| {
+            crate::crash_point!("layer-flush-after-data-sync");
+            self.map.write(&self.map_file, &pages)
+        });
         if let Err(e) = res {
             self.map.restore_dirty(&pages);
             self.changed.store(true, Ordering::Release);

@@ -22,13 +22,30 @@ pub mod snapshots;
 pub mod store;
 pub mod volume;
 
+/// A named point where the crash-matrix tests kill the process: with evs-target's `failpoints`
+/// feature and `FAILPOINTS="<name>=return"` (or `"<name>=2*off->return"`, the third time) the
+/// process prints the name and aborts there, as abruptly as kill -9. Without the feature it
+/// compiles to nothing.
+#[macro_export]
+macro_rules! crash_point {
+    ($name:literal) => {
+        $crate::__fail::fail_point!($name, |_| {
+            eprintln!(concat!("failpoint ", $name, " hit: aborting"));
+            std::process::abort()
+        })
+    };
+}
+
+#[doc(hidden)]
+pub use fail as __fail;
+
 pub use aligned_buf::AlignedBuf;
 pub use deletion::VolumeRemoval;
 pub use error::StoreError;
 pub use io_engine::{Completion, EngineKind, IoEngine, Op, Segment};
 pub use snapshots::{ChangedExtent, SnapshotInfo};
 pub use store::{BlockStore, StoreOptions, VolumeInfo};
-pub use volume::{Extent, Volume, WritePlan};
+pub use volume::{Extent, GateGuard, Volume, WritePlan};
 
 /// Granularity of allocation maps, copy-on-write and O_DIRECT writes.
 pub const BLOCK_SIZE: u64 = 4096;

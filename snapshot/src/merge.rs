@@ -209,6 +209,7 @@ impl BlockStore {
         }
         lc.mark_changed();
         lc.flush()?;
+        crate::crash_point!("merge-after-copy");
 
         let _admin = self.lock_admin();
         let txn = self.db.begin_write()?;
@@ -233,6 +234,7 @@ impl BlockStore {
             lt.remove(x)?;
         }
         txn.commit()?;
+        crate::crash_point!("merge-after-commit");
         let holders: Vec<_> = self.open.lock().values().chain(self.views.lock().values()).cloned().collect();
         for v in holders {
             let ch = v.chain();

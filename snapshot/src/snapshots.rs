@@ -288,7 +288,9 @@ impl BlockStore {
                     out.push(sr.into());
                 }
             }
+            crate::crash_point!("snapshot-create-before-commit");
             txn.commit()?;
+            crate::crash_point!("snapshot-create-after-commit");
             for (v, h) in vols.iter().zip(&heads) {
                 let mut layers = vec![h.clone()];
                 layers.extend(v.chain().layers.iter().cloned());

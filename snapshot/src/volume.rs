@@ -59,8 +59,10 @@ struct WriteGate {
     cv: Condvar,
 }
 
+/// A mutation in progress on a volume: while one is held, a snapshot's freeze waits for it
+/// (see [`Volume::begin_write`]).
 #[derive(Debug)]
-struct GateGuard(Arc<WriteGate>);
+pub struct GateGuard(Arc<WriteGate>);
 
 impl Drop for GateGuard {
     fn drop(&mut self) {
@@ -287,18 +289,43 @@ impl Volume {
         if len == 0 {
             return Ok(WritePlan::Done);
         }
-        let end = offset + len;
-        let aligned_end = end.is_multiple_of(BLOCK_SIZE) || end == self.size();
-        if !offset.is_multiple_of(BLOCK_SIZE) || !aligned_end {
-            self.write_unaligned(offset, data)?;
-            return Ok(WritePlan::Done);
-        }
         let padded = len.next_multiple_of(BLOCK_SIZE) as usize;
         let mut buf = if buf.capacity() >= padded { buf } else { AlignedBuf::zeroed(padded) };
         buf.set_len(padded);
         buf[..data.len()].copy_from_slice(data);
+        self.plan_write_filled(gate, offset, data.len(), buf)
+    }
+
+    /// Enters a mutation (for [`plan_write_filled`](Self::plan_write_filled)). Fails with
+    /// [`StoreError::Frozen`] while a snapshot is being taken.
+    pub fn begin_write(&self) -> Result<GateGuard, StoreError> {
+        self.enter()
+    }
+
+    /// Plans a write of `buf[..len]` at `offset`, taking the buffer as it is: a caller that
+    /// received the data straight into an aligned buffer (NBD's large writes) copies nothing.
+    /// Its capacity must be at least `len` rounded up to whole blocks.
+    pub fn plan_write_filled(
+        &self,
+        gate: GateGuard,
+        offset: u64,
+        len: usize,
+        mut buf: AlignedBuf,
+    ) -> Result<WritePlan, StoreError> {
+        self.check_range(offset, len as u64)?;
+        if len == 0 {
+            return Ok(WritePlan::Done);
+        }
+        let end = offset + len as u64;
+        let aligned_end = end.is_multiple_of(BLOCK_SIZE) || end == self.size();
+        if !offset.is_multiple_of(BLOCK_SIZE) || !aligned_end {
+            self.write_unaligned(offset, &buf[..len])?;
+            return Ok(WritePlan::Done);
+        }
+        let padded = (len as u64).next_multiple_of(BLOCK_SIZE) as usize;
+        buf.set_len(padded);
         // The padding of a write that ends at an unaligned end of the volume.
-        buf[data.len()..].fill(0);
+        buf[len..].fill(0);
         let chain = self.chain();
         let head = chain.head().clone();
         let fd = match head.direct_fd() {

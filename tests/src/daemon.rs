@@ -106,6 +106,8 @@ pub struct DaemonOptions {
     pub files: Vec<(PathBuf, Vec<u8>)>,
     /// Extra environment of the daemon (e.g. the credentials of a private S3 server).
     pub env: Vec<(String, String)>,
+    /// The data directory [default: `<root>/data`], e.g. a small filesystem the test mounted.
+    pub data_dir: Option<PathBuf>,
 }
 
 /// One running (or stopped) `evs-target`. Dropping it kills the process and removes its
@@ -136,7 +138,7 @@ impl Daemon {
     pub fn start_with(opts: DaemonOptions) -> Daemon {
         let dir = tempfile::Builder::new().prefix("evs-test-").tempdir().expect("create temp dir");
         let root = dir.path().to_path_buf();
-        let data_dir = root.join("data");
+        let data_dir = opts.data_dir.clone().unwrap_or_else(|| root.join("data"));
         let nbd_socket = root.join("nbd.sock");
         let mut d = Daemon {
             dir: Some(dir),
@@ -304,6 +306,32 @@ impl Daemon {
                 }
                 Err(log) => self.fail_start(&log),
             }
+        }
+    }
+
+    /// Sets (`Some`) or removes (`None`) a variable of the daemon's environment, for its next
+    /// start (e.g. `FAILPOINTS` of the crash-point tests).
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.opts.env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.opts.env.push((key.to_string(), v.to_string()));
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit on its own (a crash point, say); returns
+    /// its exit status, or None (still running) after the timeout.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let c = self.child.as_mut().expect("wait_exit() of a daemon that is not running");
+            if let Some(status) = c.try_wait().expect("try_wait") {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -18,6 +18,7 @@
 //! `EVS_CRASH_ITERATIONS` (kill -9 rounds of the crash test, default 20).
 
 pub mod daemon;
+pub mod durability;
 pub mod fio;
 pub mod metrics;
 pub mod nbd_client;

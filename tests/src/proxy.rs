@@ -1,5 +1,6 @@
-//! A TCP forwarder between two daemons whose connections a test can cut, to break the
-//! replication link in the middle of a cycle.
+//! A TCP forwarder whose connections a test can cut or slow down: between two daemons, to
+//! break the replication link in the middle of a cycle; in front of the S3 server, for
+//! errors and slow responses in the middle of a backup or a restore.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -17,6 +18,8 @@ pub struct Proxy {
     addr: SocketAddr,
     conns: Arc<Conns>,
     stop: Arc<AtomicBool>,
+    /// Delay before forwarding each piece of data, in milliseconds (0: none).
+    delay_ms: Arc<AtomicU64>,
     /// Connections cut so far.
     pub cuts: Arc<AtomicU64>,
 }
@@ -27,8 +30,9 @@ impl Proxy {
         let addr = l.local_addr().unwrap();
         let conns = Arc::new(Conns::default());
         let stop = Arc::new(AtomicBool::new(false));
+        let delay_ms = Arc::new(AtomicU64::new(0));
         {
-            let (conns, stop) = (conns.clone(), stop.clone());
+            let (conns, stop, delay) = (conns.clone(), stop.clone(), delay_ms.clone());
             l.set_nonblocking(true).unwrap();
             thread::spawn(move || {
                 while !stop.load(Ordering::Acquire) {
@@ -43,19 +47,24 @@ impl Proxy {
                                 g.push(client.try_clone().unwrap());
                                 g.push(server.try_clone().unwrap());
                             }
-                            pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
-                            pipe(server, client);
+                            pipe(client.try_clone().unwrap(), server.try_clone().unwrap(), delay.clone());
+                            pipe(server, client, delay.clone());
                         }
                         Err(_) => thread::sleep(Duration::from_millis(5)),
                     }
                 }
             });
         }
-        Proxy { addr, conns, stop, cuts: Arc::new(AtomicU64::new(0)) }
+        Proxy { addr, conns, stop, delay_ms, cuts: Arc::new(AtomicU64::new(0)) }
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Slows every connection down: each piece of data (up to 64 KiB) waits `d` first.
+    pub fn set_delay(&self, d: Duration) {
+        self.delay_ms.store(d.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Shuts down every connection going through the proxy now.
@@ -68,13 +77,17 @@ impl Proxy {
     }
 }
 
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
+fn pipe(mut from: TcpStream, mut to: TcpStream, delay_ms: Arc<AtomicU64>) {
     thread::spawn(move || {
         let mut buf = vec![0u8; 64 << 10];
         loop {
             match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
+                    let d = delay_ms.load(Ordering::Relaxed);
+                    if d > 0 {
+                        thread::sleep(Duration::from_millis(d));
+                    }
                     if to.write_all(&buf[..n]).is_err() {
                         break;
                     }

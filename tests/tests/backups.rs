@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use evs_tests::proxy::Proxy;
 use evs_tests::s3::S3Env;
 use evs_tests::tools::{format_output, output_with_timeout, require_tool, run_tool};
 use evs_tests::util::{Rng, MIB};
@@ -573,5 +574,116 @@ fn store_faults_fail_the_job_clearly_and_a_retry_succeeds() {
     let b = backup(&d, "f", &[]);
     restore(&d, &id(&b), "f2");
     assert_same(&d, "f2", &copy);
+
+    // The store stops in the middle of a restore: the job fails naming it; once it is back a
+    // second restore reads the backup byte for byte.
+    let v = d.evsctl_json(&["backup", "restore", &id(&b), "--to", "f3"]);
+    let job = v["job"]["id"].as_u64().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let j = d.evsctl_json(&["job", "show", &job]);
+        if j["bytes_done"].as_u64().unwrap_or(0) > 0 || j["state"] != "running" && j["state"] != "queued" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the restore never started: {j}");
+        thread::sleep(Duration::from_millis(20));
+    }
     run_tool(Command::new(&script).arg("stop").arg(dir.path()));
+    let out = d.evsctl(&["job", "wait", &job]);
+    assert_eq!(out.status.code(), Some(1), "the restore must fail with the store gone\n{}", format_output(&out));
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(err.contains("store") || err.contains("connect") || err.contains("s3"), "{err}");
+    start();
+    wait_gone(&d, "f3");
+    restore(&d, &id(&b), "f3");
+    assert_same(&d, "f3", &copy);
+    run_tool(Command::new(&script).arg("stop").arg(dir.path()));
+}
+
+/// A failed restore removes the volume it created: waits until it is gone.
+fn wait_gone(d: &Daemon, volume: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while d.evsctl(&["volume", "show", volume]).status.success() {
+        assert!(Instant::now() < deadline, "the failed restore left volume {volume} behind");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Between the daemon and the S3 server, a proxy that cuts every connection now and then
+/// (requests fail mid-transfer) and slows every response down: backups and restores retry
+/// through it and come out byte for byte.
+#[test]
+fn backups_and_restores_survive_cut_connections_and_slow_responses() {
+    let s3 = S3Env::get();
+    let endpoint: std::net::SocketAddr = s3
+        .endpoint
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap_or_else(|e| panic!("S3 endpoint {}: {e}", s3.endpoint));
+    let proxy = Proxy::start(endpoint);
+    let url = format!(
+        "s3://{}/{}?endpoint=http://{}&region={}",
+        s3.bucket,
+        S3Env::unique_prefix("flaky"),
+        proxy.addr(),
+        s3.region
+    );
+    let d = Daemon::start_with(DaemonOptions {
+        args: vec!["--backup-store".into(), url],
+        env: vec![
+            ("AWS_ACCESS_KEY_ID".into(), s3.access_key.clone()),
+            ("AWS_SECRET_ACCESS_KEY".into(), s3.secret_key.clone()),
+        ],
+        config: Some("[backups]\nconcurrency = 2\n".into()),
+        ..Default::default()
+    });
+    let (uri, _) = d.create_volume("flaky", "64M");
+    {
+        let mut c = NbdClient::connect(&uri).unwrap();
+        let mut rng = Rng::new(51);
+        for i in 0..32 {
+            c.write(i * 2 * MIB, &rng.bytes(MIB as usize)).unwrap();
+        }
+        c.flush().unwrap();
+    }
+    let copy = image(&d, "flaky", "flaky.raw");
+    proxy.set_delay(Duration::from_millis(3));
+    // Cuts every 150 ms while a job runs.
+    let cutting = |d: &Daemon, job: &str| -> Value {
+        loop {
+            thread::sleep(Duration::from_millis(150));
+            let j = d.evsctl_json(&["job", "show", job]);
+            if j["state"] != "running" && j["state"] != "queued" {
+                return j;
+            }
+            proxy.cut();
+        }
+    };
+    let v = d.evsctl_json(&["backup", "create", "flaky"]);
+    let (job, bid) = (v["job"]["id"].as_u64().unwrap().to_string(), v["backup_id"].as_str().unwrap().to_string());
+    let j = cutting(&d, &job);
+    let cuts = proxy.cuts.load(Ordering::Relaxed);
+    assert!(cuts > 0, "the backup ended before any cut: {j}");
+    if j["state"] != "succeeded" {
+        // Retries ran out: the error says where, and a second attempt (no cuts) succeeds.
+        let e = j["error"].as_str().unwrap_or("").to_lowercase();
+        assert!(e.contains("store") || e.contains("s3") || e.contains("connect"), "{j}");
+        let again = backup(&d, "flaky", &[]);
+        assert_eq!(again["volume"], "flaky");
+    } else {
+        assert_eq!(d.evsctl_json(&["backup", "show", &bid])["id"], bid.as_str());
+    }
+    let last = d.evsctl_json(&["backup", "list", "--volume", "flaky"])["backups"].as_array().unwrap().last().cloned().unwrap();
+    let v = d.evsctl_json(&["backup", "verify", &id(&last), "--wait"]);
+    assert_eq!(v["job"]["state"], "succeeded", "{v}");
+    let r = d.evsctl_json(&["backup", "restore", &id(&last), "--to", "flaky2"]);
+    let j = cutting(&d, &r["job"]["id"].as_u64().unwrap().to_string());
+    if j["state"] != "succeeded" {
+        let e = j["error"].as_str().unwrap_or("").to_lowercase();
+        assert!(e.contains("store") || e.contains("s3") || e.contains("connect"), "{j}");
+        wait_gone(&d, "flaky2");
+        restore(&d, &id(&last), "flaky2");
+    }
+    assert_same(&d, "flaky2", &copy);
+    eprintln!("flaky store: {} connection cuts, 3 ms per forwarded piece", proxy.cuts.load(Ordering::Relaxed));
 }

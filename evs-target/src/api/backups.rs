@@ -768,7 +768,24 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// A restore job. One that fails or is cancelled removes the volumes it created, so a
+    /// half-restored volume is never left looking like a whole one; one that a restart
+    /// interrupts keeps them and writes them again when it resumes.
     pub(super) fn run_restore(&self, job: &JobRecord, ctx: &JobContext) -> Result<(), JobError> {
+        let mut created = Vec::new();
+        let r = self.restore_into(job, ctx, &mut created);
+        if matches!(r, Err(JobError::Failed(_) | JobError::Cancelled)) {
+            for (name, _) in &created {
+                match self.delete_volume(&job.tenant, name) {
+                    Ok(d) => ctx.note(format!("removed the partly restored volume {name} (delete job {})", d.id)),
+                    Err(e) => ctx.note(format!("could not remove the partly restored volume {name}: {e}")),
+                }
+            }
+        }
+        r
+    }
+
+    fn restore_into(&self, job: &JobRecord, ctx: &JobContext, created: &mut Vec<(String, u64)>) -> Result<(), JobError> {
         let JobKind::Restore { backup_id, to, in_place, tier } = &job.kind else {
             unreachable!("run_restore of another kind")
         };
@@ -779,7 +796,6 @@ impl ControlPlane {
         let parts: Vec<pb::Backup> = if b.kind == "server" { b.volumes.clone() } else { vec![b.clone()] };
         let key = self.tenant_key(tenant).map_err(job_failed)?;
         ctx.set_total(parts.iter().map(|p| p.size_bytes).sum());
-        let mut created = Vec::new();
         for p in &parts {
             let manifest = self.block_on(bctx.engine.find(tenant, &p.id)).map_err(job_failed)?;
             let (volume_id, fresh) = if *in_place {

@@ -925,6 +925,25 @@ impl ControlPlane {
         if g.role != Role::Source || g.failed_over {
             return Err(fail(ApiError::WrongRole { group: group.clone(), role: g.role.name().into(), want: "source" }));
         }
+        if g.switching {
+            // A switchover that a crash cut off (this job kind never resumes by itself): if it
+            // got as far as promoting the target, only this side's last step is left.
+            let dr = self.dr().map_err(fail)?;
+            let mut c = self.peer_client(&g).map_err(fail)?;
+            let peer = dr
+                .rt
+                .block_on(c.get_point(pb::GetPointRequest {}))
+                .map_err(|s| fail(peer_status("asking the peer where the switchover stands", s)))?
+                .into_inner();
+            if peer.role == "source" && peer.seq == g.point_seq {
+                self.become_target(tenant, &g, g.point_seq).map_err(fail)?;
+                ctx.note(format!(
+                    "finished a switchover cut off after {} was promoted at point {}: this side is now the target",
+                    g.peer_az, g.point_seq
+                ));
+                return Ok(());
+            }
+        }
         // 1. Stop writes: revoke the attachments, refuse new ones.
         self.update_group(tenant, group, |g| g.switching = true).map_err(fail)?;
         for p in &g.pairs {
@@ -949,6 +968,7 @@ impl ControlPlane {
         dr.rt
             .block_on(c.promote(pb::PromoteRequest { seq: g.point_seq }))
             .map_err(|s| fail(peer_status("promoting the target", s)))?;
+        evs_snapshot::crash_point!("switchover-after-promote");
         // 4. This side becomes the target at the same point.
         self.become_target(tenant, &g, g.point_seq).map_err(fail)?;
         ctx.note(format!("switched over at point {}: {} is now the source", g.point_seq, g.peer_az));

@@ -227,6 +227,9 @@ impl ControlPlane {
                 let snap = self.store.find_snapshot(p.volume_id, &point_name(name, g.point_seq))?;
                 self.store.rollback(p.volume_id, snap.id)?;
             }
+            // A point snapshot past the recorded one was left by a crash between its snapshot
+            // and its record: it is not a point, and its name is about to be taken again.
+            self.drop_points(p.volume_id, name, (g.point_seq > 0).then_some(g.point_seq));
             let size = self.store.volume_info(p.volume_id)?.size;
             if spec.size_bytes > size {
                 self.store.extend_volume(p.volume_id, spec.size_bytes)?;
@@ -268,7 +271,9 @@ impl ControlPlane {
             .filter_map(|s| g.pairs.iter().find(|p| p.volume == s.volume))
             .map(|p| (p.volume_id, snap.clone()))
             .collect();
+        evs_snapshot::crash_point!("replica-apply-before-point");
         self.store.create_snapshots(&items, Some(&snap))?;
+        evs_snapshot::crash_point!("replica-point-before-record");
         let g = self.update_group(tenant, name, |r| {
             r.point_seq = seq;
             r.point_ms = begin.point_unix_ms;

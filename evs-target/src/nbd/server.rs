@@ -64,6 +64,37 @@ const BATCH: usize = 8;
 
 const TAG_RECV: u64 = u64::MAX - 1;
 const TAG_SEND: u64 = u64::MAX - 2;
+const TAG_RECV_PAYLOAD: u64 = u64::MAX - 3;
+
+/// Writes at least this large are received straight into the buffer they are written from
+/// (no copy out of the receive buffer: measured, see BENCHMARKS.md).
+const DIRECT_RECV_MIN: usize = 128 << 10;
+
+/// A large write whose payload is being received into its own buffer.
+struct PayloadRx {
+    req: Request,
+    /// Absent while the recv op owns it.
+    buf: Option<AlignedBuf>,
+    /// Payload bytes received so far.
+    have: usize,
+    /// When its QoS admission let it start.
+    since: Instant,
+}
+
+/// A write's data: in the receive buffer, or already in a buffer of its own.
+enum Payload<'p> {
+    InRecvBuf(&'p [u8]),
+    Owned { buf: AlignedBuf, len: usize },
+}
+
+impl Payload<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Payload::InRecvBuf(d) => d.len(),
+            Payload::Owned { len, .. } => *len,
+        }
+    }
+}
 
 /// NBD TLS: when it is required, and the rustls configuration of the server's identity.
 #[derive(Clone)]
@@ -391,6 +422,8 @@ struct Transmission<'a> {
     rpos: usize,
     rend: usize,
     recv_in_flight: bool,
+    /// A large write being received into its own buffer (nothing else is parsed meanwhile).
+    payload: Option<PayloadRx>,
     /// The client sent DISC, closed its side, or broke the protocol: read nothing more.
     closing: bool,
 
@@ -446,6 +479,7 @@ impl<'a> Transmission<'a> {
             rpos: 0,
             rend: 0,
             recv_in_flight: false,
+            payload: None,
             closing: false,
             slots: Vec::new(),
             free_slots: Vec::new(),
@@ -555,6 +589,31 @@ impl<'a> Transmission<'a> {
                     }
                 }
             }
+            TAG_RECV_PAYLOAD => {
+                self.recv_in_flight = false;
+                let Op::Recv { buf, .. } = c.op else { unreachable!("payload recv tag on another op") };
+                let Some(mut p) = self.payload.take() else { unreachable!("payload recv without a payload") };
+                match c.result {
+                    Ok(n) if n > 0 => {
+                        p.have += n;
+                        if p.have == p.req.len as usize {
+                            let len = p.have;
+                            self.dispatch(p.req, Payload::Owned { buf, len }, p.since);
+                        } else {
+                            p.buf = Some(buf);
+                            self.payload = Some(p);
+                        }
+                    }
+                    other => {
+                        // The client went away in the middle of a request.
+                        if let Err(e) = other {
+                            tracing::debug!(error = %e, "NBD recv failed");
+                        }
+                        self.recycle(buf);
+                        self.closing = true;
+                    }
+                }
+            }
             TAG_SEND => {
                 self.send_in_flight = false;
                 let Op::Send { bufs, .. } = c.op else { unreachable!("send tag on another op") };
@@ -615,6 +674,13 @@ impl<'a> Transmission<'a> {
     }
 
     fn submit_recv(&mut self) {
+        if let Some(p) = self.payload.as_mut() {
+            let Some(buf) = p.buf.take() else { return };
+            let seg = Segment { fd: self.fd, offset: 0, buf_offset: p.have, len: p.req.len as usize - p.have };
+            self.engine.push(TAG_RECV_PAYLOAD, Op::Recv { buf, seg });
+            self.recv_in_flight = true;
+            return;
+        }
         let Some(mut buf) = self.rbuf.take() else { return };
         // Keep unparsed bytes at the front; make room for at least a request header.
         if self.rpos > 0 {
@@ -659,6 +725,16 @@ impl<'a> Transmission<'a> {
             }
             let need = proto::REQUEST_LEN + payload;
             if avail.len() < need {
+                if payload >= DIRECT_RECV_MIN {
+                    // The rest of a large write's payload goes straight into its own buffer.
+                    let Some(since) = self.admit(&req) else { break };
+                    let mut buf = self.take_buf(payload.next_multiple_of(4096));
+                    let got = avail.len() - proto::REQUEST_LEN;
+                    buf[..got].copy_from_slice(&avail[proto::REQUEST_LEN..]);
+                    self.rpos = self.rend;
+                    self.payload = Some(PayloadRx { req, buf: Some(buf), have: got, since });
+                    break;
+                }
                 if rbuf.len() < need {
                     let mut bigger = AlignedBuf::zeroed(need.next_multiple_of(RECV_BUF));
                     bigger[..avail.len()].copy_from_slice(avail);
@@ -668,29 +744,10 @@ impl<'a> Transmission<'a> {
                 }
                 break;
             }
-            // QoS: charge the request once; start it only at its deadline.
-            let now = Instant::now();
-            let since = match self.held {
-                Some(h) if now < h.deadline => break,
-                Some(h) => {
-                    self.held = None;
-                    self.io.stats.add_throttled(now.saturating_duration_since(h.since));
-                    h.since
-                }
-                None => {
-                    let cost = if self.request_is_valid(&req) { request_cost(&req) } else { Cost::FREE };
-                    if let Some(deadline) = self.io.limiter.reserve(cost, now) {
-                        if deadline > now {
-                            self.held = Some(Held { deadline, since: now });
-                            break;
-                        }
-                    }
-                    now
-                }
-            };
+            let Some(since) = self.admit(&req) else { break };
             let start = self.rpos + proto::REQUEST_LEN;
             self.rpos += need;
-            self.dispatch(req, &rbuf[start..start + payload], since);
+            self.dispatch(req, Payload::InRecvBuf(&rbuf[start..start + payload]), since);
         }
         if self.rpos == self.rend {
             self.rpos = 0;
@@ -701,6 +758,30 @@ impl<'a> Transmission<'a> {
         }
         self.rbuf = Some(rbuf);
         more
+    }
+
+    /// QoS: charges a request once and says when it started (its admission), or None while
+    /// it is held until its deadline (the loop comes back to it then).
+    fn admit(&mut self, req: &Request) -> Option<Instant> {
+        let now = Instant::now();
+        match self.held {
+            Some(h) if now < h.deadline => None,
+            Some(h) => {
+                self.held = None;
+                self.io.stats.add_throttled(now.saturating_duration_since(h.since));
+                Some(h.since)
+            }
+            None => {
+                let cost = if self.request_is_valid(req) { request_cost(req) } else { Cost::FREE };
+                if let Some(deadline) = self.io.limiter.reserve(cost, now) {
+                    if deadline > now {
+                        self.held = Some(Held { deadline, since: now });
+                        return None;
+                    }
+                }
+                Some(now)
+            }
+        }
     }
 
     /// Whether `avail` starts with a whole request (header and payload).
@@ -722,7 +803,7 @@ impl<'a> Transmission<'a> {
 
     /// Runs a request received at `since`; the ones that finish inline are counted here, the
     /// engine ops when they complete.
-    fn dispatch(&mut self, req: Request, payload: &[u8], since: Instant) {
+    fn dispatch(&mut self, req: Request, payload: Payload<'_>, since: Instant) {
         let stats = &self.io.stats;
         stats.queue_depth.fetch_add(1, Ordering::Relaxed);
         let errors_before = self.errors;
@@ -747,10 +828,13 @@ impl<'a> Transmission<'a> {
     }
 
     /// Returns true when the request became an engine op (its reply comes at completion).
-    fn dispatch_inner(&mut self, req: Request, payload: &[u8], since: Instant) -> bool {
+    fn dispatch_inner(&mut self, req: Request, payload: Payload<'_>, since: Instant) -> bool {
         if let Err(errno) =
             proto::validate_request(&req, self.volume.size(), MAX_REQUEST_LEN, self.read_only, &self.flags)
         {
+            if let Payload::Owned { buf, .. } = payload {
+                self.recycle(buf);
+            }
             tracing::debug!(cmd = ?req.cmd, flags = req.flags, offset = req.offset, len = req.len, errno, "NBD request refused");
             self.reply_error(req.cookie, errno, "invalid request");
             return false;
@@ -760,14 +844,9 @@ impl<'a> Transmission<'a> {
             Command::Read => return self.start_read(req, since),
             Command::Write => match self.plan_write(req.offset, payload) {
                 Ok(WritePlan::Submit { op, pending }) => {
-                    let slot = self.alloc_slot(InFlight::Write {
-                        cookie: req.cookie,
-                        pending,
-                        fua,
-                        len: payload.len(),
-                        start: since,
-                    });
-                    self.bytes_in_flight += payload.len();
+                    let len = req.len as usize;
+                    let slot = self.alloc_slot(InFlight::Write { cookie: req.cookie, pending, fua, len, start: since });
+                    self.bytes_in_flight += len;
                     self.writes_in_flight += 1;
                     self.engine.push(slot as u64, op);
                     return true;
@@ -803,15 +882,21 @@ impl<'a> Transmission<'a> {
     }
 
     /// Plans an aligned write into a pooled buffer (waiting out a snapshot's freeze).
-    fn plan_write(&mut self, offset: u64, payload: &[u8]) -> Result<WritePlan, StoreError> {
-        loop {
-            let buf = self.take_buf(payload.len().next_multiple_of(4096));
-            match self.volume.plan_write_in(offset, payload, buf) {
-                Err(StoreError::Frozen) => {
-                    self.finish_writes();
-                    self.volume.wait_thawed();
+    fn plan_write(&mut self, offset: u64, payload: Payload<'_>) -> Result<WritePlan, StoreError> {
+        match payload {
+            Payload::InRecvBuf(data) => loop {
+                let buf = self.take_buf(data.len().next_multiple_of(4096));
+                match self.volume.plan_write_in(offset, data, buf) {
+                    Err(StoreError::Frozen) => {
+                        self.finish_writes();
+                        self.volume.wait_thawed();
+                    }
+                    other => return other,
                 }
-                other => return other,
+            },
+            Payload::Owned { buf, len } => {
+                let gate = self.while_frozen(|v| v.begin_write())?;
+                self.volume.plan_write_filled(gate, offset, len, buf)
             }
         }
     }
@@ -908,6 +993,7 @@ impl<'a> Transmission<'a> {
                 match c.result {
                     Ok(_) => {
                         self.volume.commit_write(pending);
+                        evs_snapshot::crash_point!("nbd-write-before-reply");
                         match self.flush_if(fua) {
                             Ok(()) => {
                                 let stats = &self.io.stats;

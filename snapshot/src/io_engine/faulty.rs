@@ -16,6 +16,20 @@ pub struct FaultyEngine {
     failed: Vec<Completion>,
 }
 
+/// The rule of test builds (the `failpoints` feature), wrapped around every engine: a write
+/// fails while the fail point `io-write-fault` is on, with the errno its argument names
+/// (`FAILPOINTS="io-write-fault=20*off->5*return(28)"`: the 21st to 25th writes fail with
+/// ENOSPC), EIO without one. Writes are data writes of NBD and vhost-user requests.
+#[cfg(feature = "failpoints")]
+pub fn failpoint_rule(op: &Op) -> Option<i32> {
+    match op {
+        Op::Write { .. } => {
+            fail::eval("io-write-fault", |arg| arg.and_then(|a| a.parse().ok()).unwrap_or(libc::EIO))
+        }
+        _ => None,
+    }
+}
+
 impl FaultyEngine {
     pub fn new(inner: Box<dyn IoEngine>, rule: FaultRule) -> FaultyEngine {
         FaultyEngine { inner, rule, failed: Vec::new() }

@@ -119,10 +119,15 @@ impl EngineKind {
 
     /// A new engine of this kind able to hold `depth` ops in flight.
     pub fn build(self, depth: u32) -> io::Result<Box<dyn IoEngine>> {
-        Ok(match self {
+        let engine: Box<dyn IoEngine> = match self {
             EngineKind::Uring => Box::new(uring::UringEngine::new(depth)?),
             EngineKind::Portable => Box::new(portable::PortableEngine::new()),
-        })
+        };
+        // Test builds: disk faults on demand (FAILPOINTS="io-write-fault=...").
+        #[cfg(feature = "failpoints")]
+        let engine: Box<dyn IoEngine> =
+            Box::new(faulty::FaultyEngine::new(engine, std::sync::Arc::new(faulty::failpoint_rule)));
+        Ok(engine)
     }
 }
 
