@@ -16,5 +16,5 @@ n=${1:-50}
 features=(--features evs-target/failpoints)
 cargo build --workspace --bins "${features[@]}"
 EVS_CRASH_MATRIX_ITERATIONS=$n EVS_CRASH_ITERATIONS=$((4 * n)) \
-  cargo nextest run -p evs-tests "${features[@]}" --profile long --no-fail-fast --no-capture \
+  cargo nextest run -p evs-tests --profile long --no-fail-fast --no-capture \
   --test crash_matrix --test crash

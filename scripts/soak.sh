@@ -13,4 +13,4 @@ s=${1:-1800}
 [[ $s =~ ^[0-9]+$ && $s -gt 0 ]] || { echo "soak.sh: SECONDS must be a positive number, not '$s'" >&2; exit 2; }
 features=(--features evs-target/failpoints)
 cargo build --workspace --bins "${features[@]}"
-EVS_SOAK_SECONDS=$s cargo nextest run -p evs-tests "${features[@]}" --profile long --no-capture --test soak
+EVS_SOAK_SECONDS=$s cargo nextest run -p evs-tests --profile long --no-capture --test soak

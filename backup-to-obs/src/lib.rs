@@ -17,7 +17,6 @@
 //! leases/backups/<backup-id>, leases/gc        backups and gc in progress (see [`engine`])
 //! ```
 
-
 /// A named crash point (see `evs_snapshot::crash_point!`, the same mechanism; this crate does
 /// not depend on the block store).
 macro_rules! crash_point {

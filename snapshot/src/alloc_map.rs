@@ -255,11 +255,18 @@ impl AllocMap {
         file.sync_data()
     }
 
+    /// Allocates the file's space for a map of `blocks` blocks (the header and every bitmap
+    /// page), so that no flush ever needs free space for the map: on a full filesystem a flush
+    /// still records the writes whose data made it to disk.
+    pub fn reserve(file: &File, blocks: u64) -> io::Result<()> {
+        reserve_file(file, blocks)
+    }
+
     /// Creates a new map file for `blocks` blocks and syncs it.
     pub fn create_file(file: &File, blocks: u64) -> io::Result<AllocMap> {
         let map = AllocMap::new(blocks);
         let pages = map.take_dirty();
-        file.set_len(MAP_HEADER_LEN + pages_for(blocks) as u64 * PAGE_BYTES as u64 * 2)?;
+        reserve_file(file, blocks)?;
         map.write(file, &pages)?;
         Ok(map)
     }
@@ -349,6 +356,21 @@ pub fn decode_header(h: &[u8; 28]) -> Result<u64, String> {
         return Err(format!("unsupported block size {bs}"));
     }
     Ok(u64::from_le_bytes(h[16..24].try_into().expect("8 bytes")))
+}
+
+/// See [`AllocMap::reserve`]. Where the filesystem cannot preallocate, the file is only sized.
+fn reserve_file(file: &File, blocks: u64) -> io::Result<()> {
+    let len = MAP_HEADER_LEN + pages_for(blocks) as u64 * PAGE_BYTES as u64 * 2;
+    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, len) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::OPNOTSUPP => {
+            if file.metadata()?.len() < len {
+                file.set_len(len)?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]

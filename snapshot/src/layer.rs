@@ -139,6 +139,7 @@ impl Layer {
         if self.data.metadata()?.len() < blocks * BLOCK_SIZE {
             self.data.set_len(blocks * BLOCK_SIZE)?;
         }
+        AllocMap::reserve(&self.map_file, blocks)?;
         self.map.grow(blocks);
         self.mark_changed();
         self.flush()

@@ -170,4 +170,3 @@ pub fn workload(mut c: NbdClient, mut model: Model, mut rng: Rng, flush_every: u
         }
     }
 }
-

@@ -20,6 +20,8 @@ pub struct Proxy {
     stop: Arc<AtomicBool>,
     /// Delay before forwarding each piece of data, in milliseconds (0: none).
     delay_ms: Arc<AtomicU64>,
+    /// While set, new connections are closed at once (the server looks down).
+    down: Arc<AtomicBool>,
     /// Connections cut so far.
     pub cuts: Arc<AtomicU64>,
 }
@@ -31,13 +33,18 @@ impl Proxy {
         let conns = Arc::new(Conns::default());
         let stop = Arc::new(AtomicBool::new(false));
         let delay_ms = Arc::new(AtomicU64::new(0));
+        let down = Arc::new(AtomicBool::new(false));
         {
-            let (conns, stop, delay) = (conns.clone(), stop.clone(), delay_ms.clone());
+            let (conns, stop, delay, down) = (conns.clone(), stop.clone(), delay_ms.clone(), down.clone());
             l.set_nonblocking(true).unwrap();
             thread::spawn(move || {
                 while !stop.load(Ordering::Acquire) {
                     match l.accept() {
                         Ok((client, _)) => {
+                            if down.load(Ordering::Acquire) {
+                                let _ = client.shutdown(Shutdown::Both);
+                                continue;
+                            }
                             client.set_nonblocking(false).unwrap();
                             let Ok(server) = TcpStream::connect_timeout(&target, Duration::from_secs(2)) else {
                                 continue;
@@ -55,11 +62,19 @@ impl Proxy {
                 }
             });
         }
-        Proxy { addr, conns, stop, delay_ms, cuts: Arc::new(AtomicU64::new(0)) }
+        Proxy { addr, conns, stop, delay_ms, down, cuts: Arc::new(AtomicU64::new(0)) }
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Takes the "server" down (every connection cut, new ones closed at once) or back up.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::Release);
+        if down {
+            self.cut();
+        }
     }
 
     /// Slows every connection down: each piece of data (up to 64 KiB) waits `d` first.

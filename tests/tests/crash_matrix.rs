@@ -217,7 +217,11 @@ fn crash_points_in_snapshot_create_leave_it_absent_or_whole() {
             assert_image(&read_volume(&d, "s", BLOCKS * BLOCK), &image, &format!("volume after {point}"));
             let names = snapshot_names(&d, "s");
             let listed = names.contains(&name);
-            assert_eq!(listed, point.ends_with("after-commit"), "{point}: snapshot {name} listed: {listed} ({names:?})");
+            assert_eq!(
+                listed,
+                point.ends_with("after-commit"),
+                "{point}: snapshot {name} listed: {listed} ({names:?})"
+            );
             if listed {
                 kept.push((name, image));
             }
@@ -239,40 +243,46 @@ fn crash_points_in_a_merge_lose_nothing_and_the_merge_finishes() {
     let mut n = 0;
     for _ in 0..iterations() {
         for point in ["merge-after-copy", "merge-after-commit"] {
-            // Deleting `a` merges its layer into `b`'s; deleting `b`, into the live head.
+            // Snapshots a, b, c: deleting `a` merges its layer into `b`'s, deleting `b` into
+            // `c`'s. (A deleted snapshot's layer right under the live head waits for the next
+            // snapshot: merges go into frozen layers only.)
             for victim in ["a", "b"] {
                 n += 1;
                 let vol = format!("m{n}");
                 let (uri, _) = d.create_volume(&vol, "4M");
                 let mut images = Vec::new();
-                for snap in ["a", "b"] {
+                for snap in ["a", "b", "c"] {
                     scribble(&uri, &mut rng, BLOCKS, 60);
-                    images.push(read_volume(&d, &vol, BLOCKS * BLOCK));
+                    images.push((snap, read_volume(&d, &vol, BLOCKS * BLOCK)));
                     d.evsctl_ok(&["snapshot", "create", &vol, snap]);
                 }
                 scribble(&uri, &mut rng, BLOCKS, 60);
                 let head = read_volume(&d, &vol, BLOCKS * BLOCK);
+                images.retain(|(s, _)| *s != victim);
                 let files_before = layer_files(&d);
                 arm(&mut d, point, 0);
                 d.evsctl_ok(&["snapshot", "delete", &format!("{vol}@{victim}")]);
                 expect_crash(&mut d, point);
                 recover(&mut d);
                 let what = format!("{vol}, {point}, deleting {victim}");
-                assert_eq!(snapshot_names(&d, &vol), vec![if victim == "a" { "b" } else { "a" }], "{what}");
+                let survivors: Vec<&str> = images.iter().map(|(s, _)| *s).collect();
+                assert_eq!(snapshot_names(&d, &vol), survivors, "{what}");
                 let check = |d: &Daemon| {
                     assert_image(&read_volume(d, &vol, BLOCKS * BLOCK), &head, &format!("{what}: volume"));
-                    let (survivor, img) = if victim == "a" { ("b", &images[1]) } else { ("a", &images[0]) };
-                    assert_image(
-                        &read_snapshot(d, &format!("{vol}@{survivor}"), BLOCKS * BLOCK),
-                        img,
-                        &format!("{what}: snapshot {survivor}"),
-                    );
+                    for (s, img) in &images {
+                        let got = read_snapshot(d, &format!("{vol}@{s}"), BLOCKS * BLOCK);
+                        assert_image(&got, img, &format!("{what}: snapshot {s}"));
+                    }
                 };
                 check(&d);
                 // The merge resumes after the restart and removes the deleted layer.
                 wait_for(&format!("{what}: merge"), Duration::from_secs(30), || layer_files(&d) == files_before - 2);
                 check(&d);
-                d.evsctl_ok(&["volume", "delete", &vol, "--wait"]);
+                d.evsctl_ok(&["volume", "detach", &vol]);
+                d.evsctl_ok(&["volume", "delete", &vol]);
+                wait_for(&format!("{vol} deleted"), Duration::from_secs(30), || {
+                    !d.evsctl(&["volume", "show", &vol]).status.success()
+                });
             }
         }
     }
@@ -283,10 +293,8 @@ fn crash_points_in_a_merge_lose_nothing_and_the_merge_finishes() {
 
 #[test]
 fn crash_points_in_backup_and_restore_never_show_half_a_backup() {
-    let mut d = Daemon::start_with(DaemonOptions {
-        config: Some("[backups]\nconcurrency = 2\n".into()),
-        ..Default::default()
-    });
+    let mut d =
+        Daemon::start_with(DaemonOptions { config: Some("[backups]\nconcurrency = 2\n".into()), ..Default::default() });
     let size = 16 * MIB;
     let blocks = size / BLOCK;
     let (uri, _) = d.create_volume("b", "16M");
@@ -305,7 +313,7 @@ fn crash_points_in_backup_and_restore_never_show_half_a_backup() {
             // Whatever is listed now is whole (the resumed job may be running).
             for b in d.evsctl_json(&["backup", "list"])["backups"].as_array().unwrap() {
                 let bid = b["id"].as_str().unwrap();
-                let v = d.evsctl_json(&["backup", "verify", bid, "--wait"]);
+                let v = d.evsctl_json(&["backup", "verify", bid]);
                 assert_eq!(v["job"]["state"], "succeeded", "{point}: listed backup {bid} does not verify: {v}");
             }
             assert_job_succeeded(&d, &job, point);

@@ -75,7 +75,11 @@ fn client(uri: String, region: u64, seed: u64, stop: Arc<AtomicBool>, errors: Ar
         writes += 1;
         let back = c.read(base + at, data.len() as u32).unwrap_or_else(|e| panic!("read on {uri}: {e}"));
         if back != data {
-            fail(format!("{uri} offset {}: read-after-write differs at {:?}", base + at, first_difference(&back, &data)));
+            fail(format!(
+                "{uri} offset {}: read-after-write differs at {:?}",
+                base + at,
+                first_difference(&back, &data)
+            ));
         }
         if rng.chance(16) {
             c.flush().unwrap_or_else(|e| panic!("flush on {uri}: {e}"));
@@ -204,11 +208,12 @@ fn soak_64_connections_16_volumes_with_snapshots_backups_and_replication() {
     }
     let v0 = read_volume(&uris[0]);
     let drill = a.evsctl_json(&["dr", "drill", "start", "g"]);
-    let drill_uri = drill["volumes"].as_array().unwrap().iter().find(|v| v["volume"] == "v0").unwrap_or_else(|| panic!("{drill}"))
-        ["uri"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let drill_uri =
+        drill["volumes"].as_array().unwrap().iter().find(|v| v["volume"] == "v0").unwrap_or_else(|| panic!("{drill}"))
+            ["uri"]
+            .as_str()
+            .unwrap()
+            .to_string();
     assert!(read_volume(&drill_uri) == v0, "the replica of v0 differs from v0");
     a.evsctl_ok(&["dr", "drill", "stop", "g"]);
     let bk = a.evsctl_json(&["backup", "create", "v5", "--wait"]);
@@ -216,7 +221,8 @@ fn soak_64_connections_16_volumes_with_snapshots_backups_and_replication() {
     let r = a.evsctl_json(&["backup", "restore", bk["backup_id"].as_str().unwrap(), "--to", "v5-back", "--wait"]);
     assert_eq!(r["job"]["state"], "succeeded", "{r}");
     assert!(read_volume(&a.attach("v5-back")) == v5, "the backup of v5 differs from v5");
-    a.evsctl_ok(&["volume", "delete", "v5-back", "--wait"]);
+    a.evsctl_ok(&["volume", "detach", "v5-back"]);
+    a.evsctl_ok(&["volume", "delete", "v5-back"]);
 
     // Memory and descriptors, once the clients are gone and deleted snapshots are merged.
     thread::sleep(Duration::from_secs(2));
@@ -228,11 +234,23 @@ fn soak_64_connections_16_volumes_with_snapshots_backups_and_replication() {
         peak / MIB,
         rss1 / MIB
     );
-    assert!(writes > CONNECTIONS as u64 && snapshots > 0 && backups > 0 && cycles > 0, "the soak did not run every activity");
-    assert!(peak <= rss0 + RSS_GROWTH_BOUND, "RSS grew from {} to {} MiB (bound: +{} MiB)", rss0 / MIB, peak / MIB, RSS_GROWTH_BOUND / MIB);
+    assert!(
+        writes > CONNECTIONS as u64 && snapshots > 0 && backups > 0 && cycles > 0,
+        "the soak did not run every activity"
+    );
+    assert!(
+        peak <= rss0 + RSS_GROWTH_BOUND,
+        "RSS grew from {} to {} MiB (bound: +{} MiB)",
+        rss0 / MIB,
+        peak / MIB,
+        RSS_GROWTH_BOUND / MIB
+    );
     // Every connection's socket is closed; other descriptors are the open layers (3 each:
     // data, O_DIRECT data, map; 2 files per layer on disk), a few of the runtime's.
     assert!(sockets1 <= sockets0 + 2, "sockets: {sockets0} before, {sockets1} after the clients left");
     let layer_fds = 3 * layers1.saturating_sub(layers0) / 2;
-    assert!(fds1 <= fds0 + layer_fds + 4, "descriptors: {fds0} before, {fds1} after ({layers0} -> {layers1} layer files)");
+    assert!(
+        fds1 <= fds0 + layer_fds + 4,
+        "descriptors: {fds0} before, {fds1} after ({layers0} -> {layers1} layer files)"
+    );
 }

@@ -479,7 +479,7 @@ impl ControlPlane {
         tier: &str,
     ) -> Result<JobRecord, ApiError> {
         let b = self.find_backup(owner, id)?;
-        if in_place == !to.is_empty() {
+        if in_place != to.is_empty() {
             return Err(ValidationError::RestoreTarget.into());
         }
         let tier = super::validate::validate_tier(tier)?;
@@ -614,6 +614,38 @@ impl ControlPlane {
                     && self.store.snapshot_info(b.snapshot).is_ok()
             })
         });
+        // A run that a restart cut off after its manifest's commit: the backup exists, only
+        // the bookkeeping below is left.
+        let committed = self.block_on(bctx.engine.find(tenant, backup_id)).ok();
+        if committed.is_some() {
+            ctx.note(format!("backup {backup_id} was committed before a restart; recording it"));
+        }
+        let m = if let Some(m) = committed {
+            m
+        } else {
+            self.backup_loop(tenant, &info.name, volume_id, snap, backup_id, server_backup, label, &mut base, ctx)?
+        };
+        self.finish_backup(volume_id, snap, backup_id, m, ctx)
+    }
+
+    /// The engine's backup of one volume, falling back to a full backup when the parent
+    /// turns out unusable.
+    #[allow(clippy::too_many_arguments)]
+    fn backup_loop(
+        &self,
+        tenant: &str,
+        volume: &str,
+        volume_id: u64,
+        snap: u64,
+        backup_id: &str,
+        server_backup: Option<&str>,
+        label: &str,
+        base: &mut Option<BaseRecord>,
+        ctx: &JobContext,
+    ) -> Result<Manifest, JobError> {
+        let bctx = self.backups().map_err(job_failed)?;
+        let chunk = u64::from(bctx.settings.chunk_size);
+        let key = self.tenant_key(tenant).map_err(job_failed)?;
         let snap_info = self.store.snapshot_info(snap).map_err(job_failed)?;
         let view = self.store.open_snapshot(snap).map_err(job_failed)?;
         let progress = JobProgress(ctx);
@@ -624,7 +656,7 @@ impl ControlPlane {
                 .map_err(job_failed)?;
             let req = BackupRequest {
                 tenant,
-                volume: &info.name,
+                volume,
                 backup_id,
                 server_backup,
                 source: Arc::new(SnapshotSource { view: view.clone(), chunk }),
@@ -641,12 +673,24 @@ impl ControlPlane {
                 // The parent went (deleted, damaged) between the check and the backup.
                 Err(BackupError::Parent { parent, why }) if base.is_some() => {
                     ctx.note(format!("parent backup {parent} unusable ({why}): taking a full backup"));
-                    base = None;
+                    *base = None;
                 }
                 Err(BackupError::Cancelled) => return Err(stopped(ctx)),
                 Err(e) => return Err(job_failed(e)),
             }
         };
+        Ok(m)
+    }
+
+    /// Records a committed backup as the volume's new base (the old base's snapshot goes).
+    fn finish_backup(
+        &self,
+        volume_id: u64,
+        snap: u64,
+        backup_id: &str,
+        m: Manifest,
+        ctx: &JobContext,
+    ) -> Result<Manifest, JobError> {
         // The new base; the old one's snapshot goes.
         let old = self.base_of(volume_id).map_err(job_failed)?;
         self.set_base(volume_id, Some(&BaseRecord { v: 1, snapshot: snap, backup_id: backup_id.to_string() }))
@@ -785,7 +829,12 @@ impl ControlPlane {
         r
     }
 
-    fn restore_into(&self, job: &JobRecord, ctx: &JobContext, created: &mut Vec<(String, u64)>) -> Result<(), JobError> {
+    fn restore_into(
+        &self,
+        job: &JobRecord,
+        ctx: &JobContext,
+        created: &mut Vec<(String, u64)>,
+    ) -> Result<(), JobError> {
         let JobKind::Restore { backup_id, to, in_place, tier } = &job.kind else {
             unreachable!("run_restore of another kind")
         };

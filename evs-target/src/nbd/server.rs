@@ -87,15 +87,6 @@ enum Payload<'p> {
     Owned { buf: AlignedBuf, len: usize },
 }
 
-impl Payload<'_> {
-    fn len(&self) -> usize {
-        match self {
-            Payload::InRecvBuf(d) => d.len(),
-            Payload::Owned { len, .. } => *len,
-        }
-    }
-}
-
 /// NBD TLS: when it is required, and the rustls configuration of the server's identity.
 #[derive(Clone)]
 pub struct NbdTlsConfig {

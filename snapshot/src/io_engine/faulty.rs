@@ -23,9 +23,7 @@ pub struct FaultyEngine {
 #[cfg(feature = "failpoints")]
 pub fn failpoint_rule(op: &Op) -> Option<i32> {
     match op {
-        Op::Write { .. } => {
-            fail::eval("io-write-fault", |arg| arg.and_then(|a| a.parse().ok()).unwrap_or(libc::EIO))
-        }
+        Op::Write { .. } => fail::eval("io-write-fault", |arg| arg.and_then(|a| a.parse().ok()).unwrap_or(libc::EIO)),
         _ => None,
     }
 }
