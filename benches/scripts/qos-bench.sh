@@ -119,23 +119,21 @@ for label in ("burst", "sustained"):
             q = vol["qos"]
             job = load(os.path.join(work, f"{label}-{tier}-{kind}.fio.json"))["jobs"][0]["read"]
             secs = job["runtime"] / 1000.0
+            # Each bucket pair runs at its peak while its credits last, then at its limit;
+            # the average rate over the window of the dimension measured, and of the other
+            # one (4 KiB reads may meet the bandwidth limit, 256 KiB reads the IOPS one).
+            def window(peak, limit, credits):
+                burst_secs = credits / (peak - limit) if peak > limit else 0.0
+                t = min(secs, burst_secs)
+                return (peak * t + limit * (secs - t)) / secs
+            iops = window(q["iops_peak"], q["iops_limit"], q["iops_burst_capacity"])
+            bw = window(q["bandwidth_peak"], q["bandwidth_limit"], q["bandwidth_burst_capacity"])
             if kind == "iops":
-                # The window runs at the peak while credits last, then at the limit.
-                peak, limit, credits = q["iops_peak"], q["iops_limit"], q["iops_burst_capacity"]
                 got = job["iops"]
+                want = min(iops, bw / 4096)
             else:
-                peak, limit, credits = q["bandwidth_peak"], q["bandwidth_limit"], q["bandwidth_burst_capacity"]
                 got = job["bw_bytes"]
-            burst_secs = credits / (peak - limit) if peak > limit else 0.0
-            t = min(secs, burst_secs)
-            want = (peak * t + limit * (secs - t)) / secs
-            # The other dimension may bind first: 4 KiB reads against bandwidth, 256 KiB reads
-            # (one I/O unit each) against IOPS.
-            if kind == "iops":
-                other = (q["bandwidth_peak"] if t > 0 else q["bandwidth_limit"]) / 4096
-            else:
-                other = (q["iops_peak"] if t > 0 else q["iops_limit"]) * 262144
-            want = min(want, other)
+                want = min(bw, iops * 262144)
             unit = "IOPS" if kind == "iops" else "MB/s"
             scale = 1.0 if kind == "iops" else 1e-6
             print("%-10s %-9s %-9s %12.1f %12.1f %7.3f" % (tier, label, unit, want * scale, got * scale, got / want))
