@@ -689,7 +689,11 @@ impl FileConfig {
                 if let Some(v) = &b.max_bytes_per_tenant {
                     out.max_bytes_per_tenant = size("max_bytes_per_tenant", v)?;
                 }
-                let int = |key: &'static str, v: &Option<Spanned<i64>>, lo: i64, hi: i64| -> Result<Option<i64>, ConfigError> {
+                let int = |key: &'static str,
+                           v: &Option<Spanned<i64>>,
+                           lo: i64,
+                           hi: i64|
+                 -> Result<Option<i64>, ConfigError> {
                     let Some(v) = v else { return Ok(None) };
                     check_int(*v.get_ref(), lo, hi).map(Some).map_err(|m| value_err(key, v.span().start, m))
                 };

@@ -22,9 +22,9 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use evs_proto::v1::audit_service_server::AuditServiceServer;
 use evs_proto::v1::backup_service_server::BackupServiceServer;
-use evs_proto::v1::policy_service_server::PolicyServiceServer;
 use evs_proto::v1::dr_service_server::DrServiceServer;
 use evs_proto::v1::job_service_server::JobServiceServer;
+use evs_proto::v1::policy_service_server::PolicyServiceServer;
 use evs_proto::v1::replication_service_server::ReplicationServiceServer;
 use evs_proto::v1::server_service_server::ServerServiceServer;
 use evs_proto::v1::snapshot_service_server::SnapshotServiceServer;
@@ -136,7 +136,8 @@ fn open_backup_engine(config: &Config) -> anyhow::Result<evs_backup::Engine> {
 fn start_scheduler(cp: Arc<ControlPlane>, interval: Duration, stop: Arc<std::sync::atomic::AtomicBool>) {
     let spawned = std::thread::Builder::new().name("evs-policies".into()).spawn(move || {
         while !stop.load(std::sync::atomic::Ordering::Acquire) {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let now =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
             cp.run_due_policies(now);
             let until = std::time::Instant::now() + interval;
             while std::time::Instant::now() < until && !stop.load(std::sync::atomic::Ordering::Acquire) {
@@ -348,11 +349,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tokio::spawn(serve_metrics(metrics_listener, cp.clone(), info))
     };
     let scheduler_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    start_scheduler(
-        cp.clone(),
-        Duration::from_secs(config.backups.scheduler_interval_seconds),
-        scheduler_stop.clone(),
-    );
+    start_scheduler(cp.clone(), Duration::from_secs(config.backups.scheduler_interval_seconds), scheduler_stop.clone());
 
     tracing::info!(
         nbd = %nbd_addr,

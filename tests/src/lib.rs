@@ -19,6 +19,7 @@
 
 pub mod daemon;
 pub mod fio;
+pub mod grpc;
 pub mod metrics;
 pub mod nbd_client;
 pub mod proxy;

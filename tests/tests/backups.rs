@@ -204,9 +204,7 @@ fn an_incremental_after_one_percent_changed_reads_and_uploads_about_one_percent(
 fn chunk_files(d: &Daemon) -> usize {
     fn count(p: &Path) -> usize {
         std::fs::read_dir(p)
-            .map(|rd| {
-                rd.flatten().map(|e| if e.path().is_dir() { count(&e.path()) } else { 1 }).sum::<usize>()
-            })
+            .map(|rd| rd.flatten().map(|e| if e.path().is_dir() { count(&e.path()) } else { 1 }).sum::<usize>())
             .unwrap_or(0)
     }
     count(&d.data_dir().join("obs").join("chunks"))
@@ -529,7 +527,8 @@ fn store_faults_fail_the_job_clearly_and_a_retry_succeeds() {
             .unwrap_or_else(|| panic!("garage.sh printed no {k}"))
             .to_string()
     };
-    let url = format!("s3://{}/faults?endpoint={}&region=garage", get("EVS_TEST_S3_BUCKET"), get("EVS_TEST_S3_ENDPOINT"));
+    let url =
+        format!("s3://{}/faults?endpoint={}&region=garage", get("EVS_TEST_S3_BUCKET"), get("EVS_TEST_S3_ENDPOINT"));
     let mut opts = DaemonOptions {
         args: vec!["--backup-store".into(), url],
         config: Some("[backups]\nconcurrency = 1\n".into()),

@@ -305,6 +305,9 @@ impl ControlPlane {
     }
 
     pub fn list_backups(&self, owner: &str, volume: &str, server: &str) -> Result<Vec<pb::Backup>, ApiError> {
+        if !server.is_empty() && !volume.is_empty() {
+            return Err(ValidationError::ListFilter.into());
+        }
         let engine = self.backups()?.engine.clone();
         if !server.is_empty() {
             super::validate::validate_server_name(server)?;
@@ -484,8 +487,11 @@ impl ControlPlane {
         }
         let tier = super::validate::validate_tier(tier)?;
         let _g = self.mutations.lock();
-        let volumes: Vec<String> =
-            if b.kind == "server" { b.volumes.iter().map(|v| v.volume.clone()).collect() } else { vec![b.volume.clone()] };
+        let volumes: Vec<String> = if b.kind == "server" {
+            b.volumes.iter().map(|v| v.volume.clone()).collect()
+        } else {
+            vec![b.volume.clone()]
+        };
         if in_place {
             for v in &volumes {
                 let info = self.find_live(owner, v)?;
@@ -495,8 +501,11 @@ impl ControlPlane {
             }
         } else {
             validate_volume_name(to)?;
-            let names: Vec<String> =
-                if b.kind == "server" { volumes.iter().map(|v| format!("{to}-{v}")).collect() } else { vec![to.to_string()] };
+            let names: Vec<String> = if b.kind == "server" {
+                volumes.iter().map(|v| format!("{to}-{v}")).collect()
+            } else {
+                vec![to.to_string()]
+            };
             for n in &names {
                 validate_volume_name(n)?;
                 if self.find(owner, n).is_ok() {
@@ -814,7 +823,9 @@ impl ControlPlane {
             match r {
                 Ok(stats) => ctx.note(format!(
                     "restored {} to volume #{volume_id}: {} chunks written, {} zero",
-                    p.id, stats.chunks - stats.chunks_zero, stats.chunks_zero
+                    p.id,
+                    stats.chunks - stats.chunks_zero,
+                    stats.chunks_zero
                 )),
                 Err(BackupError::Cancelled) => return Err(stopped(ctx)),
                 Err(e) => return Err(job_failed(e)),
@@ -1051,7 +1062,10 @@ impl BackupService for VolumeApi {
         req: Request<pb::VerifyBackupRequest>,
     ) -> Result<Response<pb::VerifyBackupResponse>, Status> {
         let id = req.get_ref().id.clone();
-        let job = self.run(&req, move |cp, owner| cp.verify_backup(owner, &id)).await?;
+        let target = format!("backup {id}");
+        let job = self
+            .run_mut(&req, "BackupService/VerifyBackup", target, move |cp, owner| cp.verify_backup(owner, &id))
+            .await?;
         Ok(Response::new(pb::VerifyBackupResponse { job: Some(job_to_pb(&job)) }))
     }
 
@@ -1060,8 +1074,9 @@ impl BackupService for VolumeApi {
         req: Request<pb::CollectGarbageRequest>,
     ) -> Result<Response<pb::CollectGarbageResponse>, Status> {
         let target = "the backup store".to_string();
-        let job =
-            self.run_mut(&req, "BackupService/CollectGarbage", target, move |cp, caller| cp.collect_garbage(caller)).await?;
+        let job = self
+            .run_mut(&req, "BackupService/CollectGarbage", target, move |cp, caller| cp.collect_garbage(caller))
+            .await?;
         Ok(Response::new(pb::CollectGarbageResponse { job: Some(job_to_pb(&job)) }))
     }
 

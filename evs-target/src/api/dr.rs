@@ -638,6 +638,7 @@ impl ControlPlane {
     }
 
     pub fn unprotect(&self, owner: &str, group: &str, server: &str) -> Result<pb::Group, ApiError> {
+        validate_server_name(server)?;
         let g = self.group_record(owner, group)?;
         let lock = self.group_lock(&group_key(owner, group))?;
         let _l = lock.lock();
@@ -1083,6 +1084,10 @@ impl ControlPlane {
         if g.role != Role::Target {
             return Err(ApiError::WrongRole { group: group.to_string(), role: g.role.name().into(), want: "target" });
         }
+        // Refused here rather than by a failed job: nothing to promote yet.
+        if g.point_seq == 0 {
+            return Err(ApiError::Syncing(group.to_string()));
+        }
         Ok(self.jobs.submit(owner, JobKind::DrFailover { group: group.to_string() })?)
     }
 
@@ -1100,6 +1105,10 @@ impl ControlPlane {
 
     pub fn drill(&self, owner: &str, group: &str, start: bool) -> Result<pb::StartDrillResponse, ApiError> {
         let g = self.group_record(owner, group)?;
+        // A drill is asked of the source, which has the target make the clones.
+        if g.role != Role::Source {
+            return Err(ApiError::WrongRole { group: group.to_string(), role: g.role.name().into(), want: "source" });
+        }
         let dr = self.dr()?;
         let mut c = self.peer_client(&g)?;
         let r = dr

@@ -213,7 +213,9 @@ impl JobService for VolumeApi {
 
     async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::CancelJobResponse>, Status> {
         let id = req.get_ref().id;
-        let job = self.run(&req, move |cp, tenant| cp.cancel_job(tenant, id)).await?;
+        let job = self
+            .run_mut(&req, "JobService/CancelJob", format!("job {id}"), move |cp, tenant| cp.cancel_job(tenant, id))
+            .await?;
         Ok(Response::new(pb::CancelJobResponse { job: Some(job_to_pb(&job)) }))
     }
 }

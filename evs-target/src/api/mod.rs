@@ -665,6 +665,17 @@ impl ControlPlane {
         Ok(was_attached)
     }
 
+    /// Records the outcome of a call in the audit log (a failure to write it is logged).
+    pub(super) fn audit_outcome<T>(&self, who: &str, method: &str, target: &str, r: &Result<T, ApiError>) {
+        let (result, message) = match r {
+            Ok(_) => ("OK", String::new()),
+            Err(e) => (error::code_name(e.code()), e.to_string()),
+        };
+        if let Err(e) = self.audit.record(self.store.catalog(), who, method, target, result, &message) {
+            tracing::error!(error = %e, method, "cannot write the audit log");
+        }
+    }
+
     /// Counts for the metrics endpoint.
     pub fn gauges(&self) -> Result<Gauges, StoreError> {
         let volumes = self.store.list_volumes(None)?.len() as u64;
@@ -770,13 +781,7 @@ impl VolumeApi {
                 }
                 Err(e) => (audit::UNAUTHENTICATED.to_string(), Err(e)),
             };
-            let (result, message) = match &r {
-                Ok(_) => ("OK", String::new()),
-                Err(e) => (error::code_name(e.code()), e.to_string()),
-            };
-            if let Err(e) = cp.audit.record(cp.store.catalog(), &who, method, &target, result, &message) {
-                tracing::error!(error = %e, method, "cannot write the audit log");
-            }
+            cp.audit_outcome(&who, method, &target, &r);
             r.map_err(Status::from)
         })
         .await

@@ -62,7 +62,12 @@ fn policy_label(policy: &str) -> String {
 
 fn retention_of(r: Option<pb::Retention>) -> Retention {
     let r = r.unwrap_or_default();
-    Retention { keep_last: r.keep_last, keep_daily: r.keep_daily, keep_weekly: r.keep_weekly, keep_monthly: r.keep_monthly }
+    Retention {
+        keep_last: r.keep_last,
+        keep_daily: r.keep_daily,
+        keep_weekly: r.keep_weekly,
+        keep_monthly: r.keep_monthly,
+    }
 }
 
 impl ControlPlane {
@@ -165,7 +170,10 @@ impl ControlPlane {
             for s in &rec.servers {
                 b.remove(format!("s/{owner}/{s}").as_str()).map_err(StoreError::from)?;
             }
-            w.open_table(POLICIES).map_err(StoreError::from)?.remove(key(owner, name).as_str()).map_err(StoreError::from)?;
+            w.open_table(POLICIES)
+                .map_err(StoreError::from)?
+                .remove(key(owner, name).as_str())
+                .map_err(StoreError::from)?;
         }
         w.commit().map_err(StoreError::from)?;
         tracing::info!(owner, policy = name, "policy deleted");
@@ -212,7 +220,10 @@ impl ControlPlane {
             _ => {}
         }
         let bytes = serde_json::to_vec(&rec).map_err(|e| StoreError::Catalog(e.to_string()))?;
-        w.open_table(POLICIES).map_err(StoreError::from)?.insert(pkey.as_str(), bytes.as_slice()).map_err(StoreError::from)?;
+        w.open_table(POLICIES)
+            .map_err(StoreError::from)?
+            .insert(pkey.as_str(), bytes.as_slice())
+            .map_err(StoreError::from)?;
         w.commit().map_err(StoreError::from)?;
         tracing::info!(owner, policy = name, volume, server, "policy bound");
         Ok(self.describe_policy(name, &rec))
@@ -233,7 +244,17 @@ impl ControlPlane {
         }
         let w = self.store.catalog().begin_write().map_err(StoreError::from)?;
         {
-            w.open_table(POLICY_BINDINGS).map_err(StoreError::from)?.remove(bkey.as_str()).map_err(StoreError::from)?;
+            let mut b = w.open_table(POLICY_BINDINGS).map_err(StoreError::from)?;
+            // Unbinding what another policy holds must not take it from that policy.
+            if let Some(other) = b.get(bkey.as_str()).map_err(StoreError::from)? {
+                let other = other.value().split_once('/').map_or("", |(_, n)| n).to_string();
+                if other != name {
+                    let what = if vid.is_some() { format!("volume {volume}") } else { format!("server {server}") };
+                    return Err(ApiError::BoundElsewhere { what, policy: other, asked: name.to_string() });
+                }
+            }
+            b.remove(bkey.as_str()).map_err(StoreError::from)?;
+            drop(b);
             let bytes = serde_json::to_vec(&rec).map_err(|e| StoreError::Catalog(e.to_string()))?;
             w.open_table(POLICIES)
                 .map_err(StoreError::from)?
@@ -393,11 +414,15 @@ impl PolicyService for VolumeApi {
     ) -> Result<Response<pb::DeletePolicyResponse>, Status> {
         let name = req.get_ref().name.clone();
         let target = format!("policy {name}");
-        self.run_mut(&req, "PolicyService/DeletePolicy", target, move |cp, owner| cp.delete_policy(owner, &name)).await?;
+        self.run_mut(&req, "PolicyService/DeletePolicy", target, move |cp, owner| cp.delete_policy(owner, &name))
+            .await?;
         Ok(Response::new(pb::DeletePolicyResponse {}))
     }
 
-    async fn bind_policy(&self, req: Request<pb::BindPolicyRequest>) -> Result<Response<pb::BindPolicyResponse>, Status> {
+    async fn bind_policy(
+        &self,
+        req: Request<pb::BindPolicyRequest>,
+    ) -> Result<Response<pb::BindPolicyResponse>, Status> {
         let pb::BindPolicyRequest { name, volume, server } = req.get_ref().clone();
         let target = format!("policy {name}");
         let policy = self
@@ -425,7 +450,8 @@ impl PolicyService for VolumeApi {
     async fn run_policy(&self, req: Request<pb::RunPolicyRequest>) -> Result<Response<pb::RunPolicyResponse>, Status> {
         let name = req.get_ref().name.clone();
         let target = format!("policy {name}");
-        let jobs = self.run_mut(&req, "PolicyService/RunPolicy", target, move |cp, owner| cp.run_policy(owner, &name)).await?;
+        let jobs =
+            self.run_mut(&req, "PolicyService/RunPolicy", target, move |cp, owner| cp.run_policy(owner, &name)).await?;
         Ok(Response::new(pb::RunPolicyResponse { jobs: jobs.iter().map(job_to_pb).collect() }))
     }
 }
