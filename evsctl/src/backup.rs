@@ -146,7 +146,8 @@ fn backup_detail(b: &BackupView) -> String {
         );
     }
     for v in &b.volumes {
-        let _ = writeln!(out, "volume:    {} {} ({})", v.id, v.volume.as_deref().unwrap_or("-"), format_size(v.size_bytes));
+        let _ =
+            writeln!(out, "volume:    {} {} ({})", v.id, v.volume.as_deref().unwrap_or("-"), format_size(v.size_bytes));
     }
     out
 }
@@ -249,7 +250,10 @@ pub async fn backup(
         }
         BackupCommand::CreateServer { server, name, wait } => {
             let r = c
-                .create_server_backup(pb::CreateServerBackupRequest { server: server.clone(), name: name.unwrap_or_default() })
+                .create_server_backup(pb::CreateServerBackupRequest {
+                    server: server.clone(),
+                    name: name.unwrap_or_default(),
+                })
                 .await
                 .map_err(ServerError::from)?
                 .into_inner();
@@ -369,7 +373,8 @@ struct JobList {
 
 fn policy_detail(p: &PolicyView) -> String {
     let r = &p.retention;
-    let next = if p.next_run_unix == u64::MAX || p.next_run_unix == 0 { "-".into() } else { format_time(p.next_run_unix) };
+    let next =
+        if p.next_run_unix == u64::MAX || p.next_run_unix == 0 { "-".into() } else { format_time(p.next_run_unix) };
     let last = if p.last_run_unix == 0 { "never".into() } else { format_time(p.last_run_unix) };
     format!(
         "name:      {}\nschedule:  {} (UTC)\nretention: keep last {}, daily {}, weekly {}, monthly {}\nvolumes:   {}\nservers:   {}\nnext run:  {next}\nlast run:  {last}\n",
