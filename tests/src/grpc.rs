@@ -97,3 +97,21 @@ pub fn all_methods() -> Vec<String> {
     out.sort();
     out
 }
+
+/// A boxed call's future (current-thread runtime: no Send needed).
+pub type Fut = std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::Status>>>>;
+/// One RPC with a fixed request, callable with any credentials, any number of times.
+pub type Call = Box<dyn Fn(Channel, Auth) -> Fut>;
+
+/// A [`Call`] of `Client.method(request)`: `call!(VolumeServiceClient.get_volume(req))`. The
+/// request is built once and cloned at each call; only the response's status is kept.
+#[macro_export]
+macro_rules! call {
+    ($client:ident . $method:ident ( $m:expr )) => {{
+        let m = $m;
+        Box::new(move |ch: tonic::transport::Channel, auth: $crate::grpc::Auth| -> $crate::grpc::Fut {
+            let m = m.clone();
+            Box::pin(async move { $client::new(ch).$method($crate::grpc::req(&auth, m)).await.map(|_| ()) })
+        }) as $crate::grpc::Call
+    }};
+}

@@ -9,11 +9,10 @@
 //! here fails `every_rpc_refuses_bad_input_and_changes_nothing`.
 
 use std::collections::BTreeSet;
-use std::future::Future;
-use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use evs_tests::grpc::{all_methods, pb, req, Auth, Grpc};
+use evs_tests::call;
+use evs_tests::grpc::{all_methods, pb, req, Auth, Call, Fut, Grpc};
 use evs_tests::{Daemon, DaemonOptions, NbdClient};
 use pb::audit_service_client::AuditServiceClient as AuditC;
 use pb::backup_service_client::BackupServiceClient as BackupC;
@@ -29,20 +28,6 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 const MIB: u64 = 1 << 20;
-
-type Fut = Pin<Box<dyn Future<Output = Result<(), Status>>>>;
-type Call = Box<dyn Fn(Channel, Auth) -> Fut>;
-
-/// A call of `$client.$method($request)` (the request is built once, cloned at each call).
-macro_rules! call {
-    ($client:ident . $method:ident ( $m:expr )) => {{
-        let m = $m;
-        Box::new(move |ch: Channel, auth: Auth| -> Fut {
-            let m = m.clone();
-            Box::pin(async move { $client::new(ch).$method(req(&auth, m)).await.map(|_| ()) })
-        }) as Call
-    }};
-}
 
 /// A call with a default (empty) request of `method`, for the cases every RPC must pass (no
 /// credentials, a wrong token). None for a method this table does not know: a new RPC.
