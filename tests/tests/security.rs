@@ -707,3 +707,121 @@ fn a_backup_key_never_reaches_logs_audit_catalog_store_or_messages() {
         assert!(!audit.contains(n), "the audit log holds {n}");
     }
 }
+
+/// A CA and one server certificate it signed for 127.0.0.1 (both daemons of a test use it).
+fn pki(ca_name: &str) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.distinguished_name.push(DnType::CommonName, ca_name);
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut srv = CertificateParams::new(Vec::<String>::new()).unwrap();
+    srv.distinguished_name.push(DnType::CommonName, "evs daemon");
+    srv.subject_alt_names = vec![SanType::IpAddress("127.0.0.1".parse().unwrap())];
+    srv.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = srv.signed_by(&key, &issuer).unwrap().pem();
+    (ca_pem, cert, key.serialize_pem())
+}
+
+#[test]
+fn replication_runs_over_tls_and_refuses_a_peer_signed_by_another_ca() {
+    let (ca, cert, key) = pki("evs DR CA");
+    let (other_ca, _, _) = pki("some other CA");
+    let files = vec![
+        ("pki/ca.pem".into(), ca.into_bytes()),
+        ("pki/cert.pem".into(), cert.into_bytes()),
+        ("pki/key.pem".into(), key.into_bytes()),
+        ("pki/other-ca.pem".into(), other_ca.into_bytes()),
+    ];
+    let tls = |az: &str| {
+        Daemon::start_with(DaemonOptions {
+            az: Some(az.into()),
+            args: ["--tls-cert", "pki/cert.pem", "--tls-key", "pki/key.pem", "--nbd-tls", "off"]
+                .map(String::from)
+                .to_vec(),
+            api_scheme: Some("https".into()),
+            evsctl_args: vec!["--ca-cert".into(), "pki/ca.pem".into()],
+            files: files.clone(),
+            ..Default::default()
+        })
+    };
+    let a = tls("az1");
+    let b = tls("az2");
+    let (uri, _) = a.create_volume("va", "8M");
+    let data = Rng::new(11).bytes(3 * MIB as usize);
+    let mut c = NbdClient::connect(&uri).unwrap();
+    c.write(2 * MIB, &data).unwrap();
+    c.flush().unwrap();
+    a.evsctl_ok(&["server", "create", "vm", "--volumes", "va"]);
+    let target = format!("https://{}", b.api_addr);
+
+    // A target whose certificate another CA signed, and plain text to a TLS daemon: refused,
+    // nothing registered on the target.
+    for (ep, ca_file, why) in [
+        (target.clone(), "pki/other-ca.pem", "a CA that did not sign the target"),
+        (format!("http://{}", b.api_addr), "pki/ca.pem", "plain text to a TLS daemon"),
+    ] {
+        let out = a.evsctl(&[
+            "dr",
+            "group",
+            "create",
+            "g0",
+            "--target",
+            &ep,
+            "--target-token",
+            b.token(),
+            "--peer-ca-cert",
+            ca_file,
+        ]);
+        assert!(!out.status.success(), "{why}: {}", evs_tests::tools::format_output(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("DR peer"),
+            "{why}: {}",
+            evs_tests::tools::format_output(&out)
+        );
+    }
+    assert_eq!(b.evsctl_json(&["dr", "group", "list"])["groups"].as_array().map(Vec::len), Some(0));
+    assert_eq!(a.evsctl_json(&["dr", "group", "list"])["groups"].as_array().map(Vec::len), Some(0));
+
+    // Over TLS both ways (the target calls back on the source's https endpoint).
+    let g = a.evsctl_json(&[
+        "dr",
+        "group",
+        "create",
+        "g",
+        "--target",
+        &target,
+        "--target-token",
+        b.token(),
+        "--target-az",
+        "az2",
+        "--interval",
+        "1",
+        "--peer-ca-cert",
+        "pki/ca.pem",
+    ]);
+    assert_eq!(g["peer_endpoint"], target.as_str(), "{g}");
+    let p = a.evsctl_json(&["dr", "protect", "g", "--server", "vm", "--wait"]);
+    assert_eq!(p["job"]["state"], "succeeded", "{p}");
+    // A write after the initial sync travels in a cycle.
+    c.write(0, &[0x77; 4096]).unwrap();
+    c.flush().unwrap();
+    let seq = a.evsctl_json(&["dr", "status", "g"])["point_seq"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a.evsctl_json(&["dr", "status", "g"])["point_seq"].as_u64().unwrap() < seq + 2 {
+        assert!(Instant::now() < deadline, "no replication cycle over TLS in 60 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let d = a.evsctl_json(&["dr", "drill", "start", "g"]);
+    let drill = d["volumes"][0]["uri"].as_str().unwrap_or_else(|| panic!("{d}")).to_string();
+    let mut r = NbdClient::connect(&drill).unwrap();
+    assert_eq!(r.read(0, 4096).unwrap(), vec![0x77; 4096], "the cycle's write on the target");
+    assert_eq!(r.read(2 * MIB, data.len() as u32).unwrap(), data, "the initial sync on the target");
+    drop(r);
+    a.evsctl_ok(&["dr", "drill", "stop", "g"]);
+    let s = a.evsctl_json(&["dr", "status", "g"]);
+    assert!(s["bytes_transferred"].as_u64().unwrap() > 0 && s["last_error"].as_str().unwrap_or("").is_empty(), "{s}");
+}
