@@ -24,12 +24,12 @@ fi
 
 rc=0
 echo "audit.sh: cargo deny check licenses bans sources"
-cargo deny --locked check licenses bans sources || rc=1
+cargo deny --locked check --hide-inclusion-graph licenses bans sources || rc=1
 
 db_url=https://github.com/rustsec/advisory-db
 if timeout 20 git ls-remote --heads "$db_url" >/dev/null 2>&1; then
   echo "audit.sh: cargo deny check advisories"
-  cargo deny --locked check advisories || rc=1
+  cargo deny --locked check --hide-inclusion-graph advisories || rc=1
 else
   echo "audit.sh: SKIPPED the advisories check: the RustSec advisory database ($db_url) could not" \
     "be fetched from this machine (github.com unreachable). Licenses, bans and sources were checked."
