@@ -128,7 +128,8 @@ fn apply_call(msgs: Vec<pb::ApplyMessage>) -> Call {
     })
 }
 
-/// The calls that change something: the audit log records each of them, refused or not.
+/// The calls that change something: the audit log records each of them, refused or not (and
+/// every call whose credentials are refused).
 fn is_mutating(method: &str) -> bool {
     let m = method.split('/').nth(1).unwrap_or("");
     let read_only = m.starts_with("List") || m.starts_with("Get") || matches!(m, "Status" | "DiffSnapshots" | "Apply");
@@ -2146,7 +2147,8 @@ fn every_rpc_refuses_bad_input_and_changes_nothing() {
                 if let Some(e) = &newest {
                     audit_seq = audit_seq.max(e.seq);
                 }
-                if is_mutating(c.method) {
+                // Mutating calls always; read-only ones when the credentials were refused.
+                if is_mutating(c.method) || s.code() == Code::Unauthenticated {
                     let want_tenant = audit_tenant(&ctx, &c.auth, s.code());
                     match fresh {
                         None => failures.push(format!("{label}: not in the audit log")),

@@ -1021,13 +1021,15 @@ impl BackupService for VolumeApi {
         req: Request<pb::ListBackupsRequest>,
     ) -> Result<Response<pb::ListBackupsResponse>, Status> {
         let pb::ListBackupsRequest { volume, server } = req.get_ref().clone();
-        let backups = self.run(&req, move |cp, owner| cp.list_backups(owner, &volume, &server)).await?;
+        let backups = self
+            .run(&req, "BackupService/ListBackups", move |cp, owner| cp.list_backups(owner, &volume, &server))
+            .await?;
         Ok(Response::new(pb::ListBackupsResponse { backups }))
     }
 
     async fn get_backup(&self, req: Request<pb::GetBackupRequest>) -> Result<Response<pb::GetBackupResponse>, Status> {
         let id = req.get_ref().id.clone();
-        let backup = self.run(&req, move |cp, owner| cp.get_backup(owner, &id)).await?;
+        let backup = self.run(&req, "BackupService/GetBackup", move |cp, owner| cp.get_backup(owner, &id)).await?;
         Ok(Response::new(pb::GetBackupResponse { backup: Some(backup) }))
     }
 

@@ -1202,7 +1202,7 @@ impl evs_proto::v1::dr_service_server::DrService for super::VolumeApi {
         &self,
         req: tonic::Request<pb::ListGroupsRequest>,
     ) -> Result<tonic::Response<pb::ListGroupsResponse>, tonic::Status> {
-        let groups = self.run(&req, |cp, owner| cp.list_groups(owner)).await?;
+        let groups = self.run(&req, "DrService/ListGroups", |cp, owner| cp.list_groups(owner)).await?;
         Ok(tonic::Response::new(pb::ListGroupsResponse { groups }))
     }
 
@@ -1211,7 +1211,7 @@ impl evs_proto::v1::dr_service_server::DrService for super::VolumeApi {
         req: tonic::Request<pb::GetGroupRequest>,
     ) -> Result<tonic::Response<pb::GetGroupResponse>, tonic::Status> {
         let name = req.get_ref().name.clone();
-        let group = self.run(&req, move |cp, owner| cp.get_group(owner, &name)).await?;
+        let group = self.run(&req, "DrService/GetGroup", move |cp, owner| cp.get_group(owner, &name)).await?;
         Ok(tonic::Response::new(pb::GetGroupResponse { group: Some(group) }))
     }
 
@@ -1278,7 +1278,7 @@ impl evs_proto::v1::dr_service_server::DrService for super::VolumeApi {
         req: tonic::Request<pb::StatusRequest>,
     ) -> Result<tonic::Response<pb::StatusResponse>, tonic::Status> {
         let group = req.get_ref().group.clone();
-        let g = self.run(&req, move |cp, owner| cp.get_group(owner, &group)).await?;
+        let g = self.run(&req, "DrService/Status", move |cp, owner| cp.get_group(owner, &group)).await?;
         Ok(tonic::Response::new(pb::StatusResponse { group: Some(g) }))
     }
 

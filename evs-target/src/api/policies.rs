@@ -404,7 +404,7 @@ impl PolicyService for VolumeApi {
         &self,
         req: Request<pb::ListPoliciesRequest>,
     ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
-        let policies = self.run(&req, |cp, owner| cp.list_policies(owner)).await?;
+        let policies = self.run(&req, "PolicyService/ListPolicies", |cp, owner| cp.list_policies(owner)).await?;
         Ok(Response::new(pb::ListPoliciesResponse { policies }))
     }
 

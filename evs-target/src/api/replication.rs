@@ -62,6 +62,20 @@ impl ControlPlane {
         Ok((tenant.to_string(), g))
     }
 
+    /// [`authenticate_group`](Self::authenticate_group), with a refusal in the audit log.
+    fn authenticate_group_audited(
+        &self,
+        md: &tonic::metadata::MetadataMap,
+        method: &str,
+    ) -> Result<(String, GroupRecord), ApiError> {
+        let r = self.authenticate_group(md);
+        if r.is_err() {
+            let key = md.get(GROUP_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+            self.audit_outcome(super::audit::UNAUTHENTICATED, method, &format!("DR group {key}"), &r);
+        }
+        r
+    }
+
     /// On the target: records the group the source made (the caller's token is the tenant's).
     pub fn register_group(
         &self,
@@ -408,10 +422,12 @@ impl Role {
 }
 
 impl VolumeApi {
-    /// Runs `f` for an authenticated group call on the blocking pool.
+    /// Runs `f` for an authenticated group call on the blocking pool (read-only `method`:
+    /// only a refused secret goes to the audit log).
     async fn run_group<Q, T>(
         &self,
         req: &Request<Q>,
+        method: &'static str,
         f: impl FnOnce(&ControlPlane, &str, &GroupRecord) -> Result<T, ApiError> + Send + 'static,
     ) -> Result<T, Status>
     where
@@ -420,7 +436,7 @@ impl VolumeApi {
         let cp = self.cp.clone();
         let md = req.metadata().clone();
         tokio::task::spawn_blocking(move || {
-            let (tenant, g) = cp.authenticate_group(&md)?;
+            let (tenant, g) = cp.authenticate_group_audited(&md, method)?;
             f(&cp, &tenant, &g)
         })
         .await
@@ -510,7 +526,7 @@ impl ReplicationService for VolumeApi {
         let md = req.metadata().clone();
         let stream = req.into_inner();
         let r = tokio::task::spawn_blocking(move || {
-            let (tenant, g) = cp.authenticate_group(&md)?;
+            let (tenant, g) = cp.authenticate_group_audited(&md, "ReplicationService/Apply")?;
             cp.apply_stream(&tenant, &g.name, stream)
         })
         .await
@@ -521,7 +537,7 @@ impl ReplicationService for VolumeApi {
 
     async fn get_point(&self, req: Request<pb::GetPointRequest>) -> Result<Response<pb::GetPointResponse>, Status> {
         let r = self
-            .run_group(&req, |_, _, g| {
+            .run_group(&req, "ReplicationService/GetPoint", |_, _, g| {
                 let role = if g.failed_over { "failed-over" } else { g.role.name_str() };
                 Ok(pb::GetPointResponse { seq: g.point_seq, point_unix_ms: g.point_ms, role: role.into() })
             })
