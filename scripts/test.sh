@@ -18,11 +18,13 @@
 #   4. the same with EVS_TEST_IO_BACKEND=portable
 #   5. cargo fmt --all -- --check
 #   6. cargo clippy --workspace --all-targets -- -D warnings
+#   7. scripts/audit.sh: cargo-deny (deny.toml) licenses, bans, sources, and advisories when
+#      the RustSec database can be fetched (skipped with a note otherwise)
 # Every step runs even when an earlier test step failed; the last line is the summary. Exit
 # status is non-zero when any step failed.
 #
 # --quick runs the suite once, with EVS_TEST_IO_BACKEND if set, else uring when available, else
-# portable; then cargo fmt --check. No clippy.
+# portable; then cargo fmt --check. No clippy, no audit.
 set -uo pipefail
 
 usage() { sed -n '2,/^set -uo/{/^set -uo/d;s/^# \{0,1\}//;p}' "$0"; }
@@ -152,4 +154,5 @@ fi
 step "nextest[portable]" env EVS_TEST_IO_BACKEND=portable cargo nextest run --workspace "${features[@]}" --no-fail-fast "${nextest_extra[@]}"
 step fmt cargo fmt --all -- --check
 step clippy cargo clippy --workspace --all-targets "${features[@]}" -- -D warnings
+step audit scripts/audit.sh
 finish

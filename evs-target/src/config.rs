@@ -20,7 +20,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::jobs::{JobOptions, DEFAULT_MAX_RUNNING_PER_TENANT};
-use crate::qos::{default_tiers, RateSpec, TierSpec, MB};
+use crate::qos::{default_tiers, TierSpec, MB};
 
 pub const DEFAULT_DATA_DIR: &str = "./evs-data";
 pub const DEFAULT_AZ: &str = "az1";
@@ -763,6 +763,8 @@ fn apply_tier(
         ("mbps_max", t.mbps_max, &mut tier.bandwidth.max, MB),
         ("mbps_burst", t.mbps_burst, &mut tier.bandwidth.burst, MB),
     ];
+    // Where each key given is, to name the one that makes a limit zero.
+    let mut given: Vec<(&'static str, usize)> = Vec::new();
     for (key, v, target, scale) in fields {
         if let Some(v) = v {
             let x = *v.get_ref();
@@ -770,6 +772,7 @@ fn apply_tier(
                 return Err(err(key, v.span().start, format!("{x} is not a finite number >= 0")));
             }
             *target = x * scale;
+            given.push((key, v.span().start));
         }
     }
     if let Some(v) = t.burst_seconds {
@@ -779,10 +782,18 @@ fn apply_tier(
         }
         tier.burst_seconds = x;
     }
-    let positive = |r: &RateSpec| r.max > 0.0 && r.baseline + r.per_gib > 0.0;
-    if !positive(&tier.iops) || !positive(&tier.bandwidth) {
+    // The key to blame for a zero limit: the one given in this table (its line), else the
+    // table's header line.
+    let zero = [
+        (tier.iops.max <= 0.0, &["iops_max"][..]),
+        (tier.iops.baseline + tier.iops.per_gib <= 0.0, &["iops_baseline", "iops_per_gib"][..]),
+        (tier.bandwidth.max <= 0.0, &["mbps_max"][..]),
+        (tier.bandwidth.baseline + tier.bandwidth.per_gib <= 0.0, &["mbps_baseline", "mbps_per_gib"][..]),
+    ];
+    if let Some((_, keys)) = zero.iter().find(|(z, _)| *z) {
+        let (key, at) = given.iter().rev().find(|(k, _)| keys.contains(k)).copied().unwrap_or(("tiers", at));
         return Err(err(
-            "tiers",
+            key,
             at,
             format!(
                 "tier {:?}: a limit is zero (iops_max, mbps_max and the baseline + per-GiB rates must be above 0)",
@@ -1481,6 +1492,11 @@ allow_plaintext = true
         assert!(e.to_string().contains("unknown tier \"fast\""), "{e}");
         let e = with_file("[tiers.high]\n\niops_max = -3\n", &[]).unwrap_err();
         assert!(matches!(e, ConfigError::Value { line: 3, key: "iops_max", .. }), "{e}");
+        // A zero limit names the key that made it zero, on its line.
+        let e = with_file("[tiers.essd]\nmbps_max = 1\n\niops_max = 0\n", &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::Value { line: 4, key: "iops_max", .. }), "{e}");
+        let e = with_file("[tiers.essd]\nmbps_baseline = 0\nmbps_per_gib = 0\n", &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::Value { line: 3, key: "mbps_per_gib", .. }), "{e}");
         let e = with_file("[tiers.high]\niops_speed = 3\n", &[]).unwrap_err();
         assert!(matches!(e, ConfigError::Syntax { line: 2, .. }), "{e}");
         assert!(e.to_string().contains("iops_speed"), "{e}");

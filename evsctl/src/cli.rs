@@ -143,9 +143,11 @@ pub enum DrGroupCommand {
         /// daemon's API address].
         #[arg(long, value_name = "ENDPOINT")]
         source_endpoint: Option<String>,
-        /// CA certificate (PEM) of the daemons' TLS certificates, for https endpoints.
+        /// CA certificate (PEM) of the target's TLS certificate, for an https target (and of
+        /// this daemon's, which the target calls back) [default: --ca-cert]. A flag of its own:
+        /// a `--ca-cert` here would be the global one, for this daemon's API.
         #[arg(long, value_name = "FILE")]
-        ca_cert: Option<PathBuf>,
+        peer_ca_cert: Option<PathBuf>,
     },
     List,
     Show {

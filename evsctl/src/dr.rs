@@ -201,6 +201,7 @@ pub async fn dr(
     jobs: &mut JobClient,
     cmd: DrCommand,
     format: OutputFormat,
+    default_ca: Option<std::path::PathBuf>,
 ) -> anyhow::Result<String> {
     let one = |g: Option<pb::Group>| -> anyhow::Result<String> {
         let g = GroupView::from(g.context("the server's reply carries no group")?);
@@ -218,9 +219,9 @@ pub async fn dr(
             interval,
             bandwidth,
             source_endpoint,
-            ca_cert,
+            peer_ca_cert,
         }) => {
-            let ca_cert_pem = match ca_cert {
+            let ca_cert_pem = match peer_ca_cert.or(default_ca) {
                 Some(p) => std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?,
                 None => String::new(),
             };

@@ -48,7 +48,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Job(cmd) => job(&mut c.job, cmd, cli.output).await,
         Command::Backup(cmd) => backup::backup(&mut c.backup, &mut c.job, cmd, cli.output).await,
         Command::Policy(cmd) => backup::policy(&mut c.policy, cmd, cli.output).await,
-        Command::Dr(cmd) => dr::dr(&mut c.dr, &mut c.job, cmd, cli.output).await,
+        Command::Dr(cmd) => dr::dr(&mut c.dr, &mut c.job, cmd, cli.output, cli.ca_cert.clone()).await,
     }
     .map_err(|e| client::explain(e, &client::normalize_endpoint(&cli.endpoint)))?;
     emit(&out)

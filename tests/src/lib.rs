@@ -20,6 +20,7 @@
 pub mod daemon;
 pub mod durability;
 pub mod fio;
+pub mod grpc;
 pub mod metrics;
 pub mod nbd_client;
 pub mod proxy;

@@ -144,7 +144,8 @@ impl ControlPlane {
 impl AuditService for VolumeApi {
     async fn list_audit(&self, req: Request<pb::ListAuditRequest>) -> Result<Response<pb::ListAuditResponse>, Status> {
         let pb::ListAuditRequest { tenant, limit } = req.get_ref().clone();
-        let entries = self.run(&req, move |cp, caller| cp.list_audit(caller, &tenant, limit)).await?;
+        let entries =
+            self.run(&req, "AuditService/ListAudit", move |cp, caller| cp.list_audit(caller, &tenant, limit)).await?;
         Ok(Response::new(pb::ListAuditResponse { entries }))
     }
 }

@@ -305,6 +305,9 @@ impl ControlPlane {
     }
 
     pub fn list_backups(&self, owner: &str, volume: &str, server: &str) -> Result<Vec<pb::Backup>, ApiError> {
+        if !server.is_empty() && !volume.is_empty() {
+            return Err(ValidationError::ListFilter.into());
+        }
         let engine = self.backups()?.engine.clone();
         if !server.is_empty() {
             super::validate::validate_server_name(server)?;
@@ -1083,13 +1086,15 @@ impl BackupService for VolumeApi {
         req: Request<pb::ListBackupsRequest>,
     ) -> Result<Response<pb::ListBackupsResponse>, Status> {
         let pb::ListBackupsRequest { volume, server } = req.get_ref().clone();
-        let backups = self.run(&req, move |cp, owner| cp.list_backups(owner, &volume, &server)).await?;
+        let backups = self
+            .run(&req, "BackupService/ListBackups", move |cp, owner| cp.list_backups(owner, &volume, &server))
+            .await?;
         Ok(Response::new(pb::ListBackupsResponse { backups }))
     }
 
     async fn get_backup(&self, req: Request<pb::GetBackupRequest>) -> Result<Response<pb::GetBackupResponse>, Status> {
         let id = req.get_ref().id.clone();
-        let backup = self.run(&req, move |cp, owner| cp.get_backup(owner, &id)).await?;
+        let backup = self.run(&req, "BackupService/GetBackup", move |cp, owner| cp.get_backup(owner, &id)).await?;
         Ok(Response::new(pb::GetBackupResponse { backup: Some(backup) }))
     }
 
@@ -1124,7 +1129,10 @@ impl BackupService for VolumeApi {
         req: Request<pb::VerifyBackupRequest>,
     ) -> Result<Response<pb::VerifyBackupResponse>, Status> {
         let id = req.get_ref().id.clone();
-        let job = self.run(&req, move |cp, owner| cp.verify_backup(owner, &id)).await?;
+        let target = format!("backup {id}");
+        let job = self
+            .run_mut(&req, "BackupService/VerifyBackup", target, move |cp, owner| cp.verify_backup(owner, &id))
+            .await?;
         Ok(Response::new(pb::VerifyBackupResponse { job: Some(job_to_pb(&job)) }))
     }
 

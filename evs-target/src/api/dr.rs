@@ -638,6 +638,7 @@ impl ControlPlane {
     }
 
     pub fn unprotect(&self, owner: &str, group: &str, server: &str) -> Result<pb::Group, ApiError> {
+        validate_server_name(server)?;
         let g = self.group_record(owner, group)?;
         let lock = self.group_lock(&group_key(owner, group))?;
         let _l = lock.lock();
@@ -1103,6 +1104,10 @@ impl ControlPlane {
         if g.role != Role::Target {
             return Err(ApiError::WrongRole { group: group.to_string(), role: g.role.name().into(), want: "target" });
         }
+        // Refused here rather than by a failed job: nothing to promote yet.
+        if g.point_seq == 0 {
+            return Err(ApiError::Syncing(group.to_string()));
+        }
         Ok(self.jobs.submit(owner, JobKind::DrFailover { group: group.to_string() })?)
     }
 
@@ -1120,6 +1125,10 @@ impl ControlPlane {
 
     pub fn drill(&self, owner: &str, group: &str, start: bool) -> Result<pb::StartDrillResponse, ApiError> {
         let g = self.group_record(owner, group)?;
+        // A drill is asked of the source, which has the target make the clones.
+        if g.role != Role::Source {
+            return Err(ApiError::WrongRole { group: group.to_string(), role: g.role.name().into(), want: "source" });
+        }
         let dr = self.dr()?;
         let mut c = self.peer_client(&g)?;
         let r = dr
@@ -1213,7 +1222,7 @@ impl evs_proto::v1::dr_service_server::DrService for super::VolumeApi {
         &self,
         req: tonic::Request<pb::ListGroupsRequest>,
     ) -> Result<tonic::Response<pb::ListGroupsResponse>, tonic::Status> {
-        let groups = self.run(&req, |cp, owner| cp.list_groups(owner)).await?;
+        let groups = self.run(&req, "DrService/ListGroups", |cp, owner| cp.list_groups(owner)).await?;
         Ok(tonic::Response::new(pb::ListGroupsResponse { groups }))
     }
 
@@ -1222,7 +1231,7 @@ impl evs_proto::v1::dr_service_server::DrService for super::VolumeApi {
         req: tonic::Request<pb::GetGroupRequest>,
     ) -> Result<tonic::Response<pb::GetGroupResponse>, tonic::Status> {
         let name = req.get_ref().name.clone();
-        let group = self.run(&req, move |cp, owner| cp.get_group(owner, &name)).await?;
+        let group = self.run(&req, "DrService/GetGroup", move |cp, owner| cp.get_group(owner, &name)).await?;
         Ok(tonic::Response::new(pb::GetGroupResponse { group: Some(group) }))
     }
 
@@ -1289,7 +1298,7 @@ impl evs_proto::v1::dr_service_server::DrService for super::VolumeApi {
         req: tonic::Request<pb::StatusRequest>,
     ) -> Result<tonic::Response<pb::StatusResponse>, tonic::Status> {
         let group = req.get_ref().group.clone();
-        let g = self.run(&req, move |cp, owner| cp.get_group(owner, &group)).await?;
+        let g = self.run(&req, "DrService/Status", move |cp, owner| cp.get_group(owner, &group)).await?;
         Ok(tonic::Response::new(pb::StatusResponse { group: Some(g) }))
     }
 

@@ -85,6 +85,8 @@ pub enum ApiError {
     PolicyExists(String),
     #[error("{what} is bound to policy {policy:?} already; unbind it first (one policy per volume or server)")]
     PolicyBound { what: String, policy: String },
+    #[error("{what} is bound to policy {policy:?}, not to {asked:?}")]
+    BoundElsewhere { what: String, policy: String, asked: String },
     #[error("policy {policy:?} queued no backup: {errors}")]
     PolicyRun { policy: String, errors: String },
     #[error("DR group {0:?} not found")]
@@ -147,6 +149,7 @@ impl ApiError {
             | ApiError::BackupInProgress { .. }
             | ApiError::BeingRestored { .. }
             | ApiError::PolicyBound { .. }
+            | ApiError::BoundElsewhere { .. }
             | ApiError::PolicyRun { .. }
             | ApiError::Replica { .. }
             | ApiError::Switching { .. }

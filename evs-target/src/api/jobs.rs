@@ -201,19 +201,21 @@ impl JobExecutor for ControlPlane {
 #[tonic::async_trait]
 impl JobService for VolumeApi {
     async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
-        let jobs = self.run(&req, |cp, tenant| Ok(cp.list_jobs(tenant))).await?;
+        let jobs = self.run(&req, "JobService/ListJobs", |cp, tenant| Ok(cp.list_jobs(tenant))).await?;
         Ok(Response::new(pb::ListJobsResponse { jobs: jobs.iter().map(job_to_pb).collect() }))
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::GetJobResponse>, Status> {
         let id = req.get_ref().id;
-        let job = self.run(&req, move |cp, tenant| cp.get_job(tenant, id)).await?;
+        let job = self.run(&req, "JobService/GetJob", move |cp, tenant| cp.get_job(tenant, id)).await?;
         Ok(Response::new(pb::GetJobResponse { job: Some(job_to_pb(&job)) }))
     }
 
     async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::CancelJobResponse>, Status> {
         let id = req.get_ref().id;
-        let job = self.run(&req, move |cp, tenant| cp.cancel_job(tenant, id)).await?;
+        let job = self
+            .run_mut(&req, "JobService/CancelJob", format!("job {id}"), move |cp, tenant| cp.cancel_job(tenant, id))
+            .await?;
         Ok(Response::new(pb::CancelJobResponse { job: Some(job_to_pb(&job)) }))
     }
 }

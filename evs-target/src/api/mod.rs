@@ -665,6 +665,17 @@ impl ControlPlane {
         Ok(was_attached)
     }
 
+    /// Records the outcome of a call in the audit log (a failure to write it is logged).
+    pub(super) fn audit_outcome<T>(&self, who: &str, method: &str, target: &str, r: &Result<T, ApiError>) {
+        let (result, message) = match r {
+            Ok(_) => ("OK", String::new()),
+            Err(e) => (error::code_name(e.code()), e.to_string()),
+        };
+        if let Err(e) = self.audit.record(self.store.catalog(), who, method, target, result, &message) {
+            tracing::error!(error = %e, method, "cannot write the audit log");
+        }
+    }
+
     /// Counts for the metrics endpoint.
     pub fn gauges(&self) -> Result<Gauges, StoreError> {
         let volumes = self.store.list_volumes(None)?.len() as u64;
@@ -731,16 +742,31 @@ impl VolumeApi {
     }
 
     /// Authenticates the call, then runs `f` with the tenant on the blocking pool (the store
-    /// and the catalog do synchronous disk I/O).
+    /// and the catalog do synchronous disk I/O). For a read-only call `method`: only a refused
+    /// authentication goes to the audit log.
     async fn run<Q, T>(
         &self,
         req: &Request<Q>,
+        method: &'static str,
         f: impl FnOnce(&ControlPlane, &str) -> Result<T, ApiError> + Send + 'static,
     ) -> Result<T, Status>
     where
         T: Send + 'static,
     {
-        let tenant = self.cp.authenticate(req.metadata())?;
+        let tenant = match self.cp.authenticate(req.metadata()) {
+            Ok(t) => t,
+            Err(e) => {
+                let cp = self.cp.clone();
+                let r: Result<(), ApiError> = Err(e);
+                let r = tokio::task::spawn_blocking(move || {
+                    cp.audit_outcome(audit::UNAUTHENTICATED, method, "", &r);
+                    r
+                })
+                .await
+                .map_err(|e| ApiError::Internal(format!("the operation did not complete: {e}")))?;
+                return Err(r.expect_err("a refused authentication").into());
+            }
+        };
         let cp = self.cp.clone();
         tokio::task::spawn_blocking(move || f(&cp, &tenant))
             .await
@@ -770,13 +796,7 @@ impl VolumeApi {
                 }
                 Err(e) => (audit::UNAUTHENTICATED.to_string(), Err(e)),
             };
-            let (result, message) = match &r {
-                Ok(_) => ("OK", String::new()),
-                Err(e) => (error::code_name(e.code()), e.to_string()),
-            };
-            if let Err(e) = cp.audit.record(cp.store.catalog(), &who, method, &target, result, &message) {
-                tracing::error!(error = %e, method, "cannot write the audit log");
-            }
+            cp.audit_outcome(&who, method, &target, &r);
             r.map_err(Status::from)
         })
         .await
@@ -807,13 +827,13 @@ impl VolumeService for VolumeApi {
         &self,
         req: Request<pb::ListVolumesRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
-        let volumes = self.run(&req, |cp, owner| cp.list_volumes(owner)).await?;
+        let volumes = self.run(&req, "VolumeService/ListVolumes", |cp, owner| cp.list_volumes(owner)).await?;
         Ok(Response::new(pb::ListVolumesResponse { volumes }))
     }
 
     async fn get_volume(&self, req: Request<pb::GetVolumeRequest>) -> Result<Response<pb::GetVolumeResponse>, Status> {
         let name = req.get_ref().name.clone();
-        let volume = self.run(&req, move |cp, owner| cp.get_volume(owner, &name)).await?;
+        let volume = self.run(&req, "VolumeService/GetVolume", move |cp, owner| cp.get_volume(owner, &name)).await?;
         Ok(Response::new(pb::GetVolumeResponse { volume: Some(volume) }))
     }
 

@@ -244,7 +244,17 @@ impl ControlPlane {
         }
         let w = self.store.catalog().begin_write().map_err(StoreError::from)?;
         {
-            w.open_table(POLICY_BINDINGS).map_err(StoreError::from)?.remove(bkey.as_str()).map_err(StoreError::from)?;
+            let mut b = w.open_table(POLICY_BINDINGS).map_err(StoreError::from)?;
+            // Unbinding what another policy holds must not take it from that policy.
+            if let Some(other) = b.get(bkey.as_str()).map_err(StoreError::from)? {
+                let other = other.value().split_once('/').map_or("", |(_, n)| n).to_string();
+                if other != name {
+                    let what = if vid.is_some() { format!("volume {volume}") } else { format!("server {server}") };
+                    return Err(ApiError::BoundElsewhere { what, policy: other, asked: name.to_string() });
+                }
+            }
+            b.remove(bkey.as_str()).map_err(StoreError::from)?;
+            drop(b);
             let bytes = serde_json::to_vec(&rec).map_err(|e| StoreError::Catalog(e.to_string()))?;
             w.open_table(POLICIES)
                 .map_err(StoreError::from)?
@@ -394,7 +404,7 @@ impl PolicyService for VolumeApi {
         &self,
         req: Request<pb::ListPoliciesRequest>,
     ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
-        let policies = self.run(&req, |cp, owner| cp.list_policies(owner)).await?;
+        let policies = self.run(&req, "PolicyService/ListPolicies", |cp, owner| cp.list_policies(owner)).await?;
         Ok(Response::new(pb::ListPoliciesResponse { policies }))
     }
 

@@ -11,7 +11,7 @@ use evs_snapshot::{StoreError, Volume};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::dr::{group_key, point_name, GroupRecord, PairRecord, Role, GROUP_HEADER};
-use super::validate::{validate_group_name, validate_volume_name, ValidationError};
+use super::validate::{validate_group_name, validate_volume_name, validate_volume_size, ValidationError};
 use super::{ApiError, ControlPlane, VolumeApi};
 
 /// The replicas of a cycle, by the cycle's pair index.
@@ -49,8 +49,9 @@ impl ControlPlane {
     /// The group a node-to-node call names, if its secret is right.
     fn authenticate_group(&self, md: &tonic::metadata::MetadataMap) -> Result<(String, GroupRecord), ApiError> {
         let denied = || ApiError::Auth(super::auth::AuthError::UnknownToken);
-        let key = md.get(GROUP_HEADER).and_then(|v| v.to_str().ok()).ok_or_else(denied)?;
+        // Missing or malformed credentials first, as for tenant calls.
         let secret = super::auth::bearer_token(md)?;
+        let key = md.get(GROUP_HEADER).and_then(|v| v.to_str().ok()).ok_or_else(denied)?;
         let (tenant, name) = key.split_once('/').ok_or_else(denied)?;
         let g = self.group_by_key(key)?.ok_or_else(denied)?;
         // BLAKE3 hashes compare in constant time.
@@ -59,6 +60,20 @@ impl ControlPlane {
         }
         let _ = name;
         Ok((tenant.to_string(), g))
+    }
+
+    /// [`authenticate_group`](Self::authenticate_group), with a refusal in the audit log.
+    fn authenticate_group_audited(
+        &self,
+        md: &tonic::metadata::MetadataMap,
+        method: &str,
+    ) -> Result<(String, GroupRecord), ApiError> {
+        let r = self.authenticate_group(md);
+        if r.is_err() {
+            let key = md.get(GROUP_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+            self.audit_outcome(super::audit::UNAUTHENTICATED, method, &format!("DR group {key}"), &r);
+        }
+        r
     }
 
     /// On the target: records the group the source made (the caller's token is the tenant's).
@@ -113,14 +128,22 @@ impl ControlPlane {
         self.drop_group_locally(tenant, g, delete_replicas)
     }
 
-    /// On the target: makes (or grows) the replicas of `pairs`.
+    /// On the target: makes (or grows) the replicas of `pairs`. Every pair is checked (name,
+    /// size, a name taken by another volume, the quota for all the new ones) before any
+    /// replica is made, so a refused call makes none.
     fn prepare_pairs(&self, tenant: &str, g: &GroupRecord, pairs: &[pb::PairSpec]) -> Result<(), ApiError> {
         let key = group_key(tenant, &g.name);
         let mut added = Vec::new();
         {
             let _m = self.mutations.lock();
+            let mut new = Vec::new();
+            let mut seen = std::collections::BTreeSet::new();
             for p in pairs {
                 validate_volume_name(&p.volume)?;
+                validate_volume_size(p.size_bytes)?;
+                if !seen.insert(p.volume.as_str()) {
+                    return Err(ValidationError::Dr(format!("volume {} is listed twice", p.volume)).into());
+                }
                 if g.pairs.iter().any(|x| x.volume == p.volume) {
                     continue;
                 }
@@ -129,19 +152,22 @@ impl ControlPlane {
                         added.push((p.clone(), info.id));
                     }
                     Ok(_) => return Err(ApiError::VolumeExists(p.volume.clone())),
-                    Err(_) => {
-                        self.check_quota(tenant, 1, p.size_bytes)?;
-                        let tier = if super::validate::validate_tier(&p.tier).is_ok() && p.tier != "unlimited" {
-                            p.tier.as_str()
-                        } else {
-                            ""
-                        };
-                        let info = self.store.create_volume(tenant, &p.volume, p.size_bytes)?;
-                        self.set_tier_row(info.id, super::validate::validate_tier(tier)?)?;
-                        self.set_replica(info.id, Some(&key))?;
-                        added.push((p.clone(), info.id));
-                    }
+                    Err(ApiError::VolumeNotFound(_)) => new.push(p),
+                    Err(e) => return Err(e),
                 }
+            }
+            let bytes = new.iter().try_fold(0u64, |acc, p| acc.checked_add(p.size_bytes));
+            self.check_quota(tenant, new.len() as u64, bytes.unwrap_or(u64::MAX))?;
+            for p in new {
+                let tier = if super::validate::validate_tier(&p.tier).is_ok() && p.tier != "unlimited" {
+                    p.tier.as_str()
+                } else {
+                    ""
+                };
+                let info = self.store.create_volume(tenant, &p.volume, p.size_bytes)?;
+                self.set_tier_row(info.id, super::validate::validate_tier(tier)?)?;
+                self.set_replica(info.id, Some(&key))?;
+                added.push((p.clone(), info.id));
             }
         }
         self.update_group(tenant, &g.name, |r| {
@@ -164,6 +190,9 @@ impl ControlPlane {
     }
 
     fn remove_pairs(&self, tenant: &str, g: &GroupRecord, volumes: &[String]) -> Result<(), ApiError> {
+        for v in volumes {
+            validate_volume_name(v)?;
+        }
         for p in g.pairs.iter().filter(|p| volumes.contains(&p.volume)) {
             self.set_replica(p.volume_id, None)?;
             match self.store.delete_volume(p.volume_id) {
@@ -366,14 +395,21 @@ impl ControlPlane {
         let lock = self.group_lock(&group_key(tenant, &g.name))?;
         let _l = lock.lock();
         let mut g = self.group_record(tenant, &g.name)?;
+        // Checked before anything is recorded: a refused demote changes nothing. Point 0 is
+        // "no point": there is nothing to roll back to.
+        // A target was demoted already: only a retry of that demote (same point) is accepted.
+        if g.role == Role::Target && g.point_seq != r.seq {
+            return Err(ApiError::WrongRole { group: g.name.clone(), role: "target".into(), want: "source" });
+        }
+        let have = r.seq != 0
+            && g.pairs.iter().all(|p| self.store.find_snapshot(p.volume_id, &point_name(&g.name, r.seq)).is_ok());
+        if !have {
+            return Err(ApiError::PointMismatch { group: g.name.clone(), have: g.point_seq, base: r.seq });
+        }
         if !r.source_endpoint.is_empty() {
             g.peer_endpoint = r.source_endpoint.clone();
             g.peer_az = r.source_az.clone();
             self.put_group(tenant, &g)?;
-        }
-        let have = g.pairs.iter().all(|p| self.store.find_snapshot(p.volume_id, &point_name(&g.name, r.seq)).is_ok());
-        if !have {
-            return Err(ApiError::PointMismatch { group: g.name.clone(), have: g.point_seq, base: r.seq });
         }
         self.become_target(tenant, &g, r.seq)?;
         tracing::info!(tenant, group = g.name, seq = r.seq, "demoted: this daemon is now the DR target");
@@ -391,10 +427,12 @@ impl Role {
 }
 
 impl VolumeApi {
-    /// Runs `f` for an authenticated group call on the blocking pool.
+    /// Runs `f` for an authenticated group call on the blocking pool (read-only `method`:
+    /// only a refused secret goes to the audit log).
     async fn run_group<Q, T>(
         &self,
         req: &Request<Q>,
+        method: &'static str,
         f: impl FnOnce(&ControlPlane, &str, &GroupRecord) -> Result<T, ApiError> + Send + 'static,
     ) -> Result<T, Status>
     where
@@ -403,12 +441,42 @@ impl VolumeApi {
         let cp = self.cp.clone();
         let md = req.metadata().clone();
         tokio::task::spawn_blocking(move || {
-            let (tenant, g) = cp.authenticate_group(&md)?;
+            let (tenant, g) = cp.authenticate_group_audited(&md, method)?;
             f(&cp, &tenant, &g)
         })
         .await
         .map_err(|e| ApiError::Internal(format!("the operation did not complete: {e}")))?
         .map_err(Status::from)
+    }
+
+    /// [`run_group`](Self::run_group) for a call that changes something: the outcome goes to
+    /// the audit log as `method` on the group the call names (tenant "-" when the secret was
+    /// refused).
+    async fn run_group_mut<Q, T>(
+        &self,
+        req: &Request<Q>,
+        method: &'static str,
+        f: impl FnOnce(&ControlPlane, &str, &GroupRecord) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, Status>
+    where
+        T: Send + 'static,
+    {
+        let cp = self.cp.clone();
+        let md = req.metadata().clone();
+        tokio::task::spawn_blocking(move || {
+            let key = md.get(GROUP_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+            let (who, r) = match cp.authenticate_group(&md) {
+                Ok((tenant, g)) => {
+                    let r = f(&cp, &tenant, &g);
+                    (tenant, r)
+                }
+                Err(e) => (super::audit::UNAUTHENTICATED.to_string(), Err(e)),
+            };
+            cp.audit_outcome(&who, method, &format!("DR group {key}"), &r);
+            r.map_err(Status::from)
+        })
+        .await
+        .map_err(|e| Status::from(ApiError::Internal(format!("the operation did not complete: {e}"))))?
     }
 }
 
@@ -431,7 +499,10 @@ impl ReplicationService for VolumeApi {
         req: Request<pb::UnregisterGroupRequest>,
     ) -> Result<Response<pb::UnregisterGroupResponse>, Status> {
         let delete = req.get_ref().delete_replicas;
-        self.run_group(&req, move |cp, t, g| cp.peer_unregister(t, g, delete)).await?;
+        self.run_group_mut(&req, "ReplicationService/UnregisterGroup", move |cp, t, g| {
+            cp.peer_unregister(t, g, delete)
+        })
+        .await?;
         Ok(Response::new(pb::UnregisterGroupResponse {}))
     }
 
@@ -440,7 +511,8 @@ impl ReplicationService for VolumeApi {
         req: Request<pb::PreparePairsRequest>,
     ) -> Result<Response<pb::PreparePairsResponse>, Status> {
         let pairs = req.get_ref().pairs.clone();
-        self.run_group(&req, move |cp, t, g| cp.prepare_pairs(t, g, &pairs)).await?;
+        self.run_group_mut(&req, "ReplicationService/PreparePairs", move |cp, t, g| cp.prepare_pairs(t, g, &pairs))
+            .await?;
         Ok(Response::new(pb::PreparePairsResponse {}))
     }
 
@@ -449,7 +521,8 @@ impl ReplicationService for VolumeApi {
         req: Request<pb::RemovePairsRequest>,
     ) -> Result<Response<pb::RemovePairsResponse>, Status> {
         let volumes = req.get_ref().volumes.clone();
-        self.run_group(&req, move |cp, t, g| cp.remove_pairs(t, g, &volumes)).await?;
+        self.run_group_mut(&req, "ReplicationService/RemovePairs", move |cp, t, g| cp.remove_pairs(t, g, &volumes))
+            .await?;
         Ok(Response::new(pb::RemovePairsResponse {}))
     }
 
@@ -458,7 +531,7 @@ impl ReplicationService for VolumeApi {
         let md = req.metadata().clone();
         let stream = req.into_inner();
         let r = tokio::task::spawn_blocking(move || {
-            let (tenant, g) = cp.authenticate_group(&md)?;
+            let (tenant, g) = cp.authenticate_group_audited(&md, "ReplicationService/Apply")?;
             cp.apply_stream(&tenant, &g.name, stream)
         })
         .await
@@ -469,7 +542,7 @@ impl ReplicationService for VolumeApi {
 
     async fn get_point(&self, req: Request<pb::GetPointRequest>) -> Result<Response<pb::GetPointResponse>, Status> {
         let r = self
-            .run_group(&req, |_, _, g| {
+            .run_group(&req, "ReplicationService/GetPoint", |_, _, g| {
                 let role = if g.failed_over { "failed-over" } else { g.role.name_str() };
                 Ok(pb::GetPointResponse { seq: g.point_seq, point_unix_ms: g.point_ms, role: role.into() })
             })
@@ -479,19 +552,20 @@ impl ReplicationService for VolumeApi {
 
     async fn drill(&self, req: Request<pb::PeerDrillRequest>) -> Result<Response<pb::PeerDrillResponse>, Status> {
         let start = req.get_ref().start;
-        let r = self.run_group(&req, move |cp, t, g| cp.peer_drill(t, g, start)).await?;
+        let r =
+            self.run_group_mut(&req, "ReplicationService/Drill", move |cp, t, g| cp.peer_drill(t, g, start)).await?;
         Ok(Response::new(r))
     }
 
     async fn promote(&self, req: Request<pb::PromoteRequest>) -> Result<Response<pb::PromoteResponse>, Status> {
         let seq = req.get_ref().seq;
-        self.run_group(&req, move |cp, t, g| cp.peer_promote(t, g, seq)).await?;
+        self.run_group_mut(&req, "ReplicationService/Promote", move |cp, t, g| cp.peer_promote(t, g, seq)).await?;
         Ok(Response::new(pb::PromoteResponse {}))
     }
 
     async fn demote(&self, req: Request<pb::DemoteRequest>) -> Result<Response<pb::DemoteResponse>, Status> {
         let r = req.get_ref().clone();
-        self.run_group(&req, move |cp, t, g| cp.peer_demote(t, g, &r)).await?;
+        self.run_group_mut(&req, "ReplicationService/Demote", move |cp, t, g| cp.peer_demote(t, g, &r)).await?;
         Ok(Response::new(pb::DemoteResponse {}))
     }
 }

@@ -203,13 +203,13 @@ impl ServerService for VolumeApi {
         &self,
         req: Request<pb::ListServersRequest>,
     ) -> Result<Response<pb::ListServersResponse>, Status> {
-        let servers = self.run(&req, |cp, owner| cp.list_servers(owner)).await?;
+        let servers = self.run(&req, "ServerService/ListServers", |cp, owner| cp.list_servers(owner)).await?;
         Ok(Response::new(pb::ListServersResponse { servers }))
     }
 
     async fn get_server(&self, req: Request<pb::GetServerRequest>) -> Result<Response<pb::GetServerResponse>, Status> {
         let name = req.get_ref().name.clone();
-        let server = self.run(&req, move |cp, owner| cp.get_server(owner, &name)).await?;
+        let server = self.run(&req, "ServerService/GetServer", move |cp, owner| cp.get_server(owner, &name)).await?;
         Ok(Response::new(pb::GetServerResponse { server: Some(server) }))
     }
 

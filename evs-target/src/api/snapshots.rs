@@ -332,7 +332,8 @@ impl SnapshotService for VolumeApi {
         req: Request<pb::ListSnapshotsRequest>,
     ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
         let volume = req.get_ref().volume.clone();
-        let snapshots = self.run(&req, move |cp, owner| cp.list_snapshots(owner, &volume)).await?;
+        let snapshots =
+            self.run(&req, "SnapshotService/ListSnapshots", move |cp, owner| cp.list_snapshots(owner, &volume)).await?;
         Ok(Response::new(pb::ListSnapshotsResponse { snapshots }))
     }
 
@@ -341,7 +342,9 @@ impl SnapshotService for VolumeApi {
         req: Request<pb::GetSnapshotRequest>,
     ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
         let pb::GetSnapshotRequest { volume, name } = req.get_ref().clone();
-        let snapshot = self.run(&req, move |cp, owner| cp.get_snapshot(owner, &volume, &name)).await?;
+        let snapshot = self
+            .run(&req, "SnapshotService/GetSnapshot", move |cp, owner| cp.get_snapshot(owner, &volume, &name))
+            .await?;
         Ok(Response::new(pb::GetSnapshotResponse { snapshot: Some(snapshot) }))
     }
 
@@ -379,7 +382,9 @@ impl SnapshotService for VolumeApi {
         req: Request<pb::DiffSnapshotsRequest>,
     ) -> Result<Response<Self::DiffSnapshotsStream>, Status> {
         let pb::DiffSnapshotsRequest { volume, from, to } = req.get_ref().clone();
-        let (extents, size) = self.run(&req, move |cp, owner| cp.diff_snapshots(owner, &volume, &from, &to)).await?;
+        let (extents, size) = self
+            .run(&req, "SnapshotService/DiffSnapshots", move |cp, owner| cp.diff_snapshots(owner, &volume, &from, &to))
+            .await?;
         let mut msgs: Vec<Result<pb::DiffSnapshotsResponse, Status>> = extents
             .chunks(DIFF_CHUNK)
             .map(|c| {

@@ -246,13 +246,13 @@ impl TenantService for VolumeApi {
         &self,
         req: Request<pb::ListTenantsRequest>,
     ) -> Result<Response<pb::ListTenantsResponse>, Status> {
-        let tenants = self.run(&req, |cp, caller| cp.list_tenants(caller)).await?;
+        let tenants = self.run(&req, "TenantService/ListTenants", |cp, caller| cp.list_tenants(caller)).await?;
         Ok(Response::new(pb::ListTenantsResponse { tenants }))
     }
 
     async fn get_tenant(&self, req: Request<pb::GetTenantRequest>) -> Result<Response<pb::GetTenantResponse>, Status> {
         let name = req.get_ref().name.clone();
-        let tenant = self.run(&req, move |cp, caller| cp.get_tenant(caller, &name)).await?;
+        let tenant = self.run(&req, "TenantService/GetTenant", move |cp, caller| cp.get_tenant(caller, &name)).await?;
         Ok(Response::new(pb::GetTenantResponse { tenant: Some(tenant) }))
     }
 

@@ -43,6 +43,8 @@ pub enum ValidationError {
     BackupId(String),
     #[error("invalid encryption key: {0}")]
     EncryptionKey(String),
+    #[error("backups are listed by volume or by server, not both")]
+    ListFilter,
     #[error("a restore needs exactly one of --to NEW_VOLUME and --in-place")]
     RestoreTarget,
     #[error("invalid label {name:?}: {why}")]
@@ -165,11 +167,12 @@ pub fn validate_volume_size(size: u64) -> Result<(), ValidationError> {
     if size == 0 {
         return err("the size must be greater than zero".into());
     }
-    if !size.is_multiple_of(SECTOR) {
-        return err("the size must be a multiple of 512 bytes".into());
-    }
+    // Too large first: a huge value (a negative number sent as unsigned, say) is told so.
     if size > MAX_VOLUME_SIZE {
         return err(format!("the largest volume is {}", HumanBytes(MAX_VOLUME_SIZE)));
+    }
+    if !size.is_multiple_of(SECTOR) {
+        return err("the size must be a multiple of 512 bytes".into());
     }
     Ok(())
 }
@@ -257,6 +260,8 @@ mod tests {
         }
         let msg = validate_volume_size(MAX_VOLUME_SIZE + 512).unwrap_err().to_string();
         assert!(msg.contains("32 TiB"), "{msg}");
+        let msg = validate_volume_size(u64::MAX).unwrap_err().to_string();
+        assert!(msg.contains("the largest volume is 32 TiB"), "{msg}");
         assert!(validate_volume_size(100).unwrap_err().to_string().contains("512"));
     }
 

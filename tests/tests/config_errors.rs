@@ -1,0 +1,72 @@
+//! A bad config file stops `evs-target` before it touches anything: exit status 2 and one
+//! error naming the file, the line and the key (bad TOML, unknown keys, wrong types, values
+//! out of range, invalid tier definitions).
+
+use std::path::Path;
+use std::time::Duration;
+
+use evs_tests::bin_path;
+use evs_tests::tools::{format_output, output_with_timeout};
+
+/// `(what, file text with the bad line marked by a trailing "# <-", things the message names)`.
+fn cases() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
+    vec![
+        ("unterminated string", "az = \"az1\"\n\nnbd_listen = \"127.0.0.1:1 # <-\n", &["nbd_listen"]),
+        ("duplicate key", "az = \"a\"\naz = \"b\" # <-\n", &["az", "duplicate"]),
+        ("unknown key", "az = \"a\"\nnbd_lisen = \"127.0.0.1:1\" # <-\n", &["nbd_lisen"]),
+        ("unknown table", "[tier.gpssd] # <-\niops_max = 5\n", &["tier"]),
+        ("wrong type", "az = \"a\"\nmax_snapshots_per_volume = \"many\" # <-\n", &["max_snapshots_per_volume"]),
+        ("out of range", "\nmax_snapshots_per_volume = 0 # <-\n", &["max_snapshots_per_volume", "between 1 and"]),
+        ("negative jobs", "max_running_jobs_per_tenant = -1 # <-\n", &["max_running_jobs_per_tenant"]),
+        ("bad listen address", "api_listen = \"not-an-address\" # <-\n", &["api_listen"]),
+        ("bad io backend", "io_backend = \"magic\" # <-\n", &["io_backend", "magic"]),
+        ("bad nbd_tls", "nbd_tls = \"maybe\" # <-\n", &["nbd_tls", "maybe"]),
+        ("unknown tier", "[tiers.turbo] # <-\niops_max = 5\n", &["tiers", "turbo"]),
+        ("unknown tier key", "[tiers.gpssd]\niops = 5 # <-\n", &["iops"]),
+        ("tier value of the wrong type", "[tiers.gpssd]\niops_max = \"fast\" # <-\n", &["iops_max"]),
+        ("negative tier value", "[tiers.gpssd]\niops_baseline = 100\niops_max = -5 # <-\n", &["iops_max"]),
+        ("infinite tier value", "[tiers.high]\nmbps_max = inf # <-\n", &["mbps_max"]),
+        ("zero tier limit", "[tiers.essd]\nmbps_max = 10\niops_max = 0 # <-\n", &["iops_max", "essd", "zero"]),
+        ("negative burst seconds", "[tiers.common]\nburst_seconds = -1 # <-\n", &["burst_seconds"]),
+        ("bad quota size", "[quotas]\nmax_capacity_per_tenant = \"lots\" # <-\n", &["max_capacity_per_tenant"]),
+        ("negative quota", "[quotas]\nmax_volumes_per_tenant = -3 # <-\n", &["max_volumes_per_tenant", "negative"]),
+        ("chunk size not a power of two", "[backups]\nchunk_size = 3000000 # <-\n", &["chunk_size", "power of two"]),
+        ("unknown backups key", "[backups]\nchunks = 1 # <-\n", &["chunks"]),
+        ("bad delete rate", "delete_bytes_per_second = 10 # <-\n", &["delete_bytes_per_second"]),
+    ]
+}
+
+#[test]
+fn a_bad_config_file_names_its_file_line_and_key_and_the_daemon_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let mut failures = Vec::new();
+    for (i, (what, text, needles)) in cases().into_iter().enumerate() {
+        let file = format!("bad-{i}.toml");
+        std::fs::write(root.join(&file), text).unwrap();
+        let line = text.lines().position(|l| l.ends_with("# <-")).expect("a marked line") + 1;
+        let data = format!("data-{i}");
+        let mut cmd = std::process::Command::new(bin_path("evs-target"));
+        cmd.current_dir(root)
+            .args(["--config", &file, "--data-dir", &data])
+            // Ports no test uses: the daemon must not get as far as binding them anyway.
+            .args(["--nbd-listen", "127.0.0.1:1", "--api-listen", "127.0.0.1:1", "--metrics-listen", "127.0.0.1:1"])
+            .env("NO_COLOR", "1");
+        let out = output_with_timeout(&mut cmd, Duration::from_secs(30));
+        let err = String::from_utf8_lossy(&out.stderr);
+        let at = format!("{file}:{line}");
+        if out.status.code() != Some(2) {
+            failures.push(format!("{what}: exit status {:?}, expected 2\n{}", out.status.code(), format_output(&out)));
+        } else if !err.contains(&at) {
+            failures.push(format!("{what}: the message does not name {at}: {err}"));
+        } else if let Some(n) = needles.iter().find(|n| !err.contains(*n)) {
+            failures.push(format!("{what}: the message does not name {n:?}: {err}"));
+        } else if err.lines().filter(|l| !l.trim().is_empty()).count() != 1 {
+            failures.push(format!("{what}: more than one line on stderr: {err}"));
+        }
+        if Path::new(&root.join(&data)).exists() {
+            failures.push(format!("{what}: the data directory was created before the config was checked"));
+        }
+    }
+    assert!(failures.is_empty(), "{} problems:\n{}", failures.len(), failures.join("\n"));
+}
