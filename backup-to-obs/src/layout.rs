@@ -159,7 +159,9 @@ pub fn format_timestamp(t: SystemTime) -> String {
 /// Milliseconds since the epoch of a `YYYYMMDDTHHMMSSmmmZ` stamp, if it is a valid one.
 pub fn parse_timestamp(s: &str) -> Option<u64> {
     let b = s.as_bytes();
-    if b.len() != 19 || b[8] != b'T' || b[18] != b'Z' {
+    // ASCII only: the fields below are sliced by byte position, and a multi-byte character
+    // across one of those positions would make the slice panic.
+    if b.len() != 19 || !s.is_ascii() || b[8] != b'T' || b[18] != b'Z' {
         return None;
     }
     let num = |r: std::ops::Range<usize>| -> Option<u64> {
@@ -300,6 +302,37 @@ mod tests {
         ] {
             let e = validate_backup_id(bad).unwrap_err();
             assert!(e.to_string().contains("invalid backup id"), "{bad}: {e}");
+        }
+    }
+
+    /// Found by the `backup_manifest` fuzz target: a stamp with a multi-byte character
+    /// straddling a field boundary panicked (byte-range slicing of a `str`: "end byte index 6
+    /// is not a char boundary; it is inside '€'") instead of being refused. The engine checks
+    /// the backup id of every manifest it reads from the store this way (and of ids given by
+    /// callers), so one hostile manifest made it panic instead of reporting a corrupt object.
+    #[test]
+    fn non_ascii_stamps_are_refused_not_a_panic() {
+        // The fuzzer's input, as it found it.
+        let found = std::str::from_utf8(b"2025\xe2\x82\xac0T12\x13\x00\x13\x00\x00\x003Z").unwrap();
+        assert_eq!(found.len(), 19);
+        assert_eq!(parse_timestamp(found), None);
+        assert!(validate_backup_id(&format!("bk-{found}-abcdef")).is_err());
+        // "202é201T120000123Z": 19 bytes, 'T' at byte 8, 'Z' at byte 18, and 'é' (2 bytes) at
+        // bytes 3..5, across the year/month boundary at byte 4.
+        let stamp = "202\u{e9}201T120000123Z";
+        assert_eq!(stamp.len(), 19);
+        assert_eq!(parse_timestamp(stamp), None);
+        let e = validate_backup_id(&format!("bk-{stamp}-abcdef")).unwrap_err();
+        assert!(e.to_string().contains("invalid backup id"), "{e}");
+        let e = validate_server_backup_id(&format!("sbk-{stamp}-abcdef")).unwrap_err();
+        assert!(e.to_string().contains("invalid server backup id"), "{e}");
+        // The same at every other field boundary.
+        for at in [6, 11, 13, 15] {
+            let mut b = b"20251201T120000123Z".to_vec();
+            b.splice(at - 1..at + 1, "\u{e9}".bytes());
+            let s = String::from_utf8(b).unwrap();
+            assert_eq!(s.len(), 19);
+            assert_eq!(parse_timestamp(&s), None, "{s}");
         }
     }
 

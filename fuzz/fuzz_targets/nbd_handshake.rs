@@ -8,7 +8,7 @@
 use std::io::{self, Cursor, Read, Write};
 
 use evs_target::nbd::handshake::{handshake, ExportInfo};
-use evs_target::nbd::proto::transmission_flags;
+use evs_target::nbd::proto::{transmission_flags, MetaContext};
 use libfuzzer_sys::fuzz_target;
 
 /// Client bytes in, server bytes discarded.
@@ -34,8 +34,15 @@ impl Write for Stream<'_> {
 
 fn lookup(name: &str) -> Option<(u8, ExportInfo)> {
     match name {
-        "vol" => Some((1, ExportInfo { size: 1 << 30, read_only: false })),
-        "ro" => Some((2, ExportInfo { size: 4096, read_only: true })),
+        "vol" => Some((1, ExportInfo { size: 1 << 30, read_only: false, contexts: MetaContext::all() })),
+        "ro" => Some((
+            2,
+            ExportInfo {
+                size: 4096,
+                read_only: true,
+                contexts: vec![MetaContext::BaseAllocation, MetaContext::Changed("base".into())],
+            },
+        )),
         _ => None,
     }
 }
@@ -48,5 +55,8 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!((n.size, n.read_only), (info.size, info.read_only));
         assert_eq!(n.transmission_flags, transmission_flags(n.read_only, n.structured_replies));
         assert!(n.meta_contexts.is_empty() || n.structured_replies);
+        for (_, ctx) in &n.meta_contexts {
+            assert!(info.contexts.contains(ctx), "selected {ctx:?}, which the export does not offer");
+        }
     }
 });

@@ -4,7 +4,7 @@ use std::io;
 
 use evs_snapshot::ChangedExtent;
 
-use crate::frame::{encode_frame, FrameBody, FrameKind, MAX_FRAME_DATA};
+use crate::frame::{encode_frame, FrameBody, FrameKind, MAX_BATCH_DATA, MAX_FRAME_DATA};
 
 /// Reads of the cycle's snapshot of each pair.
 pub trait BlockSource {
@@ -53,6 +53,9 @@ pub struct FrameEncoder {
     pub zstd_level: i32,
     /// A batch is handed over once it holds about this many bytes.
     pub batch_bytes: usize,
+    /// ... or before its data frames would describe more than this many bytes (at most
+    /// [`MAX_BATCH_DATA`], which the target refuses to go past).
+    pub batch_data: usize,
 }
 
 /// Batches stay under gRPC's default 4 MiB message limit: a batch is handed over at 2 MiB,
@@ -61,7 +64,7 @@ pub const DEFAULT_BATCH_BYTES: usize = 2 << 20;
 
 impl Default for FrameEncoder {
     fn default() -> Self {
-        FrameEncoder { zstd_level: 1, batch_bytes: DEFAULT_BATCH_BYTES }
+        FrameEncoder { zstd_level: 1, batch_bytes: DEFAULT_BATCH_BYTES, batch_data: MAX_BATCH_DATA }
     }
 }
 
@@ -79,7 +82,14 @@ impl FrameEncoder {
     ) -> io::Result<()> {
         let mut batch = Vec::with_capacity(self.batch_bytes + MAX_FRAME_DATA as usize);
         let mut buf = vec![0u8; MAX_FRAME_DATA as usize];
+        let max_data = self.batch_data.min(MAX_BATCH_DATA);
+        // Bytes of data (decoded) the data frames of `batch` describe.
+        let mut data_in_batch = 0usize;
         for r in ranges {
+            if !r.zero && !batch.is_empty() && data_in_batch + r.len as usize > max_data {
+                emit(std::mem::take(&mut batch), stats)?;
+                data_in_batch = 0;
+            }
             let before = batch.len();
             if r.zero {
                 encode_frame(&mut batch, FrameKind::Zero, pair, r.offset, FrameBody::Len(r.len), self.zstd_level);
@@ -91,6 +101,7 @@ impl FrameEncoder {
                     encode_frame(&mut batch, FrameKind::Zero, pair, r.offset, FrameBody::Len(r.len), self.zstd_level);
                 } else {
                     encode_frame(&mut batch, FrameKind::Data, pair, r.offset, FrameBody::Data(data), self.zstd_level);
+                    data_in_batch += data.len();
                 }
             }
             stats.frames += 1;
@@ -98,6 +109,7 @@ impl FrameEncoder {
             stats.bytes_sent += (batch.len() - before) as u64;
             if batch.len() >= self.batch_bytes {
                 emit(std::mem::take(&mut batch), stats)?;
+                data_in_batch = 0;
             }
         }
         if !batch.is_empty() {
@@ -141,7 +153,7 @@ mod tests {
 
     #[test]
     fn encodes_batches_that_decode_to_the_source() {
-        let enc = FrameEncoder { zstd_level: 1, batch_bytes: 1 << 20 };
+        let enc = FrameEncoder { zstd_level: 1, batch_bytes: 1 << 20, ..FrameEncoder::default() };
         let ranges = plan_ranges(&[
             ChangedExtent { offset: 0, len: 3 << 20, zero: false },
             ChangedExtent { offset: 8 << 20, len: 1 << 20, zero: false },
@@ -175,5 +187,46 @@ mod tests {
         }
         assert_eq!(frames[3].kind, FrameKind::Zero, "an all-zero read goes as a zero frame");
         assert_eq!(frames[4].kind, FrameKind::Zero);
+    }
+
+    /// Compressible data: batches are cut by the data they describe, not only by their size,
+    /// so each decodes within MAX_BATCH_DATA (see frame.rs).
+    #[test]
+    fn compressible_ranges_are_cut_into_batches_the_target_accepts() {
+        struct Ones;
+        impl BlockSource for Ones {
+            fn read(&self, _pair: u16, _offset: u64, buf: &mut [u8]) -> io::Result<()> {
+                buf.fill(1);
+                Ok(())
+            }
+        }
+        let enc = FrameEncoder::default();
+        let total = 2 * MAX_BATCH_DATA as u64 + (3 << 20);
+        let ranges = plan_ranges(&[ChangedExtent { offset: 0, len: total, zero: false }]);
+        let mut batches = Vec::new();
+        let mut stats = CycleStats::default();
+        enc.encode_pair(
+            0,
+            &ranges,
+            &Ones,
+            &mut |b, _| {
+                batches.push(b);
+                Ok(())
+            },
+            &mut stats,
+        )
+        .unwrap();
+        assert_eq!(batches.len(), 3, "two full batches and the rest");
+        let mut covered = 0u64;
+        for b in &batches {
+            assert!(b.len() < 64 << 10, "{} bytes: the data compresses", b.len());
+            let frames = decode_frames(b).unwrap();
+            let data: usize = frames.iter().map(|f| f.data.len()).sum();
+            assert!(data <= MAX_BATCH_DATA);
+            assert!(frames.iter().all(|f| f.data.iter().all(|&x| x == 1)));
+            covered += data as u64;
+        }
+        assert_eq!(covered, total);
+        assert_eq!(stats.frames, ranges.len() as u64);
     }
 }

@@ -31,6 +31,11 @@ pub const HEADER_LEN: usize = 32;
 pub const MAX_FRAME_DATA: u32 = 1 << 20;
 /// Alignment of offsets (the block store's block).
 pub const ALIGN: u64 = 4096;
+/// Most bytes of data the data frames of one batch may decode to. The target holds a whole
+/// decoded batch before writing any of it, and a zstd payload of a few dozen bytes can
+/// describe a full `MAX_FRAME_DATA` range: without this bound a 2 MiB batch of such frames
+/// would decode to tens of GiB. The source cuts its batches before this (see `cycle.rs`).
+pub const MAX_BATCH_DATA: usize = 64 << 20;
 
 const KIND_DATA: u8 = 1;
 const KIND_ZERO: u8 = 2;
@@ -61,6 +66,10 @@ pub enum FrameError {
     Invalid { at: usize, why: String },
     #[error("frame at byte {at}: CRC32C mismatch (stored {stored:#010x}, computed {computed:#010x})")]
     Crc { at: usize, stored: u32, computed: u32 },
+    #[error(
+        "frame at byte {at}: the batch's data frames describe more than {max} bytes (this one would make it {total})"
+    )]
+    BatchTooLarge { at: usize, total: usize, max: usize },
 }
 
 /// Appends one frame to `out`. Data is compressed with zstd at `level` unless that does not
@@ -110,12 +119,14 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
-/// Decodes a batch of frames.
+/// Decodes a batch of frames; their data may total at most [`MAX_BATCH_DATA`] bytes.
 pub fn decode_frames(mut buf: &[u8]) -> Result<Vec<Frame>, FrameError> {
     let mut out = Vec::new();
     let mut at = 0usize;
+    let mut data = 0usize;
     while !buf.is_empty() {
-        let (frame, used) = decode_one(buf, at)?;
+        let (frame, used) = decode_one(buf, at, data)?;
+        data += frame.data.len();
         out.push(frame);
         buf = &buf[used..];
         at += used;
@@ -123,7 +134,9 @@ pub fn decode_frames(mut buf: &[u8]) -> Result<Vec<Frame>, FrameError> {
     Ok(out)
 }
 
-fn decode_one(b: &[u8], at: usize) -> Result<(Frame, usize), FrameError> {
+/// Decodes the frame at the start of `b` (at byte `at` of its batch, after `data` bytes of
+/// data in the batch's earlier frames).
+fn decode_one(b: &[u8], at: usize, data: usize) -> Result<(Frame, usize), FrameError> {
     let invalid = |why: String| FrameError::Invalid { at, why };
     if b.len() < HEADER_LEN {
         return Err(FrameError::Truncated { at, need: HEADER_LEN, have: b.len() });
@@ -163,6 +176,10 @@ fn decode_one(b: &[u8], at: usize) -> Result<(Frame, usize), FrameError> {
         }
         FrameKind::Data if payload_len > len as usize + 1024 => {
             return Err(invalid(format!("payload of {payload_len} bytes for a range of {len}")))
+        }
+        // Before anything is allocated or decompressed.
+        FrameKind::Data if data + len as usize > MAX_BATCH_DATA => {
+            return Err(FrameError::BatchTooLarge { at, total: data + len as usize, max: MAX_BATCH_DATA })
         }
         _ => {}
     }
@@ -243,6 +260,40 @@ mod tests {
                 Ok(f) => panic!("a flipped byte {i} decoded as {:?} (was {:?})", f.len(), good.len()),
             }
         }
+    }
+
+    /// Found by review while writing the `replication_stream` fuzz target (libFuzzer's inputs
+    /// are too short to reach it): a batch of highly compressible frames decoded to far more
+    /// memory than it occupies. A frame of 1 MiB of 0x01 takes under 128 bytes, so a 2 MiB
+    /// batch of them (what the source sends, up to 16 MiB what the target accepts) decoded to
+    /// tens of GiB; now the frame that passes MAX_BATCH_DATA is refused before it is
+    /// decompressed.
+    #[test]
+    fn a_batch_decoding_to_more_than_max_batch_data_is_refused() {
+        let range = vec![1u8; MAX_FRAME_DATA as usize];
+        let mut b = Vec::new();
+        let frames = MAX_BATCH_DATA / MAX_FRAME_DATA as usize;
+        for i in 0..frames as u64 {
+            encode_frame(&mut b, FrameKind::Data, 0, i * u64::from(MAX_FRAME_DATA), FrameBody::Data(&range), 1);
+        }
+        let exactly_max = b.len();
+        assert!(exactly_max < 128 * frames, "{exactly_max} bytes for {frames} frames: not a bomb");
+        // Zero frames carry no data: they do not count.
+        encode_frame(&mut b, FrameKind::Zero, 0, 1 << 40, FrameBody::Len(MAX_FRAME_DATA), 1);
+        let f = decode_frames(&b).unwrap();
+        assert_eq!(f.len(), frames + 1);
+        assert_eq!(f.iter().map(|f| f.data.len()).sum::<usize>(), MAX_BATCH_DATA);
+        // One more byte of data is one too many.
+        let before = b.len();
+        encode_frame(&mut b, FrameKind::Data, 1, 0, FrameBody::Data(&[7]), 1);
+        assert_eq!(
+            decode_frames(&b),
+            Err(FrameError::BatchTooLarge { at: before, total: MAX_BATCH_DATA + 1, max: MAX_BATCH_DATA })
+        );
+        // And the bytes of the original finding: the 71st 1 MiB frame.
+        let mut bomb = b[..exactly_max].to_vec();
+        encode_frame(&mut bomb, FrameKind::Data, 0, 1 << 30, FrameBody::Data(&range), 1);
+        assert!(matches!(decode_frames(&bomb), Err(FrameError::BatchTooLarge { .. })));
     }
 
     proptest! {
