@@ -482,7 +482,7 @@ impl ControlPlane {
         tier: &str,
     ) -> Result<JobRecord, ApiError> {
         let b = self.find_backup(owner, id)?;
-        if in_place == !to.is_empty() {
+        if in_place != to.is_empty() {
             return Err(ValidationError::RestoreTarget.into());
         }
         let tier = super::validate::validate_tier(tier)?;

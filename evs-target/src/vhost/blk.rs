@@ -301,7 +301,7 @@ pub struct ZeroSegment {
 /// Parses a DISCARD / WRITE_ZEROES payload (16-byte segments: sector, number of sectors,
 /// flags) and checks each segment against the volume.
 pub fn parse_segments(payload: &[u8], size: u64) -> Result<Vec<ZeroSegment>, RequestError> {
-    if payload.is_empty() || payload.len() % SEGMENT_LEN != 0 {
+    if payload.is_empty() || !payload.len().is_multiple_of(SEGMENT_LEN) {
         return Err(RequestError::BadSegments("not a whole number of 16-byte segments"));
     }
     if payload.len() / SEGMENT_LEN > MAX_DISCARD_SEG as usize {
