@@ -12,7 +12,8 @@
 # Each target keeps its corpus in fuzz/corpus/<target>/ (grown run after run), writes crashes,
 # timeouts and out-of-memory inputs to fuzz/artifacts/<target>/, and its libFuzzer log to
 # fuzz/artifacts/<target>/last-run.log. libFuzzer's limits: -timeout=10 (an input taking
-# longer is a hang), -rss_limit_mb=2048 (more is an OOM). The NBD targets get fuzz/nbd.dict.
+# longer is a hang), -rss_limit_mb=2048 (more is an OOM). The NBD targets get fuzz/nbd.dict,
+# the backup targets fuzz/backup.dict.
 #
 # Environment: FUZZ_SANITIZER (cargo fuzz --sanitizer: none [default], address, ...),
 # FUZZ_ARGS (extra libFuzzer arguments, e.g. "-jobs=2 -workers=2").
@@ -69,6 +70,7 @@ for t in "${targets[@]}"; do
   log=fuzz/artifacts/$t/last-run.log
   dict=()
   [[ $t == nbd_* ]] && dict=(-dict=fuzz/nbd.dict)
+  [[ $t == backup_* ]] && dict=(-dict=fuzz/backup.dict)
   echo "=== fuzz.sh: $t for ${seconds}s (log: $log)"
   # shellcheck disable=SC2086 # FUZZ_ARGS is a list of arguments
   cargo +nightly fuzz run --sanitizer "$sanitizer" "$t" "fuzz/corpus/$t" -- \

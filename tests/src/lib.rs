@@ -15,7 +15,8 @@
 //! `EVS_TEST_KEEP=1` (keep each test's directory: data, socket, daemon logs),
 //! `EVS_TEST_LOG` (the daemon's `RUST_LOG`, default `info`), `EVS_TEST_SEED` (replay a
 //! randomised test), `EVS_TEST_START_TIMEOUT` (seconds to wait for readiness, default 60),
-//! `EVS_CRASH_ITERATIONS` (kill -9 rounds of the crash test, default 20).
+//! `EVS_CRASH_ITERATIONS` (kill -9 rounds of the crash test, default 20),
+//! `EVS_GARBAGE_CASES` (connections of random garbage in `tests/garbage.rs`, default 1000).
 
 pub mod daemon;
 pub mod durability;
