@@ -293,8 +293,11 @@ fn crash_points_in_a_merge_lose_nothing_and_the_merge_finishes() {
 
 #[test]
 fn crash_points_in_backup_and_restore_never_show_half_a_backup() {
-    let mut d =
-        Daemon::start_with(DaemonOptions { config: Some("[backups]\nconcurrency = 2\n".into()), ..Default::default() });
+    let mut d = Daemon::start_with(DaemonOptions {
+        // Long runs keep every backup they make (3 per round).
+        config: Some("[backups]\nconcurrency = 2\nmax_per_volume = 10000\n".into()),
+        ..Default::default()
+    });
     let size = 16 * MIB;
     let blocks = size / BLOCK;
     let (uri, _) = d.create_volume("b", "16M");
