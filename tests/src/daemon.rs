@@ -460,6 +460,29 @@ impl Daemon {
         })
     }
 
+    /// `dr group create NAME` on this (source) daemon towards `target`, reached at `endpoint`
+    /// (its API, or a proxy in front of it), with its admin token, its AZ and 1 s cycles, then
+    /// `extra`; returns the group as evsctl prints it.
+    pub fn create_dr_group(&self, name: &str, target: &Daemon, endpoint: &str, extra: &[&str]) -> Value {
+        let az = target.opts.az.as_deref().unwrap_or("az1");
+        let mut args = vec![
+            "dr",
+            "group",
+            "create",
+            name,
+            "--target",
+            endpoint,
+            "--target-token",
+            target.token(),
+            "--target-az",
+            az,
+            "--interval",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        self.evsctl_json(&args)
+    }
+
     /// Creates a volume and attaches it: `(nbd://127.0.0.1:PORT/TOKEN,
     /// nbd+unix:///TOKEN?socket=PATH)`, the same attachment reached over TCP and the unix socket
     /// (`nbds` forms when the daemon requires TLS there).

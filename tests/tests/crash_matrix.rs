@@ -362,20 +362,7 @@ fn protected_pair() -> (Daemon, Daemon, String) {
     let (uri, _) = a.create_volume("va", "4M");
     a.evsctl_ok(&["server", "create", "vm", "--volumes", "va"]);
     let target = format!("http://{}", b.api_addr);
-    let g = a.evsctl_json(&[
-        "dr",
-        "group",
-        "create",
-        "g",
-        "--target",
-        &target,
-        "--target-token",
-        b.token(),
-        "--target-az",
-        "az2",
-        "--interval",
-        "1",
-    ]);
+    let g = a.create_dr_group("g", &b, &target, &[]);
     assert_eq!(g["role"], "source", "{g}");
     let v = a.evsctl_json(&["dr", "protect", "g", "--server", "vm", "--wait"]);
     assert_eq!(v["job"]["state"], "succeeded", "{v}");

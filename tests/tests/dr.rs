@@ -30,20 +30,7 @@ fn pair_of_azs(via: Option<std::net::SocketAddr>) -> (Daemon, Daemon, Vec<String
     let uris: Vec<String> = ["va", "vb"].iter().map(|v| a.create_volume(v, "8M").0).collect();
     a.evsctl_ok(&["server", "create", "vm", "--volumes", "va,vb"]);
     let target = format!("http://{}", via.unwrap_or(b.api_addr));
-    let g = a.evsctl_json(&[
-        "dr",
-        "group",
-        "create",
-        "g",
-        "--target",
-        &target,
-        "--target-token",
-        b.token(),
-        "--target-az",
-        "az2",
-        "--interval",
-        "1",
-    ]);
+    let g = a.create_dr_group("g", &b, &target, &[]);
     assert_eq!((g["role"].as_str(), g["peer_az"].as_str()), (Some("source"), Some("az2")), "{g}");
     (a, b, uris)
 }
@@ -321,20 +308,7 @@ fn link_faults_mid_cycle_resume_without_a_full_resync() {
     let uris: Vec<String> = ["va", "vb"].iter().map(|v| a.create_volume(v, "64M").0).collect();
     a.evsctl_ok(&["server", "create", "vm", "--volumes", "va,vb"]);
     let target = format!("http://{}", proxy.addr());
-    a.evsctl_ok(&[
-        "dr",
-        "group",
-        "create",
-        "g",
-        "--target",
-        &target,
-        "--target-token",
-        b.token(),
-        "--interval",
-        "1",
-        "--bandwidth",
-        "8M",
-    ]);
+    a.create_dr_group("g", &b, &target, &["--bandwidth", "8M"]);
     protect(&a);
     let mut rng = Rng::new(9);
     let mut expected = Vec::new();

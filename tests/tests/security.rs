@@ -787,22 +787,7 @@ fn replication_runs_over_tls_and_refuses_a_peer_signed_by_another_ca() {
     assert_eq!(a.evsctl_json(&["dr", "group", "list"])["groups"].as_array().map(Vec::len), Some(0));
 
     // Over TLS both ways (the target calls back on the source's https endpoint).
-    let g = a.evsctl_json(&[
-        "dr",
-        "group",
-        "create",
-        "g",
-        "--target",
-        &target,
-        "--target-token",
-        b.token(),
-        "--target-az",
-        "az2",
-        "--interval",
-        "1",
-        "--peer-ca-cert",
-        "pki/ca.pem",
-    ]);
+    let g = a.create_dr_group("g", &b, &target, &["--peer-ca-cert", "pki/ca.pem"]);
     assert_eq!(g["peer_endpoint"], target.as_str(), "{g}");
     let p = a.evsctl_json(&["dr", "protect", "g", "--server", "vm", "--wait"]);
     assert_eq!(p["job"]["state"], "succeeded", "{p}");

@@ -151,20 +151,7 @@ fn soak_64_connections_16_volumes_with_snapshots_backups_and_replication() {
     let uris: Vec<String> = (0..VOLUMES).map(|v| a.create_volume(&format!("v{v}"), "16M").0).collect();
     a.evsctl_ok(&["server", "create", "vm", "--volumes", "v0,v1,v2,v3"]);
     let target = format!("http://{}", b.api_addr);
-    a.evsctl_ok(&[
-        "dr",
-        "group",
-        "create",
-        "g",
-        "--target",
-        &target,
-        "--target-token",
-        b.token(),
-        "--target-az",
-        "az2",
-        "--interval",
-        "1",
-    ]);
+    a.create_dr_group("g", &b, &target, &[]);
     let p = a.evsctl_json(&["dr", "protect", "g", "--server", "vm", "--wait"]);
     assert_eq!(p["job"]["state"], "succeeded", "{p}");
     let pid = a.pid().unwrap();

@@ -488,7 +488,17 @@ impl ControlPlane {
         })?;
         if !target_az.is_empty() && reply.az != target_az {
             // Undo the registration: the operator named another AZ.
-            let g = GroupRecord::new_source(name, target, &reply, &secret, ca.clone(), interval, bandwidth);
+            let g = GroupRecord::new(
+                name,
+                Role::Source,
+                target,
+                &reply.az,
+                &reply.tenant,
+                &secret,
+                ca.clone(),
+                interval,
+                bandwidth,
+            );
             if let Ok(mut c) = self.peer_client(&g) {
                 let _ = dr.rt.block_on(c.unregister_group(pb::UnregisterGroupRequest { delete_replicas: true }));
             }
@@ -497,7 +507,8 @@ impl ControlPlane {
         if reply.az == dr.az {
             tracing::warn!(group = name, az = %dr.az, "the DR target is in this daemon's own AZ");
         }
-        let g = GroupRecord::new_source(name, target, &reply, &secret, ca, interval, bandwidth);
+        let g =
+            GroupRecord::new(name, Role::Source, target, &reply.az, &reply.tenant, &secret, ca, interval, bandwidth);
         self.put_group(owner, &g)?;
         tracing::info!(owner, group = name, target, target_az = %reply.az, "DR group created");
         Ok(self.describe_group(&g))
@@ -1153,10 +1164,14 @@ impl PairRecord {
 }
 
 impl GroupRecord {
-    fn new_source(
+    /// A new group of `role` with its peer (endpoint, AZ, tenant): no pairs, no point yet.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
         name: &str,
-        target: &str,
-        reply: &pb::RegisterGroupResponse,
+        role: Role,
+        peer_endpoint: &str,
+        peer_az: &str,
+        peer_tenant: &str,
         secret: &str,
         ca: Option<String>,
         interval: u64,
@@ -1165,10 +1180,10 @@ impl GroupRecord {
         GroupRecord {
             v: 1,
             name: name.to_string(),
-            role: Role::Source,
-            peer_endpoint: target.to_string(),
-            peer_az: reply.az.clone(),
-            peer_tenant: reply.tenant.clone(),
+            role,
+            peer_endpoint: peer_endpoint.to_string(),
+            peer_az: peer_az.to_string(),
+            peer_tenant: peer_tenant.to_string(),
             secret: secret.to_string(),
             ca_cert_pem: ca,
             interval,

@@ -91,33 +91,18 @@ impl ControlPlane {
         if self.group_record(tenant, &r.name).is_ok() {
             return Err(ApiError::GroupExists(r.name.clone()));
         }
-        let g = GroupRecord {
-            v: 1,
-            name: r.name.clone(),
-            role: Role::Target,
-            peer_endpoint: r.source_endpoint.clone(),
-            peer_az: r.source_az.clone(),
-            peer_tenant: r.source_tenant.clone(),
-            secret: r.secret.clone(),
-            ca_cert_pem: (!r.ca_cert_pem.is_empty()).then(|| r.ca_cert_pem.clone()),
-            interval: super::dr::DEFAULT_INTERVAL,
-            bandwidth: 0,
-            enabled: true,
-            servers: Vec::new(),
-            pairs: Vec::new(),
-            point_seq: 0,
-            point_ms: 0,
-            pending: None,
-            bytes_transferred: 0,
-            bytes_replicated: 0,
-            cycles: 0,
-            last_error: None,
-            last_cycle_ms: 0,
-            failed_over: false,
-            switching: false,
-            drill: Vec::new(),
-            created: now_ms() / 1000,
-        };
+        let ca = (!r.ca_cert_pem.is_empty()).then(|| r.ca_cert_pem.clone());
+        let g = GroupRecord::new(
+            &r.name,
+            Role::Target,
+            &r.source_endpoint,
+            &r.source_az,
+            &r.source_tenant,
+            &r.secret,
+            ca,
+            super::dr::DEFAULT_INTERVAL,
+            0,
+        );
         self.put_group(tenant, &g)?;
         tracing::info!(tenant, group = r.name, source_az = r.source_az, "DR group registered (target)");
         Ok(pb::RegisterGroupResponse { az: dr.az.clone(), tenant: tenant.to_string() })
