@@ -1,9 +1,11 @@
 //! The allocation map of one layer: which 4 KiB blocks the layer holds, and which it has
 //! discarded over data of a lower layer ("zeroed").
 //!
-//! In memory: two bitmaps of `AtomicU64` words, so every connection thread updates them without
-//! a lock; a reader/writer lock only guards growth (online extend). Each 4 KiB page of bitmap
-//! (32,768 blocks = 128 MiB of volume) has a dirty flag; a flush writes dirty pages only.
+//! In memory: bitmap pages of `AtomicU64` words, made on first use, so every connection
+//! thread updates them without a lock and a new layer costs the same whatever the volume's
+//! size (a snapshot's new head is O(1)). A page (4 KiB of each bitmap: 32,768 blocks = 128 MiB
+//! of volume) hangs off a two-level table sized for the largest volume; a missing page reads
+//! as all absent. Each page has a dirty flag; a flush writes dirty pages only.
 //!
 //! ## On-disk layout (`<layer-id>.map`), little-endian
 //!
@@ -28,8 +30,7 @@ use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-
-use parking_lot::RwLock;
+use std::sync::OnceLock;
 
 use crate::error::StoreError;
 
@@ -38,7 +39,7 @@ pub const MAP_VERSION: u32 = 1;
 pub const MAP_HEADER_LEN: u64 = 4096;
 /// Bytes of one bitmap page.
 pub const PAGE_BYTES: usize = 4096;
-const WORDS_PER_PAGE: usize = PAGE_BYTES / 8;
+pub(crate) const WORDS_PER_PAGE: usize = PAGE_BYTES / 8;
 /// Blocks described by one bitmap page.
 pub const BLOCKS_PER_PAGE: u64 = (PAGE_BYTES * 8) as u64;
 
@@ -53,25 +54,45 @@ pub enum BlockState {
     Zeroed,
 }
 
-struct Bits {
-    blocks: u64,
-    alloc: Vec<AtomicU64>,
-    zeroed: Vec<AtomicU64>,
-    dirty: Vec<AtomicBool>,
+/// Bitmap pages per second-level table (1,024 pages: 128 GiB of volume).
+const PAGES_PER_TABLE: usize = 1024;
+/// First-level entries: enough tables for MAX_VOLUME_SIZE.
+const TABLES: usize =
+    (crate::MAX_VOLUME_SIZE / crate::BLOCK_SIZE / BLOCKS_PER_PAGE).div_ceil(PAGES_PER_TABLE as u64) as usize;
+
+pub(crate) struct Page {
+    alloc: [AtomicU64; WORDS_PER_PAGE],
+    zeroed: [AtomicU64; WORDS_PER_PAGE],
+    dirty: AtomicBool,
 }
 
-impl Bits {
-    fn new(blocks: u64) -> Bits {
-        let pages = pages_for(blocks);
-        let words = pages * WORDS_PER_PAGE;
-        Bits {
-            blocks,
-            alloc: (0..words).map(|_| AtomicU64::new(0)).collect(),
-            zeroed: (0..words).map(|_| AtomicU64::new(0)).collect(),
-            dirty: (0..pages).map(|_| AtomicBool::new(false)).collect(),
+impl Page {
+    fn empty() -> Box<Page> {
+        Box::new(Page {
+            alloc: std::array::from_fn(|_| AtomicU64::new(0)),
+            zeroed: std::array::from_fn(|_| AtomicU64::new(0)),
+            dirty: AtomicBool::new(false),
+        })
+    }
+
+    /// The (allocated, zeroed) words `i` of the page.
+    pub(crate) fn word(&self, i: u64) -> (u64, u64) {
+        (self.alloc[i as usize].load(Ordering::Acquire), self.zeroed[i as usize].load(Ordering::Acquire))
+    }
+
+    /// The page's two bitmaps in the file's layout.
+    fn encode(&self) -> Vec<u8> {
+        let mut buf = vec![0u8; PAGE_BYTES * 2];
+        for i in 0..WORDS_PER_PAGE {
+            buf[i * 8..i * 8 + 8].copy_from_slice(&self.alloc[i].load(Ordering::Acquire).to_le_bytes());
+            buf[PAGE_BYTES + i * 8..PAGE_BYTES + i * 8 + 8]
+                .copy_from_slice(&self.zeroed[i].load(Ordering::Acquire).to_le_bytes());
         }
+        buf
     }
 }
+
+type Table = [OnceLock<Box<Page>>; PAGES_PER_TABLE];
 
 fn pages_for(blocks: u64) -> usize {
     blocks.div_ceil(BLOCKS_PER_PAGE).max(1) as usize
@@ -79,7 +100,9 @@ fn pages_for(blocks: u64) -> usize {
 
 /// The allocation map of a layer.
 pub struct AllocMap {
-    bits: RwLock<Bits>,
+    blocks: AtomicU64,
+    /// Inline, to save a pointer chase on every lookup.
+    tables: [OnceLock<Box<Table>>; TABLES],
     allocated: AtomicU64,
 }
 
@@ -87,13 +110,17 @@ pub struct AllocMap {
 pub struct DirtyPages(Vec<(usize, Vec<u8>)>);
 
 impl AllocMap {
-    /// An empty map of `blocks` blocks (all absent).
+    /// An empty map of `blocks` blocks (all absent). No page is made yet.
     pub fn new(blocks: u64) -> AllocMap {
-        AllocMap { bits: RwLock::new(Bits::new(blocks)), allocated: AtomicU64::new(0) }
+        AllocMap {
+            blocks: AtomicU64::new(blocks),
+            tables: std::array::from_fn(|_| OnceLock::new()),
+            allocated: AtomicU64::new(0),
+        }
     }
 
     pub fn blocks(&self) -> u64 {
-        self.bits.read().blocks
+        self.blocks.load(Ordering::Acquire)
     }
 
     /// Blocks in state `Data`.
@@ -101,24 +128,35 @@ impl AllocMap {
         self.allocated.load(Ordering::Relaxed)
     }
 
+    /// Bitmap page `p`, if any bit of it was ever set.
+    pub(crate) fn page(&self, p: usize) -> Option<&Page> {
+        self.tables.get(p / PAGES_PER_TABLE)?.get()?[p % PAGES_PER_TABLE].get().map(|b| &**b)
+    }
+
+    fn page_or_make(&self, p: usize) -> &Page {
+        let table = self.tables[p / PAGES_PER_TABLE].get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())));
+        table[p % PAGES_PER_TABLE].get_or_init(Page::empty)
+    }
+
+    /// The (allocated, zeroed) words of word `w`; a missing page is all zeros.
+    fn words(&self, w: u64) -> (u64, u64) {
+        match self.page((w / WORDS_PER_PAGE as u64) as usize) {
+            Some(pg) => pg.word(w % WORDS_PER_PAGE as u64),
+            None => (0, 0),
+        }
+    }
+
     pub fn get(&self, block: u64) -> BlockState {
-        let b = self.bits.read();
-        if block >= b.blocks {
+        if block >= self.blocks() {
             return BlockState::Absent;
         }
-        let (w, m) = ((block / 64) as usize, 1u64 << (block % 64));
-        if b.alloc[w].load(Ordering::Acquire) & m != 0 {
-            BlockState::Data
-        } else if b.zeroed[w].load(Ordering::Acquire) & m != 0 {
-            BlockState::Zeroed
-        } else {
-            BlockState::Absent
-        }
+        let (a, z) = self.words(block / 64);
+        state_in(a, z, block % 64)
     }
 
     /// Marks `range` as holding data in this layer.
     pub fn set_data(&self, range: Range<u64>) {
-        self.update(range, |alloc, zeroed, mask| {
+        self.update(range, true, |alloc, zeroed, mask| {
             let old = alloc.fetch_or(mask, Ordering::AcqRel);
             zeroed.fetch_and(!mask, Ordering::AcqRel);
             (mask & !old).count_ones() as i64
@@ -127,7 +165,7 @@ impl AllocMap {
 
     /// Marks `range` as not held by this layer; `zeroed` hides lower layers too.
     pub fn clear(&self, range: Range<u64>, zeroed_over_lower: bool) {
-        self.update(range, |alloc, zeroed, mask| {
+        self.update(range, zeroed_over_lower, |alloc, zeroed, mask| {
             let old = alloc.fetch_and(!mask, Ordering::AcqRel);
             if zeroed_over_lower {
                 zeroed.fetch_or(mask, Ordering::AcqRel);
@@ -140,20 +178,29 @@ impl AllocMap {
 
     /// Applies `f(alloc_word, zeroed_word, mask) -> change in allocated blocks` to every word
     /// covering `range`, marking pages dirty after the bits change (a flush that misses the
-    /// bits sees the dirty flag and writes the page again next time).
-    fn update(&self, range: Range<u64>, f: impl Fn(&AtomicU64, &AtomicU64, u64) -> i64) {
-        let b = self.bits.read();
-        let end = range.end.min(b.blocks);
+    /// bits sees the dirty flag and writes the page again next time). A missing page is made
+    /// only when `sets_bits` (clearing bits of a missing page changes nothing).
+    fn update(&self, range: Range<u64>, sets_bits: bool, f: impl Fn(&AtomicU64, &AtomicU64, u64) -> i64) {
+        let end = range.end.min(self.blocks());
         let mut blk = range.start;
         let mut delta = 0i64;
         while blk < end {
-            let w = (blk / 64) as usize;
-            let lo = blk % 64;
-            let hi = (end - (blk - lo)).min(64);
-            let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
-            delta += f(&b.alloc[w], &b.zeroed[w], mask);
-            b.dirty[w / WORDS_PER_PAGE].store(true, Ordering::Release);
-            blk = blk - lo + hi;
+            let p = (blk / BLOCKS_PER_PAGE) as usize;
+            let page_end = ((p as u64 + 1) * BLOCKS_PER_PAGE).min(end);
+            let page = if sets_bits { Some(self.page_or_make(p)) } else { self.page(p) };
+            let Some(page) = page else {
+                blk = page_end;
+                continue;
+            };
+            while blk < page_end {
+                let w = ((blk / 64) as usize) % WORDS_PER_PAGE;
+                let lo = blk % 64;
+                let hi = (page_end - (blk - lo)).min(64);
+                let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
+                delta += f(&page.alloc[w], &page.zeroed[w], mask);
+                blk = blk - lo + hi;
+            }
+            page.dirty.store(true, Ordering::Release);
         }
         if delta >= 0 {
             self.allocated.fetch_add(delta as u64, Ordering::Relaxed);
@@ -162,35 +209,55 @@ impl AllocMap {
         }
     }
 
+    /// The state of block `blk` and the end of its run of that state, at most `end`.
+    /// Blocks past the map's capacity (a layer of a smaller, older size) are absent.
+    pub fn run_at(&self, blk: u64, end: u64) -> (BlockState, u64) {
+        debug_assert!(blk < end);
+        const WPP: u64 = WORDS_PER_PAGE as u64;
+        let blocks = self.blocks();
+        if blk >= blocks {
+            return (BlockState::Absent, end);
+        }
+        let limit = end.min(blocks);
+        let mut w = blk / 64;
+        let mut p = w / WPP;
+        let mut page = self.page(p as usize);
+        let (a, z) = page.map_or((0, 0), |pg| pg.word(w % WPP));
+        let state = state_in(a, z, blk % 64);
+        // Past the capacity every block is absent.
+        let finish = |stop: u64| if stop >= blocks && state == BlockState::Absent { end } else { stop };
+        // Bits of word `w` in another state than `state`, from `blk` on.
+        let mut other = differing(state, a, z) & (u64::MAX << (blk % 64));
+        if page.is_none() && state == BlockState::Absent {
+            w = (p + 1) * WPP - 1; // a missing page is absent throughout: skip it
+        }
+        loop {
+            if other != 0 {
+                return (state, finish((w * 64 + other.trailing_zeros() as u64).min(limit)));
+            }
+            w += 1;
+            if w * 64 >= limit {
+                return (state, finish(limit));
+            }
+            if w / WPP != p {
+                p = w / WPP;
+                page = self.page(p as usize);
+                if page.is_none() && state == BlockState::Absent {
+                    w = (p + 1) * WPP - 1;
+                    continue;
+                }
+            }
+            let (a, z) = page.map_or((0, 0), |pg| pg.word(w % WPP));
+            other = differing(state, a, z);
+        }
+    }
+
     /// Runs of equal state covering `range` (clipped to the map), in order.
     pub fn runs(&self, range: Range<u64>, out: &mut Vec<(Range<u64>, BlockState)>) {
-        let b = self.bits.read();
-        let end = range.end.min(b.blocks);
+        let end = range.end.min(self.blocks());
         let mut blk = range.start;
         while blk < end {
-            let state = state_of(&b, blk);
-            let mut next = blk + 1;
-            // Skip whole words of one state quickly.
-            while next < end {
-                if next.is_multiple_of(64) && next + 64 <= end {
-                    let w = (next / 64) as usize;
-                    let a = b.alloc[w].load(Ordering::Acquire);
-                    let z = b.zeroed[w].load(Ordering::Acquire);
-                    let uniform = match state {
-                        BlockState::Data => a == u64::MAX,
-                        BlockState::Zeroed => a == 0 && z == u64::MAX,
-                        BlockState::Absent => a == 0 && z == 0,
-                    };
-                    if uniform {
-                        next += 64;
-                        continue;
-                    }
-                }
-                if state_of(&b, next) != state {
-                    break;
-                }
-                next += 1;
-            }
+            let (state, next) = self.run_at(blk, end);
             match out.last_mut() {
                 Some((r, s)) if *s == state && r.end == blk => r.end = next,
                 _ => out.push((blk..next, state)),
@@ -199,50 +266,33 @@ impl AllocMap {
         }
     }
 
-    /// Grows the map to `blocks` (new blocks absent). Never shrinks.
+    /// Grows the map to `blocks` (new blocks absent). Never shrinks. O(1): pages are made on
+    /// first use, and the file's space beyond the old size reads as zeros (all absent).
     pub fn grow(&self, blocks: u64) {
-        let mut b = self.bits.write();
-        if blocks <= b.blocks {
-            return;
-        }
-        let pages = pages_for(blocks);
-        let words = pages * WORDS_PER_PAGE;
-        b.alloc.resize_with(words, || AtomicU64::new(0));
-        b.zeroed.resize_with(words, || AtomicU64::new(0));
-        let old_pages = b.dirty.len();
-        b.dirty.resize_with(pages, || AtomicBool::new(true));
-        for d in &b.dirty[old_pages..] {
-            d.store(true, Ordering::Release);
-        }
-        b.blocks = blocks;
+        self.blocks.fetch_max(blocks, Ordering::AcqRel);
+    }
+
+    /// Existing pages of the map's capacity, with their index.
+    fn pages(&self) -> impl Iterator<Item = (usize, &Page)> {
+        (0..pages_for(self.blocks())).filter_map(|p| self.page(p).map(|pg| (p, pg)))
     }
 
     /// Copies the dirty pages, clearing their flags. Taken before the data is synced, so every
     /// bit in the copy describes data the sync will make durable.
     pub fn take_dirty(&self) -> DirtyPages {
-        let b = self.bits.read();
-        let mut pages = Vec::new();
-        for (p, d) in b.dirty.iter().enumerate() {
-            if d.swap(false, Ordering::AcqRel) {
-                let mut buf = vec![0u8; PAGE_BYTES * 2];
-                let words = p * WORDS_PER_PAGE..(p + 1) * WORDS_PER_PAGE;
-                for (i, w) in words.enumerate() {
-                    let a = b.alloc[w].load(Ordering::Acquire).to_le_bytes();
-                    let z = b.zeroed[w].load(Ordering::Acquire).to_le_bytes();
-                    buf[i * 8..i * 8 + 8].copy_from_slice(&a);
-                    buf[PAGE_BYTES + i * 8..PAGE_BYTES + i * 8 + 8].copy_from_slice(&z);
-                }
-                pages.push((p, buf));
+        let mut out = Vec::new();
+        for (p, pg) in self.pages() {
+            if pg.dirty.swap(false, Ordering::AcqRel) {
+                out.push((p, pg.encode()));
             }
         }
-        DirtyPages(pages)
+        DirtyPages(out)
     }
 
     /// Puts the dirty flags back after a failed write of `pages`.
     pub fn restore_dirty(&self, pages: &DirtyPages) {
-        let b = self.bits.read();
         for (p, _) in &pages.0 {
-            b.dirty[*p].store(true, Ordering::Release);
+            self.page_or_make(*p).dirty.store(true, Ordering::Release);
         }
     }
 
@@ -265,48 +315,61 @@ impl AllocMap {
     /// Creates a new map file for `blocks` blocks and syncs it.
     pub fn create_file(file: &File, blocks: u64) -> io::Result<AllocMap> {
         let map = AllocMap::new(blocks);
-        let pages = map.take_dirty();
         reserve_file(file, blocks)?;
-        map.write(file, &pages)?;
+        map.write(file, &DirtyPages(Vec::new()))?;
         Ok(map)
     }
 
-    /// Loads a map file.
+    /// Loads a map file. Pages with no bit set stay unmade.
     pub fn load(file: &File, what: &str) -> Result<AllocMap, StoreError> {
         let corrupt = |why: String| StoreError::Corrupt { what: what.to_string(), why };
         let mut hdr = [0u8; 28];
         file.read_exact_at(&mut hdr, 0).map_err(|e| corrupt(format!("reading header: {e}")))?;
         let blocks = decode_header(&hdr).map_err(corrupt)?;
+        if blocks > crate::MAX_VOLUME_SIZE / crate::BLOCK_SIZE {
+            return Err(corrupt(format!("capacity of {blocks} blocks is past the largest volume")));
+        }
         let map = AllocMap::new(blocks);
         let pages = pages_for(blocks);
-        let mut buf = vec![0u8; PAGE_BYTES * 2];
+        let file_len = file.metadata().map_err(StoreError::Io)?.len();
+        // Read many pages per call: a 100 GiB layer's map is 6.4 MiB.
+        const BATCH: usize = 64;
+        let page_len = PAGE_BYTES * 2;
+        let mut buf = vec![0u8; page_len * BATCH];
         let mut allocated = 0u64;
-        {
-            let b = map.bits.read();
-            for p in 0..pages {
-                let off = MAP_HEADER_LEN + p as u64 * PAGE_BYTES as u64 * 2;
-                // A page past the end of the file was never written: all absent.
-                match file.read_exact_at(&mut buf, off) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => buf.fill(0),
-                    Err(e) => return Err(StoreError::Io(e)),
+        for first in (0..pages).step_by(BATCH) {
+            let n = BATCH.min(pages - first);
+            let off = MAP_HEADER_LEN + first as u64 * page_len as u64;
+            // Pages past the end of the file were never written: all absent.
+            let have = (file_len.saturating_sub(off) as usize).min(n * page_len);
+            buf[have..n * page_len].fill(0);
+            file.read_exact_at(&mut buf[..have], off).map_err(StoreError::Io)?;
+            for k in 0..n {
+                let p = first + k;
+                let src = &buf[k * page_len..(k + 1) * page_len];
+                if src.iter().all(|b| *b == 0) {
+                    continue;
                 }
+                let page = map.page_or_make(p);
                 for i in 0..WORDS_PER_PAGE {
                     let w = p * WORDS_PER_PAGE + i;
-                    let mut a = u64::from_le_bytes(buf[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+                    let mut a = u64::from_le_bytes(src[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
                     let z = u64::from_le_bytes(
-                        buf[PAGE_BYTES + i * 8..PAGE_BYTES + i * 8 + 8].try_into().expect("8 bytes"),
+                        src[PAGE_BYTES + i * 8..PAGE_BYTES + i * 8 + 8].try_into().expect("8 bytes"),
                     );
                     // Bits past the capacity are meaningless; never let them count.
-                    let first = w as u64 * 64;
-                    if first >= blocks {
-                        a = 0;
-                    } else if blocks - first < 64 {
-                        a &= (1u64 << (blocks - first)) - 1;
-                    }
+                    let first_block = w as u64 * 64;
+                    let valid = if first_block >= blocks {
+                        0
+                    } else if blocks - first_block < 64 {
+                        (1u64 << (blocks - first_block)) - 1
+                    } else {
+                        u64::MAX
+                    };
+                    a &= valid;
                     allocated += a.count_ones() as u64;
-                    b.alloc[w].store(a, Ordering::Relaxed);
-                    b.zeroed[w].store(z & !a, Ordering::Relaxed);
+                    page.alloc[i].store(a, Ordering::Relaxed);
+                    page.zeroed[i].store(z & !a & valid, Ordering::Relaxed);
                 }
             }
         }
@@ -315,11 +378,20 @@ impl AllocMap {
     }
 }
 
-fn state_of(b: &Bits, blk: u64) -> BlockState {
-    let (w, m) = ((blk / 64) as usize, 1u64 << (blk % 64));
-    if b.alloc[w].load(Ordering::Acquire) & m != 0 {
+/// The bits of a word pair whose state is not `state`.
+fn differing(state: BlockState, a: u64, z: u64) -> u64 {
+    !match state {
+        BlockState::Data => a,
+        BlockState::Zeroed => !a & z,
+        BlockState::Absent => !a & !z,
+    }
+}
+
+fn state_in(a: u64, z: u64, bit: u64) -> BlockState {
+    let m = 1u64 << bit;
+    if a & m != 0 {
         BlockState::Data
-    } else if b.zeroed[w].load(Ordering::Acquire) & m != 0 {
+    } else if z & m != 0 {
         BlockState::Zeroed
     } else {
         BlockState::Absent
@@ -447,27 +519,89 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_new_map_makes_no_page_and_runs_skip_missing_pages() {
+        let blocks = (100u64 << 30) / 4096;
+        let m = AllocMap::new(blocks);
+        assert_eq!(m.pages().count(), 0);
+        assert_eq!(collect(&m, 0..blocks), vec![(0..blocks, BlockState::Absent)]);
+        m.set_data(5 * BLOCKS_PER_PAGE - 1..5 * BLOCKS_PER_PAGE + 1);
+        assert_eq!(m.pages().count(), 2);
+        // Clearing without hiding lower layers makes no page.
+        m.clear(0..BLOCKS_PER_PAGE, false);
+        assert_eq!(m.pages().count(), 2);
+        assert_eq!(m.run_at(0, blocks), (BlockState::Absent, 5 * BLOCKS_PER_PAGE - 1));
+        assert_eq!(m.run_at(5 * BLOCKS_PER_PAGE - 1, blocks), (BlockState::Data, 5 * BLOCKS_PER_PAGE + 1));
+        // Past the capacity: absent to the end asked for.
+        assert_eq!(m.run_at(blocks - 3, blocks + 100), (BlockState::Absent, blocks + 100));
+        assert_eq!(m.run_at(blocks + 7, blocks + 100), (BlockState::Absent, blocks + 100));
+        m.set_data(blocks - 2..blocks);
+        assert_eq!(m.run_at(blocks - 2, blocks + 100), (BlockState::Data, blocks));
+        assert_eq!(m.allocated_blocks(), 4);
+        assert_eq!(m.take_dirty().0.len(), 3);
+        assert_eq!(m.take_dirty().0.len(), 0);
+    }
+
+    #[test]
+    fn a_capacity_past_the_largest_volume_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m");
+        std::fs::write(&p, encode_header(u64::MAX / 2)).unwrap();
+        let err = AllocMap::load(&File::open(&p).unwrap(), "big map").err().expect("refused");
+        assert!(err.to_string().contains("largest volume"), "{err}");
+    }
+
+    /// Block counts that fit in one page, and that span several pages with a partial last one.
+    fn sizes() -> impl Strategy<Value = u64> {
+        prop_oneof![Just(700u64), Just(3 * BLOCKS_PER_PAGE + 4321)]
+    }
+
     proptest! {
         #[test]
-        fn runs_match_a_model(ops in proptest::collection::vec((0u64..700, 0u64..300, 0u8..3), 1..40)) {
-            let n = 700u64;
-            let m = AllocMap::new(n);
+        fn runs_match_a_model(
+            n in sizes(),
+            ops in proptest::collection::vec((0.0f64..1.0, 0.0f64..0.4, 0u8..4), 1..40),
+            probes in proptest::collection::vec(0.0f64..1.0, 8),
+        ) {
+            let m = AllocMap::new(n / 2);
+            let mut cap = n / 2;
             let mut model = vec![BlockState::Absent; n as usize];
             for (start, len, kind) in ops {
-                let end = (start + len).min(n);
+                let start = (start * n as f64) as u64;
+                let end = (start + (len * n as f64) as u64).min(cap);
+                let start = start.min(end);
                 match kind {
                     0 => { m.set_data(start..end); for b in start..end { model[b as usize] = BlockState::Data; } }
                     1 => { m.clear(start..end, true); for b in start..end { model[b as usize] = BlockState::Zeroed; } }
-                    _ => { m.clear(start..end, false); for b in start..end { model[b as usize] = BlockState::Absent; } }
+                    2 => { m.clear(start..end, false); for b in start..end { model[b as usize] = BlockState::Absent; } }
+                    _ => { cap = n; m.grow(n); }
                 }
             }
             let mut expect: Vec<(Range<u64>, BlockState)> = Vec::new();
-            for (i, s) in model.iter().enumerate() {
+            for (i, s) in model[..cap as usize].iter().enumerate() {
                 let i = i as u64;
                 match expect.last_mut() { Some((r, ls)) if ls == s => r.end = i + 1, _ => expect.push((i..i + 1, *s)) }
             }
-            prop_assert_eq!(collect(&m, 0..n), expect);
+            prop_assert_eq!(collect(&m, 0..cap), expect.clone());
             prop_assert_eq!(m.allocated_blocks(), model.iter().filter(|s| **s == BlockState::Data).count() as u64);
+            for f in probes {
+                let b = (f * cap as f64) as u64;
+                prop_assert_eq!(m.get(b), model[b as usize]);
+                let (state, end) = m.run_at(b, cap);
+                prop_assert_eq!(state, model[b as usize]);
+                prop_assert!(end > b && end <= cap);
+                prop_assert!(model[b as usize..end as usize].iter().all(|s| *s == state));
+                prop_assert!(end == cap || model[end as usize] != state);
+            }
+            // What a flush writes, a load reads back.
+            let dir = tempfile::tempdir().unwrap();
+            let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true)
+                .open(dir.path().join("m")).unwrap();
+            AllocMap::reserve(&f, cap).unwrap();
+            m.write(&f, &m.take_dirty()).unwrap();
+            let l = AllocMap::load(&f, "test map").unwrap();
+            prop_assert_eq!(collect(&l, 0..cap), expect);
+            prop_assert_eq!(l.allocated_blocks(), m.allocated_blocks());
         }
     }
 }

@@ -13,6 +13,7 @@
 pub mod aligned_buf;
 pub mod alloc_map;
 pub mod catalog;
+pub mod chain_index;
 pub mod deletion;
 pub mod error;
 pub mod io_engine;

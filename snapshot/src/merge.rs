@@ -239,10 +239,13 @@ impl BlockStore {
         for v in holders {
             let ch = v.chain();
             if ch.layers.iter().any(|l| l.id == x) {
-                v.set_chain(Chain { layers: ch.layers.iter().filter(|l| l.id != x).cloned().collect() });
+                v.set_chain(Chain::new(ch.layers.iter().filter(|l| l.id != x).cloned().collect()));
             }
         }
         drop(lx);
+        // Unlinking a large sparse file can take milliseconds (discards): not under the lock
+        // every snapshot create and delete takes. Nothing refers to `x` any more.
+        drop(_admin);
         self.unlink_layers(&[x]);
         tracing::info!(layer = x, into = c, "merged a deleted snapshot's layer");
         Ok(true)

@@ -120,21 +120,11 @@ pub fn snapshot_ids_in(t: &impl ReadableTable<&'static str, u64>, volume: u64) -
 
 /// Runs of `range` by the state of the top-most of `layers` that says anything of them.
 fn top_states(layers: &[Arc<Layer>], range: Range<u64>, out: &mut Vec<(Range<u64>, BlockState)>) {
-    let Some((top, rest)) = layers.split_first() else {
-        push_run(out, range, BlockState::Absent);
-        return;
-    };
-    let mut runs = Vec::new();
-    top.map.runs(range.clone(), &mut runs);
-    let covered = runs.last().map(|(r, _)| r.end).unwrap_or(range.start);
-    if covered < range.end {
-        runs.push((covered..range.end, BlockState::Absent));
-    }
-    for (r, state) in runs {
-        match state {
-            BlockState::Absent => top_states(rest, r, out),
-            s => push_run(out, r, s),
-        }
+    let mut p = range.start;
+    while p < range.end {
+        let (state, _, end) = crate::volume::top_state_at(layers, p, range.end);
+        push_run(out, p..end, state);
+        p = end;
     }
 }
 
@@ -294,7 +284,7 @@ impl BlockStore {
             for (v, h) in vols.iter().zip(&heads) {
                 let mut layers = vec![h.clone()];
                 layers.extend(v.chain().layers.iter().cloned());
-                v.set_chain(Chain { layers });
+                v.set_chain(Chain::new(layers));
             }
             Ok(out)
         })();
@@ -336,8 +326,9 @@ impl BlockStore {
         };
         txn.commit()?;
         self.views.lock().remove(&id);
-        self.unlink_layers(&doomed);
+        // Outside the lock: unlinking can take milliseconds, and nothing refers to them now.
         drop(_admin);
+        self.unlink_layers(&doomed);
         self.kick_merges();
         Ok(())
     }
@@ -380,16 +371,16 @@ impl BlockStore {
                 catalog::put(&mut txn.open_table(VOLUMES)?, volume, &vr)?;
             }
             txn.commit()?;
-            let mut chain = self.open_chain(&ids, false)?;
-            chain.layers.insert(0, head.clone());
-            v.set_chain(chain);
+            let mut layers = self.open_chain(&ids, false)?.layers;
+            layers.insert(0, head.clone());
+            v.set_chain(Chain::new(layers));
             Ok(doomed)
         })();
         v.thaw();
         match res {
             Ok(doomed) => {
-                self.unlink_layers(&doomed);
                 drop(_admin);
+                self.unlink_layers(&doomed);
                 self.kick_merges();
                 self.volume_info(volume)
             }

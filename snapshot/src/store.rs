@@ -262,7 +262,7 @@ impl BlockStore {
             // Only a head is written, so only a head needs an O_DIRECT descriptor.
             layers.push(self.layer(*l, head && i == 0 && self.opts.direct_writes)?);
         }
-        Ok(Chain { layers })
+        Ok(Chain::new(layers))
     }
 
     /// The layer ids of the chain that starts at `top`, top first.

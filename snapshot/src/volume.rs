@@ -15,6 +15,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::aligned_buf::AlignedBuf;
 use crate::alloc_map::BlockState;
+use crate::chain_index::ChainIndex;
 use crate::error::StoreError;
 use crate::io_engine::{Op, Segment};
 use crate::layer::Layer;
@@ -111,13 +112,48 @@ pub enum WritePlan {
 
 /// The layers of a volume, head first.
 pub struct Chain {
-    pub layers: Vec<Arc<Layer>>,
+    /// Made by [`Chain::new`] only (the index follows them): never changed in place.
+    pub(crate) layers: Vec<Arc<Layer>>,
+    /// Which of the layers under the head holds each block (deep chains only).
+    index: ChainIndex,
 }
 
 impl Chain {
+    pub fn new(layers: Vec<Arc<Layer>>) -> Chain {
+        let index = ChainIndex::new(layers.get(1..).unwrap_or_default());
+        Chain { layers, index }
+    }
+
+    /// What the chain says of block `blk`: see [`top_state_at`].
+    fn state_at(&self, blk: u64, end: u64) -> (BlockState, Option<&Arc<Layer>>, u64) {
+        if !self.index.is_used() {
+            return top_state_at(&self.layers, blk, end);
+        }
+        let head = &self.layers[0];
+        match head.map.run_at(blk, end) {
+            (BlockState::Absent, e) => self.index.state_at(&self.layers[1..], blk, e),
+            (state, e) => (state, Some(head), e),
+        }
+    }
+
     fn head(&self) -> &Arc<Layer> {
         &self.layers[0]
     }
+}
+
+/// What the top-most of `layers` that says anything of block `blk` says of it, the layer
+/// holding it (for `Data`), and the end (at most `end`) of the run of blocks it says the same
+/// of. Walks the chain once, without allocating: a 4 KiB read costs a few word loads per layer.
+pub(crate) fn top_state_at(layers: &[Arc<Layer>], blk: u64, end: u64) -> (BlockState, Option<&Arc<Layer>>, u64) {
+    let mut limit = end;
+    for layer in layers {
+        // Every layer above says `Absent` of `blk..limit`.
+        match layer.map.run_at(blk, limit) {
+            (BlockState::Absent, e) => limit = e,
+            (state, e) => return (state, (state == BlockState::Data).then_some(layer), e),
+        }
+    }
+    (BlockState::Absent, None, limit)
 }
 
 /// Where the bytes of a block range come from.
@@ -215,25 +251,16 @@ impl Volume {
         }
     }
 
-    /// Resolves blocks `range` to pieces, top-most layer first.
-    fn resolve<'a>(chain: &'a Chain, depth: usize, range: Range<u64>, out: &mut Vec<Piece<'a>>) {
-        let Some(layer) = chain.layers.get(depth) else {
-            out.push(Piece::Zero(range));
-            return;
-        };
-        let mut runs = Vec::new();
-        layer.map.runs(range.clone(), &mut runs);
-        // Blocks past the layer's map (a layer of a smaller, older size) are absent.
-        let covered = runs.last().map(|(r, _)| r.end).unwrap_or(range.start);
-        if covered < range.end {
-            runs.push((covered..range.end, BlockState::Absent));
-        }
-        for (r, state) in runs {
-            match state {
-                BlockState::Data => out.push(Piece::Layer(layer, r)),
-                BlockState::Zeroed => out.push(Piece::Zero(r)),
-                BlockState::Absent => Self::resolve(chain, depth + 1, r, out),
-            }
+    /// Resolves blocks `range` to pieces, in order.
+    fn resolve<'a>(chain: &'a Chain, range: Range<u64>, out: &mut Vec<Piece<'a>>) {
+        let mut p = range.start;
+        while p < range.end {
+            let (state, layer, end) = chain.state_at(p, range.end);
+            out.push(match (state, layer) {
+                (BlockState::Data, Some(l)) => Piece::Layer(l, p..end),
+                _ => Piece::Zero(p..end),
+            });
+            p = end;
         }
     }
 
@@ -253,7 +280,7 @@ impl Volume {
         }
         let chain = self.chain();
         let mut pieces = Vec::new();
-        Self::resolve(&chain, 0, offset / BLOCK_SIZE..(offset + len).div_ceil(BLOCK_SIZE), &mut pieces);
+        Self::resolve(&chain, offset / BLOCK_SIZE..(offset + len).div_ceil(BLOCK_SIZE), &mut pieces);
         let end = offset + len;
         for p in pieces {
             let (fd, r) = match p {
@@ -461,7 +488,7 @@ impl Volume {
         self.check_range(offset, len)?;
         let chain = self.chain();
         let mut pieces = Vec::new();
-        Self::resolve(&chain, 0, offset / BLOCK_SIZE..(offset + len).div_ceil(BLOCK_SIZE), &mut pieces);
+        Self::resolve(&chain, offset / BLOCK_SIZE..(offset + len).div_ceil(BLOCK_SIZE), &mut pieces);
         for p in pieces {
             if let Piece::Layer(l, r) = p {
                 l.prefetch(r.start * BLOCK_SIZE, (r.end - r.start) * BLOCK_SIZE);
@@ -479,7 +506,7 @@ impl Volume {
         }
         let chain = self.chain();
         let mut pieces = Vec::new();
-        Self::resolve(&chain, 0, offset / BLOCK_SIZE..(offset + len).div_ceil(BLOCK_SIZE), &mut pieces);
+        Self::resolve(&chain, offset / BLOCK_SIZE..(offset + len).div_ceil(BLOCK_SIZE), &mut pieces);
         let end = offset + len;
         for p in pieces {
             let r = match &p {
