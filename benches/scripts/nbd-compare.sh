@@ -26,6 +26,8 @@
 #   JOBS=1       fio jobs (= NBD connections) per run
 #   WORKLOADS="randread4k randwrite4k seqread1m seqwrite1m"
 #   LABEL_OURS=ours LABEL_PEER=peer                 names in the output
+#   BEFORE_OURS=CMD BEFORE_PEER=CMD                 shell commands run before each run of a side
+#                (e.g. switching one volume's QoS tier, so both sides are the same volume)
 #   RESULTS=FILE append one tab-separated line per workload:
 #                label_ours label_peer workload ours_iops peer_iops ratio ours_MBps peer_MBps ours_p99_us peer_p99_us
 #
@@ -133,7 +135,9 @@ for wl in $WORKLOADS; do
   : >"$scratch/ours"
   : >"$scratch/peer"
   for ((r = 1; r <= ROUNDS; r++)); do
+    [[ -z ${BEFORE_OURS:-} ]] || eval "$BEFORE_OURS"
     run_fio "$OURS" "$wl" >>"$scratch/ours"
+    [[ -z ${BEFORE_PEER:-} ]] || eval "$BEFORE_PEER"
     run_fio "$PEER" "$wl" >>"$scratch/peer"
   done
   python3 -c "$py_helper" med "$wl" "$scratch/ours" "$scratch/peer" "$LABEL_OURS" "$LABEL_PEER" "$RESULTS"

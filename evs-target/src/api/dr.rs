@@ -733,6 +733,7 @@ impl ControlPlane {
         if g.pairs.is_empty() {
             return Ok(CycleStats::default());
         }
+        let started = std::time::Instant::now();
         let mut client = self.peer_client(&g)?;
         // The target's point: adopt it when our acknowledgement was lost.
         let peer = dr
@@ -810,6 +811,7 @@ impl ControlPlane {
             let (extents, _) = self.store.changed_extents(p.volume_id, base, Some(snap))?;
             plans.push(plan_ranges(&extents));
         }
+        let planned = started.elapsed();
         let throttle = {
             let mut t = dr.throttles.lock();
             t.entry(group_key(tenant, name)).or_insert_with(|| Arc::new(Throttle::new(g.bandwidth))).clone()
@@ -850,8 +852,10 @@ impl ControlPlane {
         })();
         drop(tx);
         dr.progress.lock().remove(&key);
+        let streamed = started.elapsed();
         let reply =
             dr.rt.block_on(call).map_err(|e| ApiError::Internal(format!("the apply call did not complete: {e}")))?;
+        let applied = started.elapsed();
         let reply = match (sent, reply) {
             (_, Err(s)) => return Err(peer_status("applying the cycle on the target", s)),
             (Err(e), Ok(_)) => return Err(ApiError::Peer(format!("sending the cycle: {e}"))),
@@ -881,7 +885,17 @@ impl ControlPlane {
         for p in &g.pairs {
             self.drop_points(p.volume_id, name, Some(seq));
         }
-        tracing::debug!(group = name, seq, old, bytes = stats.bytes_sent, "replication point committed");
+        tracing::debug!(
+            group = name,
+            seq,
+            old,
+            bytes = stats.bytes_sent,
+            planned_ms = planned.as_millis() as u64,
+            streamed_ms = streamed.as_millis() as u64,
+            applied_ms = applied.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "replication point committed"
+        );
         Ok(stats)
     }
 

@@ -251,6 +251,7 @@ impl ControlPlane {
             vols.push(self.store.open_volume(p.volume_id)?);
         }
         let sink = Replicas(vols);
+        let started = std::time::Instant::now();
         let mut applied = 0u64;
         let mut frames = 0u64;
         let commit = loop {
@@ -273,10 +274,12 @@ impl ControlPlane {
                 commit.seq, commit.frames, begin.seq
             )));
         }
+        let received = started.elapsed();
         // The new point: flushed, then one snapshot of all replicas in one transaction.
         for v in &sink.0 {
             v.flush()?;
         }
+        let flushed = started.elapsed();
         let seq = begin.seq;
         let snap = point_name(name, seq);
         let items: Vec<(u64, String)> = begin
@@ -304,6 +307,15 @@ impl ControlPlane {
         for p in &g.pairs {
             self.drop_points(p.volume_id, name, Some(seq));
         }
+        tracing::debug!(
+            group = name,
+            seq,
+            bytes = applied,
+            received_ms = received.as_millis() as u64,
+            flushed_ms = flushed.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "replica point committed"
+        );
         Ok(pb::ApplyResult { committed_seq: seq, bytes_applied: applied })
     }
 
