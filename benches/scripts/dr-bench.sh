@@ -96,11 +96,16 @@ sent0=$(as_a --output json dr status g | field '["bytes_transferred"]')
 fio --name=load --ioengine=nbd --uri="$v_uri" --rw=randwrite --bs=64k --iodepth=8 --rate="$RATE" \
   --time_based --runtime="$LOAD_SECONDS" --output-format=json --output="$work/fio.json" >/dev/null &
 fio_pid=$!
-: >"$work/rpo"
+: >"$work/samples"
+# Steady state starts when the first cycle that began under the load has committed (before
+# it the point is the initial sync's, as old as that sync took).
+cycles0=$(as_a --output json dr status g | field '.get("cycles", 0)')
 while kill -0 "$fio_pid" 2>/dev/null; do
-  as_a --output json dr status g | field '["rpo_seconds"]' >>"$work/rpo"
+  as_a --output json dr status g | field '.get("cycles", 0), d["rpo_seconds"]' | tr -d '(),' >>"$work/samples"
   sleep 0.5
 done
+awk -v c0="$cycles0" '$1 >= c0 + 2 { print $2 }' "$work/samples" >"$work/rpo"
+echo "RPO samples taken: $(wc -l <"$work/samples"), in the steady state: $(wc -l <"$work/rpo")"
 wait "$fio_pid"
 # One more interval so the last writes are in a point before counting bytes.
 sleep $((INTERVAL * 2 + 1))

@@ -85,7 +85,8 @@ pub fn encode_frame(
     let (kind_byte, len, codec, payload): (u8, u32, u8, std::borrow::Cow<'_, [u8]>) = match (kind, data_or_len) {
         (FrameKind::Zero, FrameBody::Len(len)) => (KIND_ZERO, len, CODEC_STORED, std::borrow::Cow::Borrowed(&[])),
         (FrameKind::Data, FrameBody::Data(d)) => {
-            let packed = zstd::bulk::compress(d, level).ok().filter(|c| c.len() < d.len());
+            let packed =
+                if looks_compressible(d, level) { compress(d, level).filter(|c| c.len() < d.len()) } else { None };
             match packed {
                 Some(c) => (KIND_DATA, d.len() as u32, CODEC_ZSTD, std::borrow::Cow::Owned(c)),
                 None => (KIND_DATA, d.len() as u32, CODEC_STORED, std::borrow::Cow::Borrowed(d)),
@@ -106,6 +107,40 @@ pub fn encode_frame(
     let crc = crc32c::crc32c_append(crc32c::crc32c(&out[header_start..]), &payload);
     out.extend_from_slice(&crc.to_le_bytes());
     out.extend_from_slice(&payload);
+}
+
+/// Frames at least this large are probed before zstd runs over them whole.
+const PROBE_MIN: usize = 64 * 1024;
+/// Bytes of the probe, from the middle of the frame.
+const PROBE_LEN: usize = 8 * 1024;
+
+/// Whether `d` is worth compressing: a sample from its middle must shrink by at least 1/32.
+/// Random or already compressed data (most of what an initial sync of a used disk moves)
+/// then costs a few microseconds per MiB instead of a full zstd pass that gives nothing.
+fn looks_compressible(d: &[u8], level: i32) -> bool {
+    if d.len() < PROBE_MIN {
+        return true;
+    }
+    let mid = d.len() / 2 - PROBE_LEN / 2;
+    let sample = &d[mid..mid + PROBE_LEN];
+    compress(sample, level).is_some_and(|c| c.len() < PROBE_LEN - PROBE_LEN / 32)
+}
+
+thread_local! {
+    /// One zstd context per encoding thread: making one per frame costs more than a small
+    /// frame's compression.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn compress(d: &[u8], level: i32) -> Option<Vec<u8>> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().map(|(l, _)| *l) != Some(level) {
+            *c = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+        }
+        c.as_mut()?.1.compress(d).ok()
+    })
 }
 
 /// What a frame carries when encoded.
@@ -220,6 +255,33 @@ mod tests {
         encode_frame(&mut b, FrameKind::Data, 1, 0, FrameBody::Data(&noise), 3);
         encode_frame(&mut b, FrameKind::Zero, 1, 1 << 20, FrameBody::Len(65536), 3);
         b
+    }
+
+    #[test]
+    fn random_data_is_stored_and_text_compressed() {
+        // A xorshift stream: incompressible.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let random: Vec<u8> = (0..1 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let text: Vec<u8> =
+            b"the quick brown fox jumps over the lazy dog. ".iter().cycle().take(1 << 20).copied().collect();
+        for (data, want_codec) in [(&random, CODEC_STORED), (&text, CODEC_ZSTD)] {
+            let mut b = Vec::new();
+            encode_frame(&mut b, FrameKind::Data, 0, 0, FrameBody::Data(data), 1);
+            assert_eq!(b[24], want_codec);
+            if want_codec == CODEC_STORED {
+                assert_eq!(b.len(), HEADER_LEN + data.len());
+            } else {
+                assert!(b.len() < HEADER_LEN + data.len() / 10, "{}", b.len());
+            }
+            assert_eq!(decode_frames(&b).unwrap()[0].data, *data);
+        }
     }
 
     #[test]

@@ -166,6 +166,9 @@ pub struct GroupRecord {
     pub cycles: u64,
     #[serde(default)]
     pub last_error: Option<String>,
+    /// When the last cycle started (unix ms; after a failure, when it failed): the next one is
+    /// due an interval later, so cycles shorter than the interval start on a fixed beat and the
+    /// RPO stays under the interval plus one cycle.
     #[serde(default)]
     pub last_cycle_ms: u64,
     /// Promoted by a failover: the peer is not replicated to until `reprotect`.
@@ -734,6 +737,7 @@ impl ControlPlane {
             return Ok(CycleStats::default());
         }
         let started = std::time::Instant::now();
+        let started_ms = now_ms();
         let mut client = self.peer_client(&g)?;
         // The target's point: adopt it when our acknowledgement was lost.
         let peer = dr
@@ -874,7 +878,7 @@ impl ControlPlane {
             g.bytes_replicated += stats.bytes_replicated;
             g.cycles += 1;
             g.last_error = None;
-            g.last_cycle_ms = now_ms();
+            g.last_cycle_ms = started_ms;
             for p in g.pairs.iter_mut() {
                 if p.since_seq.is_none() {
                     p.since_seq = Some(seq);
