@@ -323,7 +323,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             .register_encoded_file_descriptor_set(evs_proto::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .context("building the gRPC reflection service")?;
-        let mut builder = tonic::transport::Server::builder();
+        // Replication streams cycles of hundreds of MB into `Apply`: HTTP/2's default 64 KiB
+        // receive window would hold the sender to one window per round trip.
+        let mut builder = tonic::transport::Server::builder()
+            .initial_stream_window_size(Some(evs_proto::STREAM_WINDOW))
+            .initial_connection_window_size(Some(evs_proto::CONNECTION_WINDOW));
         if let Some(id) = &identity {
             builder = builder.tls_config(id.api_config()).context("configuring TLS for the gRPC API")?;
         }

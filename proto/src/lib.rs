@@ -8,6 +8,13 @@ pub mod v1 {
 
 /// The encoded `FileDescriptorSet` of every API file (with imports), for gRPC server
 /// reflection, so generic clients such as `grpcurl` can list and call the services.
+/// HTTP/2 receive window of one stream (bytes) for both ends of the API: a replication cycle
+/// streams 2 MiB batches, and HTTP/2's default of 64 KiB would make every batch wait for 32
+/// window updates.
+pub const STREAM_WINDOW: u32 = 16 << 20;
+/// HTTP/2 receive window of a whole connection (bytes).
+pub const CONNECTION_WINDOW: u32 = 32 << 20;
+
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/evs_descriptor.bin"));
 
 #[cfg(test)]

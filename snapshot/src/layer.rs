@@ -104,6 +104,11 @@ impl Layer {
         self.direct.as_ref().map(|f| f.as_raw_fd())
     }
 
+    /// The data file opened with O_DIRECT, if the filesystem allowed it.
+    pub fn direct_file(&self) -> Option<&File> {
+        self.direct.as_ref()
+    }
+
     pub fn data_file(&self) -> &File {
         &self.data
     }

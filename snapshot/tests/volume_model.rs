@@ -72,10 +72,11 @@ fn run(acts: Vec<Act>, engine_kind: EngineKind) {
                 let off = off % cur;
                 let len = len.min((cur - off) as usize);
                 let data = pattern(seed, len);
-                if seed.is_multiple_of(2) {
-                    plan_and_write(&vol, engine.as_mut(), off, &data).unwrap();
-                } else {
-                    vol.write_at(off, &data).unwrap();
+                match seed % 4 {
+                    0 | 2 => plan_and_write(&vol, engine.as_mut(), off, &data).unwrap(),
+                    1 => vol.write_at(off, &data).unwrap(),
+                    // Bulk writes: O_DIRECT for whole blocks, write_at for the rest.
+                    _ => vol.write_at_direct(off, &data).unwrap(),
                 }
                 model[off as usize..off as usize + len].copy_from_slice(&data);
             }

@@ -157,7 +157,8 @@ impl VolumeSink {
 
 impl ChunkSink for VolumeSink {
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.mutate(|v| v.write_at(offset, data))
+        // Restores write MiB chunks: O_DIRECT, no page-cache copy.
+        self.mutate(|v| v.write_at_direct(offset, data))
     }
     fn zero(&self, offset: u64, len: u64) -> io::Result<()> {
         if self.fresh {

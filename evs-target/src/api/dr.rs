@@ -225,7 +225,9 @@ pub(super) async fn peer_channel(endpoint: &str, ca: Option<&str>) -> Result<Cha
     let mut ep = Endpoint::from_shared(endpoint.to_string())
         .map_err(|e| ApiError::Peer(format!("invalid peer endpoint {endpoint:?}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(300));
+        .timeout(Duration::from_secs(300))
+        .initial_stream_window_size(Some(evs_proto::STREAM_WINDOW))
+        .initial_connection_window_size(Some(evs_proto::CONNECTION_WINDOW));
     if endpoint.starts_with("https://") {
         let ca = ca.ok_or_else(|| ApiError::Peer(format!("{endpoint} is https: give the CA certificate")))?;
         ep = ep

@@ -24,7 +24,7 @@ impl ReplicaSink for Replicas {
     fn write(&self, pair: u16, offset: u64, data: &[u8]) -> std::io::Result<()> {
         let v = &self.0[pair as usize];
         loop {
-            match v.write_at(offset, data) {
+            match v.write_at_direct(offset, data) {
                 Err(StoreError::Frozen) => v.wait_thawed(),
                 other => return other.map_err(std::io::Error::other),
             }
