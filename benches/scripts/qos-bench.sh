@@ -89,7 +89,7 @@ TOML
   # Two volumes differ by where their files lie and what of them is cached: the same volume,
   # its tier switched online before each run, compares the limiter alone.
   say "phase 1b: one volume, tier switched online between runs (essd out of reach vs unlimited)"
-  BEFORE_OURS="'$evsctl_bin' volume set-tier bypassed essd >/dev/null" BEFORE_PEER="'$evsctl_bin' volume set-tier bypassed unlimited >/dev/null" \
+  BEFORE_OURS="'$evsctl_bin' volume set-tier bypassed --tier essd >/dev/null" BEFORE_PEER="'$evsctl_bin' volume set-tier bypassed --tier unlimited >/dev/null" \
     LABEL_OURS=limiter LABEL_PEER=bypass SIZE=$bytes WORKLOADS="randread4k randwrite4k" \
     "$here/nbd-compare.sh" "$bypassed" "$bypassed"
   stop_daemon
