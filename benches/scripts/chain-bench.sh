@@ -47,14 +47,12 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-uri_of() { evsctl --output json volume attach "$1" --unix | python3 -c 'import json,sys; print(json.load(sys.stdin)["unix_uri"])'; }
-
 say "machine: $(nproc) CPUs, kernel $(uname -r), $(fio --version); commit $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 evs_start "$work/data" "$socks/evs.sock" "$work/evs.log" --io-backend "$IO_BACKEND"
 evsctl volume create chain1 --size "$bytes" --tier unlimited >/dev/null
 evsctl volume create chain16 --size "$bytes" --tier unlimited >/dev/null
-one=$(uri_of chain1)
-deep=$(uri_of chain16)
+one=$(evs_unix_uri chain1)
+deep=$(evs_unix_uri chain16)
 head -c "$bytes" /dev/urandom >"$work/seed.raw"
 nbdcopy --flush "$work/seed.raw" "$one"
 nbdcopy --flush "$work/seed.raw" "$deep"

@@ -6,6 +6,7 @@
 #   evs_start DATA_DIR SOCKET LOG [evs-target args...]   # sets evs_pid, EVS_ENDPOINT, EVS_TOKEN
 #   evs_wait_export URI NAME LOG PID         # until nbdinfo answers (30 s)
 #   evsctl ...                               # the release evsctl
+#   evs_unix_uri VOLUME                      # attach VOLUME, print its unix-socket NBD URI
 #
 # Expects `root` (the repository) and `die`; uses CARGO_TARGET_DIR when set.
 
@@ -22,6 +23,8 @@ evs_build() {
 }
 
 evsctl() { "$evsctl_bin" "$@"; }
+
+evs_unix_uri() { evsctl --output json volume attach "$1" --unix | python3 -c 'import json,sys; print(json.load(sys.stdin)["unix_uri"])'; }
 
 evs_start() { # DATA_DIR SOCKET LOG [args...]
   local data=$1 sock=$2 log=$3 i nbd_port api_port metrics_port

@@ -58,8 +58,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-uri_of() { evsctl --output json volume attach "$1" --unix | python3 -c 'import json,sys; print(json.load(sys.stdin)["unix_uri"])'; }
-
 say "machine: $(nproc) CPUs, kernel $(uname -r), $(fio --version); commit $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 
 # ---------------------------------------------------------------- 1. overhead
@@ -75,8 +73,8 @@ TOML
   say "phase 1: limiter in place (tier essd, limits out of reach) vs bypassed (tier unlimited), $SIZE each"
   evsctl volume create limited --size "$bytes" --tier essd >/dev/null
   evsctl volume create bypassed --size "$bytes" --tier unlimited >/dev/null
-  limited=$(uri_of limited)
-  bypassed=$(uri_of bypassed)
+  limited=$(evs_unix_uri limited)
+  bypassed=$(evs_unix_uri bypassed)
   head -c "$bytes" /dev/urandom >"$work/seed.raw"
   nbdcopy --flush "$work/seed.raw" "$limited"
   nbdcopy --flush "$work/seed.raw" "$bypassed"
@@ -104,7 +102,7 @@ accuracy() { # LABEL CONFIG_FILE_OR_EMPTY
     for kind in iops bw; do
       evsctl volume create "$tier-$kind" --size 100G --tier "$tier" >/dev/null
       evsctl --output json volume show "$tier-$kind" >"$work/$label-$tier-$kind.vol.json"
-      uri=$(uri_of "$tier-$kind")
+      uri=$(evs_unix_uri "$tier-$kind")
       if [[ $kind == iops ]]; then shape=(--rw=randread --bs=4k); else shape=(--rw=read --bs=256k); fi
       fio --name=q --ioengine=nbd --uri="$uri" "${shape[@]}" --iodepth=32 --time_based --runtime="$RUNTIME" \
         --norandommap --randrepeat=0 --output-format=json --output="$work/$label-$tier-$kind.fio.json" >/dev/null

@@ -266,6 +266,7 @@ impl BlockStore {
         lx.map.runs(0..lx.map.blocks(), &mut runs);
         let limit = lc.map.blocks();
         let mut sub = Vec::new();
+        let mut buf = Vec::new();
         for (r, state) in runs {
             if state == BlockState::Absent || r.start >= limit {
                 continue;
@@ -280,7 +281,7 @@ impl BlockStore {
                     lc.map.clear(s, true);
                     continue;
                 }
-                if !self.copy_blocks(lx, lc, s)? {
+                if !self.copy_blocks(lx, lc, s, &mut buf)? {
                     return Ok(false);
                 }
             }
@@ -300,6 +301,7 @@ impl BlockStore {
         let has_parent = self.chain_ids(lx.id)?.len() > 1;
         let mut runs = Vec::new();
         lc.map.runs(0..lc.map.blocks(), &mut runs);
+        let mut buf = Vec::new();
         for (r, state) in runs {
             match state {
                 BlockState::Absent => {}
@@ -309,7 +311,7 @@ impl BlockStore {
                     lx.punch_hole(r.start * BLOCK_SIZE, (r.end - r.start) * BLOCK_SIZE)?;
                 }
                 BlockState::Data => {
-                    if !self.copy_blocks(lc, lx, r)? {
+                    if !self.copy_blocks(lc, lx, r, &mut buf)? {
                         return Ok(false);
                     }
                 }
@@ -322,8 +324,14 @@ impl BlockStore {
 
     /// Copies blocks `r` of `from` into `to`, setting `to`'s bits after each piece's data is in
     /// place. False when the store is closing.
-    fn copy_blocks(&self, from: &Layer, to: &Layer, r: std::ops::Range<u64>) -> Result<bool, StoreError> {
-        let mut buf = vec![0u8; (COPY_BLOCKS.min(r.end - r.start) * BLOCK_SIZE) as usize];
+    fn copy_blocks(
+        &self,
+        from: &Layer,
+        to: &Layer,
+        r: std::ops::Range<u64>,
+        buf: &mut Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        buf.resize((COPY_BLOCKS * BLOCK_SIZE) as usize, 0);
         let mut b = r.start;
         while b < r.end {
             if self.merges.stopping() {

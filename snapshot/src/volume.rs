@@ -387,15 +387,28 @@ impl Volume {
         self.read_at(first, &mut buf[..readable])?;
         let at = (offset - first) as usize;
         buf[at..at + data.len()].copy_from_slice(data);
-        self.write_blocks(first, &buf)
+        self.write_blocks(first, &buf, false)
     }
 
-    /// Writes whole blocks synchronously through the page cache and commits them.
-    fn write_blocks(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+    /// Writes whole blocks synchronously and commits them: through the page cache, or with
+    /// O_DIRECT (an aligned per-thread copy) when `direct` and the head has a direct descriptor
+    /// and `data` is whole blocks.
+    fn write_blocks(&self, offset: u64, data: &[u8], direct: bool) -> Result<(), StoreError> {
         debug_assert!(offset.is_multiple_of(BLOCK_SIZE));
         let chain = self.chain();
         let head = chain.head();
-        head.data_file().write_all_at(data, offset)?;
+        match head.direct_file().filter(|_| direct && (data.len() as u64).is_multiple_of(BLOCK_SIZE)) {
+            Some(file) => DIRECT_BUF.with(|b| {
+                let mut buf = b.borrow_mut();
+                if buf.capacity() < data.len() {
+                    *buf = AlignedBuf::zeroed(data.len());
+                }
+                buf.set_len(data.len());
+                buf.copy_from_slice(data);
+                file.write_all_at(&buf, offset)
+            })?,
+            None => head.data_file().write_all_at(data, offset)?,
+        }
         head.map.set_data(offset / BLOCK_SIZE..(offset + data.len() as u64).div_ceil(BLOCK_SIZE));
         head.mark_changed();
         Ok(())
@@ -532,6 +545,18 @@ impl Volume {
     /// Synchronous write; waits while the volume is frozen (so it must not be called by a
     /// thread that has writes of its own in flight on an engine).
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        self.write_sync(offset, data, false)
+    }
+
+    /// [`write_at`](Self::write_at) for bulk copies (replica apply, restore): whole blocks go
+    /// to the head with O_DIRECT when it has a direct descriptor, so a stream of MiB-sized
+    /// writes costs no page-cache copy (on this kind of machine that copy was most of a
+    /// replica's CPU). Durable after the next [`flush`](Self::flush), like every write.
+    pub fn write_at_direct(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        self.write_sync(offset, data, true)
+    }
+
+    fn write_sync(&self, offset: u64, data: &[u8], direct: bool) -> Result<(), StoreError> {
         self.check_range(offset, data.len() as u64)?;
         let _gate = loop {
             match self.enter() {
@@ -544,49 +569,10 @@ impl Volume {
             if data.is_empty() {
                 return Ok(());
             }
-            self.write_blocks(offset, data)
+            self.write_blocks(offset, data, direct)
         } else {
             self.write_unaligned(offset, data)
         }
-    }
-
-    /// [`write_at`](Self::write_at) for bulk copies (replica apply, restore): whole blocks go
-    /// to the head with O_DIRECT when it has a direct descriptor, so a stream of MiB-sized
-    /// writes costs no page-cache copy (on this kind of machine that copy was most of a
-    /// replica's CPU). Anything else goes through [`write_at`](Self::write_at). Durable after
-    /// the next [`flush`](Self::flush), like every write.
-    pub fn write_at_direct(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
-        let whole = offset.is_multiple_of(BLOCK_SIZE) && (data.len() as u64).is_multiple_of(BLOCK_SIZE);
-        if !whole || data.is_empty() {
-            return self.write_at(offset, data);
-        }
-        self.check_range(offset, data.len() as u64)?;
-        let gate = loop {
-            match self.enter() {
-                Err(StoreError::Frozen) => self.wait_thawed(),
-                other => break other?,
-            }
-        };
-        // Taken inside the gate: a snapshot waits for the gate before it changes the head.
-        let chain = self.chain();
-        let head = chain.head();
-        let Some(direct) = head.direct_file() else {
-            drop(gate);
-            return self.write_at(offset, data);
-        };
-        DIRECT_BUF.with(|b| -> Result<(), StoreError> {
-            let mut buf = b.borrow_mut();
-            if buf.capacity() < data.len() {
-                *buf = AlignedBuf::zeroed(data.len());
-            }
-            buf.set_len(data.len());
-            buf.copy_from_slice(data);
-            direct.write_all_at(&buf, offset)?;
-            Ok(())
-        })?;
-        head.map.set_data(offset / BLOCK_SIZE..(offset + data.len() as u64) / BLOCK_SIZE);
-        head.mark_changed();
-        Ok(())
     }
 
     /// Bytes allocated in the head layer.
