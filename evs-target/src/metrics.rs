@@ -193,11 +193,16 @@ pub fn render_volume_io(out: &mut String, vols: &[Arc<VolumeIo>]) {
     };
     /// A counter family: name, help, and how to read it from a volume's stats.
     type Counter = (&'static str, &'static str, fn(&VolumeStats) -> f64);
-    let counters: [Counter; 8] = [
+    let counters: [Counter; 9] = [
         ("evs_volume_read_ops_total", "Reads completed.", |s| s.read_ops.load(Ordering::Relaxed) as f64),
         ("evs_volume_read_bytes_total", "Bytes read.", |s| s.read_bytes.load(Ordering::Relaxed) as f64),
         ("evs_volume_write_ops_total", "Writes completed.", |s| s.write_ops.load(Ordering::Relaxed) as f64),
         ("evs_volume_write_bytes_total", "Bytes written.", |s| s.write_bytes.load(Ordering::Relaxed) as f64),
+        (
+            "evs_volume_write_early_replies_total",
+            "Writes replied to before their data reached the disk (a flush waits for them).",
+            |s| s.write_early_replies.load(Ordering::Relaxed) as f64,
+        ),
         ("evs_volume_other_ops_total", "FLUSH, TRIM, WRITE_ZEROES, CACHE and BLOCK_STATUS requests completed.", |s| {
             s.other_ops.load(Ordering::Relaxed) as f64
         }),

@@ -59,6 +59,8 @@ pub struct VolumeStats {
     pub read_bytes: AtomicU64,
     pub write_ops: AtomicU64,
     pub write_bytes: AtomicU64,
+    /// Writes replied to before their data op completed (write-back; a flush waits for them).
+    pub write_early_replies: AtomicU64,
     /// FLUSH, TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS.
     pub other_ops: AtomicU64,
     /// Requests answered with an error.

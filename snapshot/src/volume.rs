@@ -47,7 +47,84 @@ pub struct Extent {
 pub struct PendingWrite {
     layer: Arc<Layer>,
     blocks: Range<u64>,
+    /// Set when the caller replied before the op completed ([`Volume::reply_early`]).
+    early: Option<EarlyReply>,
     _gate: GateGuard,
+}
+
+/// Writes replied to before their data op completed. NBD lets a server reply to a write before
+/// its data is durable (only FLUSH and FUA promise durability), so a connection may answer an
+/// overwrite as soon as its O_DIRECT op is submitted and keep the disk's queue fuller than the
+/// client's own queue depth. A flush must still cover them: writers register in the current
+/// epoch's slot, a flush moves the epoch on and waits until the old slot drains (writes that
+/// start meanwhile land in the other slot and never hold it up). Only a volume with a single
+/// writer does this: another connection's read right after a reply must see the data, and the
+/// replied write may still be in flight on the first connection's ring.
+#[derive(Debug, Default)]
+struct WriteBack {
+    state: Mutex<WriteBackState>,
+    drained: Condvar,
+    /// One epoch move at a time: its wait needs the slot it moves to already empty.
+    settling: Mutex<()>,
+}
+
+#[derive(Debug, Default)]
+struct WriteBackState {
+    /// Writes replied to early and not yet completed, per epoch slot.
+    in_flight: [u64; 2],
+    epoch: usize,
+    /// Connections and queues serving the volume ([`Volume::open_writer`]).
+    writers: usize,
+    /// errno of the first failed early-replied write since the last flush: the next flush
+    /// reports it (as fsync reports a failed page-cache writeback).
+    failed: Option<i32>,
+}
+
+impl WriteBack {
+    /// Moves the epoch on and waits for the writes replied to before it.
+    fn settle(&self) -> Option<i32> {
+        let _one = self.settling.lock();
+        let mut st = self.state.lock();
+        let old = st.epoch;
+        st.epoch ^= 1;
+        while st.in_flight[old] > 0 {
+            self.drained.wait(&mut st);
+        }
+        st.failed.take()
+    }
+}
+
+/// An early-replied write's place in [`WriteBack`]; leaving it counts the write as done,
+/// failed unless [`Volume::commit_write`] marked it.
+#[derive(Debug)]
+struct EarlyReply {
+    wb: Arc<WriteBack>,
+    slot: usize,
+    /// errno to report; `None` once the write completed.
+    errno: Option<i32>,
+}
+
+impl Drop for EarlyReply {
+    fn drop(&mut self) {
+        let mut st = self.wb.state.lock();
+        st.in_flight[self.slot] -= 1;
+        if let Some(e) = self.errno {
+            st.failed.get_or_insert(e);
+        }
+        if st.in_flight[self.slot] == 0 && st.epoch != self.slot {
+            self.wb.drained.notify_all();
+        }
+    }
+}
+
+/// A connection or queue serving a volume, from [`Volume::open_writer`] until dropped.
+#[derive(Debug)]
+pub struct WriterGuard(Arc<WriteBack>);
+
+impl Drop for WriterGuard {
+    fn drop(&mut self) {
+        self.0.state.lock().writers -= 1;
+    }
 }
 
 /// Bit of [`WriteGate::state`] set while the volume is frozen.
@@ -177,6 +254,7 @@ pub struct Volume {
     /// A snapshot's view: every mutation is refused.
     read_only: bool,
     gate: Arc<WriteGate>,
+    write_back: Arc<WriteBack>,
 }
 
 impl Volume {
@@ -189,6 +267,7 @@ impl Volume {
             direct_write_max,
             read_only: false,
             gate: Arc::default(),
+            write_back: Arc::default(),
         }
     }
 
@@ -367,13 +446,59 @@ impl Volume {
         };
         let blocks = offset / BLOCK_SIZE..offset / BLOCK_SIZE + padded as u64 / BLOCK_SIZE;
         let op = Op::Write { buf, segs: vec![Segment { fd, offset, buf_offset: 0, len: padded }] };
-        Ok(WritePlan::Submit { op, pending: PendingWrite { layer: head, blocks, _gate: gate } })
+        Ok(WritePlan::Submit { op, pending: PendingWrite { layer: head, blocks, early: None, _gate: gate } })
     }
 
     /// Records that the blocks of a completed write now live in its layer.
     pub fn commit_write(&self, pending: PendingWrite) {
-        pending.layer.map.set_data(pending.blocks);
-        pending.layer.mark_changed();
+        let PendingWrite { layer, blocks, early, _gate } = pending;
+        layer.map.set_data(blocks);
+        layer.mark_changed();
+        if let Some(mut e) = early {
+            e.errno = None;
+        }
+    }
+
+    /// A planned write's op failed with `err`: a write replied to early has the next flush
+    /// report it; any other was answered with the error already (dropping it is the same).
+    pub fn fail_write(&self, pending: PendingWrite, err: &std::io::Error) {
+        if let Some(mut e) = pending.early {
+            e.errno = Some(err.raw_os_error().unwrap_or(libc::EIO));
+        }
+    }
+
+    /// Registers a connection or queue that serves this volume; while more than one is
+    /// registered no write is replied to early. A newcomer waits here for the early replies
+    /// already given (the other connection's writes then read back on its own).
+    pub fn open_writer(&self) -> WriterGuard {
+        self.write_back.state.lock().writers += 1;
+        if let Some(errno) = self.write_back.settle() {
+            // Not ours to report: the next flush must still see it.
+            self.write_back.state.lock().failed.get_or_insert(errno);
+        }
+        WriterGuard(self.write_back.clone())
+    }
+
+    /// Whether the caller may reply to `pending` now, before its op completes (write-back):
+    /// only when this volume has one writer and the write overwrites blocks its head already
+    /// holds (it allocates nothing, so it cannot fail for space, and its completion changes no
+    /// map bit). Then [`flush`](Self::flush) waits for its completion, and reports its failure.
+    /// The caller must complete its own early-replied writes before it flushes, and before it
+    /// reads or writes blocks they overlap.
+    pub fn reply_early(&self, pending: &mut PendingWrite) -> bool {
+        let b = &pending.blocks;
+        if pending.early.is_some() || pending.layer.map.run_at(b.start, b.end) != (BlockState::Data, b.end) {
+            return false;
+        }
+        let mut st = self.write_back.state.lock();
+        if st.writers > 1 {
+            return false;
+        }
+        let slot = st.epoch;
+        st.in_flight[slot] += 1;
+        drop(st);
+        pending.early = Some(EarlyReply { wb: self.write_back.clone(), slot, errno: Some(libc::EIO) });
+        true
     }
 
     /// Read-modify-write of the whole blocks under `offset..offset+data.len()`.
@@ -477,11 +602,15 @@ impl Volume {
         }
     }
 
-    /// Makes every completed write durable (data first, then the allocation map). Lower
-    /// layers are frozen and were flushed when they were.
+    /// Makes every completed write durable (data first, then the allocation map), and every
+    /// write replied to early (it waits for their ops; one of them that failed fails the flush).
+    /// Lower layers are frozen and were flushed when they were.
     pub fn flush(&self) -> Result<(), StoreError> {
         if self.read_only {
             return Ok(());
+        }
+        if let Some(errno) = self.write_back.settle() {
+            return Err(StoreError::Io(std::io::Error::from_raw_os_error(errno)));
         }
         self.chain().head().flush()
     }

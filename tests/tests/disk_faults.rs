@@ -6,7 +6,8 @@
 //!   every flushed write is there.
 //! * EIO, injected in the I/O engine (the `io-write-fault` fail point of test builds): the
 //!   failed writes get NBD_EIO, the other connections and volumes are served throughout,
-//!   flushed data reads back intact and writes succeed again when the fault stops.
+//!   flushed data reads back intact and writes succeed again when the fault stops. An
+//!   overwrite replied to before its op failed (write-back) fails the next flush instead, once.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -155,10 +156,11 @@ fn injected_eio_fails_those_writes_only_and_flushed_data_stays_intact() {
     for i in 0..100u64 {
         let blk = rng.below(blocks);
         let data = rng.bytes(BLOCK as usize);
-        match c.write(blk * BLOCK, &data) {
+        // An overwrite may be replied to before its op completes (write-back): its failure
+        // then fails the flush that follows, as fsync reports a failed writeback.
+        match c.write(blk * BLOCK, &data).and_then(|()| c.flush()) {
             Ok(()) => {
                 ok += 1;
-                c.flush().unwrap();
                 model[blk as usize] = Some(data);
             }
             Err(e) => {
@@ -189,4 +191,35 @@ fn injected_eio_fails_those_writes_only_and_flushed_data_stays_intact() {
     d.restart();
     check(&read_back(&uri, 16 * MIB));
     assert_eq!(read_back(&other_uri, 4 * MIB), other);
+}
+
+#[test]
+fn an_eio_after_an_early_reply_fails_the_next_flush_once() {
+    let mut d = Daemon::start();
+    let (uri, _) = d.create_volume("wb", "1M");
+    let first = vec![1u8; BLOCK as usize];
+    {
+        let mut c = NbdClient::connect(&uri).unwrap();
+        c.write(0, &first).unwrap();
+        c.flush().unwrap();
+    }
+    // The next daemon fails its second data write.
+    assert!(d.terminate().success());
+    d.set_env("FAILPOINTS", Some("io-write-fault=1*off->1*return(5)->off"));
+    d.restart();
+    assert!(d.log().contains("failpoints=true"), "build with --features evs-target/failpoints (scripts/test.sh does)");
+    let mut c = NbdClient::connect(&uri).unwrap();
+    let second = vec![2u8; BLOCK as usize];
+    c.write(0, &second).unwrap();
+    c.flush().unwrap();
+    // An overwrite of a written block: replied to at once, so the fault shows at the flush.
+    c.write(0, &[3u8; BLOCK as usize]).expect("an overwrite is replied to before its op completes");
+    let early = d.metrics().get("evs_volume_write_early_replies_total", &[("volume", "wb")]).unwrap_or(0.0);
+    assert!(early >= 2.0, "the overwrites were not replied to early ({early})");
+    let err = c.flush().expect_err("the flush after a failed write succeeded");
+    assert_eq!(err.errno(), Some(EIO), "{err}");
+    c.flush().expect("a failure is reported by one flush only");
+    // The failed write changed nothing.
+    assert_eq!(c.read(0, BLOCK as u32).unwrap(), second);
+    d.assert_running();
 }

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use evs_snapshot::io_engine::SendBuf;
-use evs_snapshot::volume::{PendingWrite, ZERO_FD};
+use evs_snapshot::volume::{PendingWrite, WriterGuard, ZERO_FD};
 use evs_snapshot::{
     AlignedBuf, BlockStore, ChangedExtent, Completion, EngineKind, IoEngine, Op, Segment, StoreError, Volume, WritePlan,
 };
@@ -65,6 +65,13 @@ const BATCH: usize = 8;
 const TAG_RECV: u64 = u64::MAX - 1;
 const TAG_SEND: u64 = u64::MAX - 2;
 const TAG_RECV_PAYLOAD: u64 = u64::MAX - 3;
+
+/// Writes replied to before their op completed, per connection (see [`Volume::reply_early`]):
+/// enough to keep the disk's queue fuller than a client's usual depth of 32, few enough that a
+/// flush waits for little.
+const EARLY_MAX: usize = 128;
+/// Bytes of them.
+const EARLY_BYTES_MAX: usize = 32 << 20;
 
 /// Writes at least this large are received straight into the buffer they are written from
 /// (no copy out of the receive buffer: measured, see BENCHMARKS.md).
@@ -375,7 +382,20 @@ impl Stream for std::os::unix::net::UnixStream {
 /// A request whose engine op is in flight; `start` is when it was received.
 enum InFlight {
     Read { cookie: u64, offset: u64, len: usize, hdr: usize, start: Instant },
-    Write { cookie: u64, pending: PendingWrite, fua: bool, len: usize, start: Instant },
+    /// `early`: replied to already (write-back, see [`Volume::reply_early`]).
+    Write { cookie: u64, pending: PendingWrite, fua: bool, len: usize, start: Instant, early: bool },
+}
+
+/// A write replied to before its op completed: the blocks it covers, and its slot.
+struct EarlyWrite {
+    blocks: std::ops::Range<u64>,
+    slot: usize,
+    len: usize,
+}
+
+/// The 4 KiB blocks under a byte range.
+fn block_span(offset: u64, len: u64) -> std::ops::Range<u64> {
+    offset / 4096..(offset + len).div_ceil(4096)
 }
 
 /// The request at the head of the receive buffer, charged to the limiter and waiting for its
@@ -424,6 +444,11 @@ struct Transmission<'a> {
     bytes_in_flight: usize,
     /// Writes among `in_flight` (they hold the volume's write gate open).
     writes_in_flight: usize,
+    /// Writes among those replied to already; their bytes.
+    early: Vec<EarlyWrite>,
+    early_bytes: usize,
+    /// Registers this connection with the volume (early replies need a single writer).
+    _writer: WriterGuard,
 
     /// Small replies, sent as one buffer.
     small: Vec<u8>,
@@ -477,6 +502,9 @@ impl<'a> Transmission<'a> {
             in_flight: 0,
             bytes_in_flight: 0,
             writes_in_flight: 0,
+            early: Vec::new(),
+            early_bytes: 0,
+            _writer: neg.export.volume.open_writer(),
             small: Vec::with_capacity(4096),
             big: Vec::new(),
             send_in_flight: false,
@@ -562,6 +590,35 @@ impl<'a> Transmission<'a> {
                 tracing::error!(error = %e, "I/O engine failed while finishing writes");
                 return;
             }
+        }
+    }
+
+    /// Completes this connection's writes that were replied to early (before a flush, and
+    /// before a request that could see or reorder their blocks).
+    fn finish_early(&mut self) {
+        let mut done = Vec::new();
+        while !self.early.is_empty() {
+            if let Err(e) = self.wait_engine(1, &mut done) {
+                tracing::error!(error = %e, "I/O engine failed while finishing writes");
+                return;
+            }
+        }
+    }
+
+    /// Whether a request on `offset..offset+len` must wait for early-replied writes first.
+    fn touches_early(&self, cmd: Command, offset: u64, len: u64) -> bool {
+        if self.early.is_empty() {
+            return false;
+        }
+        match cmd {
+            Command::Read | Command::Write => {
+                let b = block_span(offset, len);
+                self.early.iter().any(|e| e.blocks.start < b.end && b.start < e.blocks.end)
+            }
+            // Map-only, or no data: early writes overwrite blocks and change no map bit.
+            Command::BlockStatus | Command::Disc | Command::Unknown(_) => false,
+            // FLUSH waits in its own arm; TRIM, WRITE_ZEROES, CACHE touch the files directly.
+            Command::Flush | Command::Trim | Command::WriteZeroes | Command::Cache => true,
         }
     }
 
@@ -831,20 +888,40 @@ impl<'a> Transmission<'a> {
             return false;
         }
         let fua = req.flags & proto::NBD_CMD_FLAG_FUA != 0;
+        if self.touches_early(req.cmd, req.offset, req.len as u64) {
+            self.finish_early();
+        }
         let r: Result<(), StoreError> = match req.cmd {
             Command::Read => return self.start_read(req, since),
             Command::Write => match self.plan_write(req.offset, payload) {
-                Ok(WritePlan::Submit { op, pending }) => {
+                Ok(WritePlan::Submit { op, mut pending }) => {
                     let len = req.len as usize;
-                    let slot = self.alloc_slot(InFlight::Write { cookie: req.cookie, pending, fua, len, start: since });
+                    let early = !fua
+                        && self.early.len() < EARLY_MAX
+                        && self.early_bytes + len <= EARLY_BYTES_MAX
+                        && self.volume.reply_early(&mut pending);
+                    let slot =
+                        self.alloc_slot(InFlight::Write { cookie: req.cookie, pending, fua, len, start: since, early });
                     self.bytes_in_flight += len;
                     self.writes_in_flight += 1;
+                    // The op goes to the kernel before the reply: both are submitted in order.
                     self.engine.push(slot as u64, op);
+                    if early {
+                        self.early.push(EarlyWrite { blocks: block_span(req.offset, req.len as u64), slot, len });
+                        self.early_bytes += len;
+                        let stats = &self.io.stats;
+                        stats.write_ops.fetch_add(1, Ordering::Relaxed);
+                        stats.write_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                        stats.write_early_replies.fetch_add(1, Ordering::Relaxed);
+                        stats.write_latency.observe(since.elapsed());
+                        self.reply_ok(req.cookie);
+                    }
                     return true;
                 }
                 Ok(WritePlan::Done) => self.flush_if(fua),
                 Err(e) => Err(e),
             },
+            // Early-replied writes completed just above.
             Command::Flush => self.volume.flush(),
             Command::Trim => {
                 self.while_frozen(|v| v.trim(req.offset, req.len as u64)).and_then(|()| self.flush_if(fua))
@@ -976,15 +1053,34 @@ impl<'a> Transmission<'a> {
                     }
                 }
             }
-            InFlight::Write { cookie, pending, fua, len, start } => {
+            InFlight::Write { cookie, pending, fua, len, start, early } => {
                 self.bytes_in_flight -= len;
                 self.writes_in_flight -= 1;
                 let Op::Write { buf, .. } = c.op else { unreachable!("write slot on another op") };
                 self.recycle(buf);
+                if early {
+                    if let Some(i) = self.early.iter().position(|e| e.slot == slot) {
+                        self.early_bytes -= self.early.swap_remove(i).len;
+                    }
+                    match c.result {
+                        Ok(_) => self.volume.commit_write(pending),
+                        Err(e) => {
+                            // Replied to already: the next flush reports it.
+                            tracing::error!(volume = self.volume_id, error = %e, "a write failed after its reply; the next flush fails");
+                            self.io.stats.errors.fetch_add(1, Ordering::Relaxed);
+                            self.volume.fail_write(pending, &e);
+                        }
+                    }
+                    return;
+                }
                 match c.result {
                     Ok(_) => {
                         self.volume.commit_write(pending);
                         evs_snapshot::crash_point!("nbd-write-before-reply");
+                        if fua {
+                            // The flush waits for them, and only this thread completes them.
+                            self.finish_early();
+                        }
                         match self.flush_if(fua) {
                             Ok(()) => {
                                 let stats = &self.io.stats;

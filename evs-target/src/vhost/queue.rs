@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use evs_snapshot::volume::{PendingWrite, ZERO_FD};
+use evs_snapshot::volume::{PendingWrite, WriterGuard, ZERO_FD};
 use evs_snapshot::{AlignedBuf, Completion, EngineKind, IoEngine, Op, Segment, StoreError, Volume, WritePlan};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
@@ -74,6 +74,8 @@ pub(crate) struct QueueWorker {
     gather: Vec<u8>,
     /// Used-ring entries added since the last notification.
     unsignalled: bool,
+    /// Registers this queue with the volume: no NBD connection replies early beside it.
+    _writer: WriterGuard,
 }
 
 /// How a request that finished without an engine op went, for the counters.
@@ -103,6 +105,7 @@ impl QueueWorker {
             segs: Vec::new(),
             gather: Vec::new(),
             unsignalled: false,
+            _writer: export.volume.open_writer(),
         }
     }
 
