@@ -13,3 +13,4 @@ pub mod qos;
 pub mod tls;
 pub mod vhost;
 pub mod volume_io;
+pub mod write_back;

@@ -230,8 +230,9 @@ fn vm_on_vhost_user_resumes_after_a_daemon_restart() {
     // Phase 1 writes a file; the guest then waits for the host to restart the daemon (it
     // polls for a marker the host cannot write: it just sleeps past the restart) and writes
     // phase 2 through the reconnected backend.
-    let scenario = "set -e\nmke2fs -q -F /dev/vda\nmount -t ext4 /dev/vda /mnt\n\
+    let scenario = "set -e\nmke2fs -q -F -b 4096 /dev/vda\nmount -t ext4 /dev/vda /mnt\n\
                     dd if=/dev/urandom of=/mnt/p1 bs=65536 count=16 2>/dev/null\nsync\n\
+                    dd if=/dev/urandom of=/mnt/p1 bs=65536 count=16 conv=notrunc 2>/dev/null\nsync\n\
                     echo \"SUM p1 $(sha256sum /mnt/p1 | cut -d' ' -f1)\"\necho PHASE1-DONE\n\
                     sleep 8\n\
                     dd if=/dev/urandom of=/mnt/p2 bs=65536 count=16 2>/dev/null\nsync\n\
@@ -253,6 +254,10 @@ fn vm_on_vhost_user_resumes_after_a_daemon_restart() {
         assert!(!guest.is_finished(), "the guest ended before phase 1");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // One queue, one writer, 4 KiB file system blocks: p1's second copy overwrote its blocks
+    // and was completed to the guest before its ops (write-back); the guest's sync waited for
+    // them, and the restart below finds p1 intact.
+    assert!(metric(&d, "evs_volume_write_early_replies_total", "vm") > 0.0, "no write was completed early");
     let status = d.terminate();
     assert!(status.success(), "the daemon stopped cleanly: {status}");
     d.restart();

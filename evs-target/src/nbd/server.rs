@@ -43,6 +43,7 @@ use crate::config::NbdTls;
 use crate::exports::{Closer, Export, ExportRegistry};
 use crate::qos::Cost;
 use crate::volume_io::VolumeIo;
+use crate::write_back::EarlyWrites;
 
 /// How long a client may take to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -65,13 +66,6 @@ const BATCH: usize = 8;
 const TAG_RECV: u64 = u64::MAX - 1;
 const TAG_SEND: u64 = u64::MAX - 2;
 const TAG_RECV_PAYLOAD: u64 = u64::MAX - 3;
-
-/// Writes replied to before their op completed, per connection (see [`Volume::reply_early`]):
-/// enough to keep the disk's queue fuller than a client's usual depth of 32, few enough that a
-/// flush waits for little.
-const EARLY_MAX: usize = 128;
-/// Bytes of them.
-const EARLY_BYTES_MAX: usize = 32 << 20;
 
 /// Writes at least this large are received straight into the buffer they are written from
 /// (no copy out of the receive buffer: measured, see BENCHMARKS.md).
@@ -381,21 +375,22 @@ impl Stream for std::os::unix::net::UnixStream {
 
 /// A request whose engine op is in flight; `start` is when it was received.
 enum InFlight {
-    Read { cookie: u64, offset: u64, len: usize, hdr: usize, start: Instant },
+    Read {
+        cookie: u64,
+        offset: u64,
+        len: usize,
+        hdr: usize,
+        start: Instant,
+    },
     /// `early`: replied to already (write-back, see [`Volume::reply_early`]).
-    Write { cookie: u64, pending: PendingWrite, fua: bool, len: usize, start: Instant, early: bool },
-}
-
-/// A write replied to before its op completed: the blocks it covers, and its slot.
-struct EarlyWrite {
-    blocks: std::ops::Range<u64>,
-    slot: usize,
-    len: usize,
-}
-
-/// The 4 KiB blocks under a byte range.
-fn block_span(offset: u64, len: u64) -> std::ops::Range<u64> {
-    offset / 4096..(offset + len).div_ceil(4096)
+    Write {
+        cookie: u64,
+        pending: PendingWrite,
+        fua: bool,
+        len: usize,
+        start: Instant,
+        early: bool,
+    },
 }
 
 /// The request at the head of the receive buffer, charged to the limiter and waiting for its
@@ -433,6 +428,10 @@ struct Transmission<'a> {
     rpos: usize,
     rend: usize,
     recv_in_flight: bool,
+    /// The last request was a large write received in place: receive just the next header,
+    /// so that another one's payload goes straight into its own buffer too, not through the
+    /// receive buffer and a copy.
+    header_only: bool,
     /// A large write being received into its own buffer (nothing else is parsed meanwhile).
     payload: Option<PayloadRx>,
     /// The client sent DISC, closed its side, or broke the protocol: read nothing more.
@@ -444,9 +443,8 @@ struct Transmission<'a> {
     bytes_in_flight: usize,
     /// Writes among `in_flight` (they hold the volume's write gate open).
     writes_in_flight: usize,
-    /// Writes among those replied to already; their bytes.
-    early: Vec<EarlyWrite>,
-    early_bytes: usize,
+    /// Writes among those replied to already.
+    early: EarlyWrites,
     /// Registers this connection with the volume (early replies need a single writer).
     _writer: WriterGuard,
 
@@ -495,6 +493,7 @@ impl<'a> Transmission<'a> {
             rpos: 0,
             rend: 0,
             recv_in_flight: false,
+            header_only: false,
             payload: None,
             closing: false,
             slots: Vec::new(),
@@ -502,8 +501,7 @@ impl<'a> Transmission<'a> {
             in_flight: 0,
             bytes_in_flight: 0,
             writes_in_flight: 0,
-            early: Vec::new(),
-            early_bytes: 0,
+            early: EarlyWrites::default(),
             _writer: neg.export.volume.open_writer(),
             small: Vec::with_capacity(4096),
             big: Vec::new(),
@@ -611,13 +609,11 @@ impl<'a> Transmission<'a> {
             return false;
         }
         match cmd {
-            Command::Read | Command::Write => {
-                let b = block_span(offset, len);
-                self.early.iter().any(|e| e.blocks.start < b.end && b.start < e.blocks.end)
-            }
+            Command::Read | Command::Write => self.early.overlaps(offset, len),
             // Map-only, or no data: early writes overwrite blocks and change no map bit.
             Command::BlockStatus | Command::Disc | Command::Unknown(_) => false,
-            // FLUSH waits in its own arm; TRIM, WRITE_ZEROES, CACHE touch the files directly.
+            // FLUSH: the volume waits for them, and only this thread completes them. TRIM,
+            // WRITE_ZEROES and CACHE work on the files directly.
             Command::Flush | Command::Trim | Command::WriteZeroes | Command::Cache => true,
         }
     }
@@ -736,7 +732,11 @@ impl<'a> Transmission<'a> {
             self.rend -= self.rpos;
             self.rpos = 0;
         }
-        let len = buf.len() - self.rend;
+        let len = if self.header_only && self.rend < proto::REQUEST_LEN {
+            proto::REQUEST_LEN - self.rend
+        } else {
+            buf.len() - self.rend
+        };
         let seg = Segment { fd: self.fd, offset: 0, buf_offset: self.rend, len };
         self.engine.push(TAG_RECV, Op::Recv { buf, seg });
         self.recv_in_flight = true;
@@ -772,6 +772,7 @@ impl<'a> Transmission<'a> {
                 break;
             }
             let need = proto::REQUEST_LEN + payload;
+            self.header_only = payload >= DIRECT_RECV_MIN;
             if avail.len() < need {
                 if payload >= DIRECT_RECV_MIN {
                     // The rest of a large write's payload goes straight into its own buffer.
@@ -896,10 +897,7 @@ impl<'a> Transmission<'a> {
             Command::Write => match self.plan_write(req.offset, payload) {
                 Ok(WritePlan::Submit { op, mut pending }) => {
                     let len = req.len as usize;
-                    let early = !fua
-                        && self.early.len() < EARLY_MAX
-                        && self.early_bytes + len <= EARLY_BYTES_MAX
-                        && self.volume.reply_early(&mut pending);
+                    let early = !fua && self.early.has_room(len) && self.volume.reply_early(&mut pending);
                     let slot =
                         self.alloc_slot(InFlight::Write { cookie: req.cookie, pending, fua, len, start: since, early });
                     self.bytes_in_flight += len;
@@ -907,8 +905,7 @@ impl<'a> Transmission<'a> {
                     // The op goes to the kernel before the reply: both are submitted in order.
                     self.engine.push(slot as u64, op);
                     if early {
-                        self.early.push(EarlyWrite { blocks: block_span(req.offset, req.len as u64), slot, len });
-                        self.early_bytes += len;
+                        self.early.insert(req.offset, len, slot);
                         let stats = &self.io.stats;
                         stats.write_ops.fetch_add(1, Ordering::Relaxed);
                         stats.write_bytes.fetch_add(len as u64, Ordering::Relaxed);
@@ -1059,9 +1056,7 @@ impl<'a> Transmission<'a> {
                 let Op::Write { buf, .. } = c.op else { unreachable!("write slot on another op") };
                 self.recycle(buf);
                 if early {
-                    if let Some(i) = self.early.iter().position(|e| e.slot == slot) {
-                        self.early_bytes -= self.early.swap_remove(i).len;
-                    }
+                    self.early.remove(slot);
                     match c.result {
                         Ok(_) => self.volume.commit_write(pending),
                         Err(e) => {

@@ -32,17 +32,34 @@ use super::blk::{self, BlkOp, BlkRequest, Desc, GuestRange};
 use crate::exports::Export;
 use crate::qos::Cost;
 use crate::volume_io::VolumeIo;
+use crate::write_back::EarlyWrites;
 
 pub(crate) type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 pub(crate) type Vring = VringRwLock<GuestMem>;
 
 /// Buffers kept for reuse per queue.
 const POOL_MAX: usize = 64;
+/// While writes completed early are in flight, the ring is looked at again this often.
+const EARLY_RECHECK: std::time::Duration = std::time::Duration::from_micros(20);
 
 /// A request whose engine op is in flight.
 enum InFlight {
-    Read { head: u16, data: Vec<GuestRange>, status: u64, len: usize, start: Instant },
-    Write { head: u16, status: u64, pending: PendingWrite, len: usize, start: Instant },
+    Read {
+        head: u16,
+        data: Vec<GuestRange>,
+        status: u64,
+        len: usize,
+        start: Instant,
+    },
+    /// `early`: completed to the guest already (write-back, see `Volume::reply_early`).
+    Write {
+        head: u16,
+        status: u64,
+        pending: PendingWrite,
+        len: usize,
+        start: Instant,
+        early: bool,
+    },
 }
 
 /// A popped request held back by QoS until `deadline`.
@@ -74,8 +91,11 @@ pub(crate) struct QueueWorker {
     gather: Vec<u8>,
     /// Used-ring entries added since the last notification.
     unsignalled: bool,
-    /// Registers this queue with the volume: no NBD connection replies early beside it.
-    _writer: WriterGuard,
+    /// Writes among those in flight that the guest was told are done.
+    early: EarlyWrites,
+    /// Registers this queue with the volume (early completions need a single writer), from
+    /// its first kick: queues a guest never uses do not count.
+    writer: Option<WriterGuard>,
 }
 
 /// How a request that finished without an engine op went, for the counters.
@@ -105,7 +125,8 @@ impl QueueWorker {
             segs: Vec::new(),
             gather: Vec::new(),
             unsignalled: false,
-            _writer: export.volume.open_writer(),
+            early: EarlyWrites::default(),
+            writer: None,
         }
     }
 
@@ -115,6 +136,9 @@ impl QueueWorker {
     pub(crate) fn run(&mut self, vring: &Vring) -> io::Result<()> {
         if self.engine.is_none() {
             self.engine = Some(self.kind.build(blk::MAX_QUEUE_SIZE as u32 + 8)?);
+        }
+        if self.writer.is_none() {
+            self.writer = Some(self.volume.open_writer());
         }
         let mut done = Vec::new();
         vring.disable_notification().map_err(io::Error::other)?;
@@ -147,7 +171,14 @@ impl QueueWorker {
                 vring.disable_notification().map_err(io::Error::other)?;
                 continue;
             }
-            let deadline = self.held.as_ref().map(|h| h.deadline);
+            let mut deadline = self.held.as_ref().map(|h| h.deadline);
+            if !self.early.is_empty() {
+                // Requests completed early let the guest send more while their ops are still
+                // at the disk, and it may not kick (notifications are off while we run): look
+                // at the ring again soon rather than only when an op completes.
+                let soon = Instant::now() + EARLY_RECHECK;
+                deadline = Some(deadline.map_or(soon, |d| d.min(soon)));
+            }
             self.wait(1, deadline, &mut done);
             for c in done.drain(..) {
                 self.complete(vring, c);
@@ -252,6 +283,16 @@ impl QueueWorker {
             tracing::debug!(error = %e, "vhost-user request refused");
             self.finish_inline(vring, head, req.status, blk::STATUS_IOERR, 0, Outcome::Error, since);
             return;
+        }
+        // A request that could see or reorder the blocks of a write completed early waits for
+        // it; so does a flush (the volume waits for them, and only this thread completes them).
+        let touches = match req.op {
+            BlkOp::Read { offset, len } | BlkOp::Write { offset, len } => self.early.overlaps(offset, len),
+            BlkOp::Flush | BlkOp::Discard | BlkOp::WriteZeroes => !self.early.is_empty(),
+            BlkOp::GetId | BlkOp::Unsupported(_) => false,
+        };
+        if touches {
+            self.finish_early(vring);
         }
         let (status, written, outcome) = match req.op {
             BlkOp::Read { offset, len } => {
@@ -397,10 +438,23 @@ impl QueueWorker {
         };
         self.gather = gather;
         match planned {
-            Ok(WritePlan::Submit { op, pending }) => {
-                let slot = self.alloc_slot(InFlight::Write { head, status: req.status, pending, len, start: since });
+            Ok(WritePlan::Submit { op, mut pending }) => {
+                let early = self.early.has_room(len) && self.volume.reply_early(&mut pending);
+                let slot =
+                    self.alloc_slot(InFlight::Write { head, status: req.status, pending, len, start: since, early });
                 self.writes_in_flight += 1;
+                // The op is submitted before the guest hears of it: both go out at the next wait.
                 self.engine.as_mut().expect("engine").push(slot as u64, op);
+                if early {
+                    self.early.insert(offset, len, slot);
+                    let stats = &self.io.stats;
+                    stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                    stats.write_ops.fetch_add(1, Ordering::Relaxed);
+                    stats.write_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                    stats.write_early_replies.fetch_add(1, Ordering::Relaxed);
+                    stats.write_latency.observe(since.elapsed());
+                    self.write_status(vring, head, req.status, blk::STATUS_OK, 0);
+                }
             }
             Ok(WritePlan::Done) => {
                 self.finish_inline(vring, head, req.status, blk::STATUS_OK, 0, Outcome::Write(len as u64), since)
@@ -430,6 +484,18 @@ impl QueueWorker {
         }
     }
 
+    /// Completes the writes the guest was told are done (before a flush, and before a request
+    /// that could see or reorder their blocks).
+    fn finish_early(&mut self, vring: &Vring) {
+        let mut done = Vec::new();
+        while !self.early.is_empty() {
+            self.wait(1, None, &mut done);
+            for c in done.drain(..) {
+                self.complete(vring, c);
+            }
+        }
+    }
+
     /// Completes every write in flight (before waiting for a snapshot's freeze to end).
     fn finish_writes(&mut self, vring: &Vring) {
         let mut done = Vec::new();
@@ -451,6 +517,22 @@ impl QueueWorker {
         self.in_flight -= 1;
         let io = self.io.clone();
         let stats = &io.stats;
+        if let InFlight::Write { early: true, pending, .. } = state {
+            // Completed to the guest already: only the map, or the failure for the next flush.
+            self.writes_in_flight -= 1;
+            self.early.remove(slot);
+            let Op::Write { buf, .. } = c.op else { unreachable!("write slot on another op") };
+            self.recycle(buf);
+            match c.result {
+                Ok(_) => self.volume.commit_write(pending),
+                Err(e) => {
+                    tracing::error!(volume = self.volume_id, error = %e, "a write failed after its completion; the next flush fails");
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                    self.volume.fail_write(pending, &e);
+                }
+            }
+            return;
+        }
         stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
         match state {
             InFlight::Read { head, data, status, len, start } => {
@@ -476,7 +558,7 @@ impl QueueWorker {
                 self.recycle(buf);
                 self.write_status(vring, head, status, st, written);
             }
-            InFlight::Write { head, status, pending, len, start } => {
+            InFlight::Write { head, status, pending, len, start, .. } => {
                 self.writes_in_flight -= 1;
                 let Op::Write { buf, .. } = c.op else { unreachable!("write slot on another op") };
                 self.recycle(buf);
