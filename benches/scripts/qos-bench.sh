@@ -17,7 +17,8 @@
 #    default burst buckets (1,800 s: the window sees the burst rate), then with
 #    `burst_seconds = 0` (the window sees the sustained limit). Prints measured / expected.
 #
-# Knobs: SIZE=2G (phase 1 volumes), ROUNDS=3, RUNTIME=10, PHASES="1 2", BENCH_DIR=$TMPDIR or /tmp,
+# Knobs: SIZE=2G (phase 1 volumes), ROUNDS=3, RUNTIME=10, PHASES="1 2", PHASE1=abc (which parts
+# of phase 1: a two volumes, b one volume, c CPU per request), BENCH_DIR=$TMPDIR or /tmp,
 # IO_BACKEND=auto, NO_BUILD=1, KEEP=1. Needs fio, nbdcopy, nbdinfo, python3.
 set -euo pipefail
 
@@ -28,6 +29,7 @@ BENCH_DIR=${BENCH_DIR:-${TMPDIR:-/tmp}}
 IO_BACKEND=${IO_BACKEND:-auto}
 KEEP=${KEEP:-0}
 PHASES=${PHASES:-1 2}
+PHASE1=${PHASE1:-abc}
 export RUNTIME=${RUNTIME:-10} ROUNDS=${ROUNDS:-3} RAMP=${RAMP:-2}
 
 say() { printf '\n== %s\n' "$*"; }
@@ -83,19 +85,25 @@ TOML
   rm -f "$work/seed.raw"
   nbdcopy "$limited" null:
   nbdcopy "$bypassed" null:
-  say "phase 1a: two volumes with the same data, limiter vs bypassed"
-  LABEL_OURS=limiter LABEL_PEER=bypass SIZE=$bytes WORKLOADS="randread4k randwrite4k" \
-    "$here/nbd-compare.sh" "$limited" "$bypassed"
+  if [[ $PHASE1 == *a* ]]; then
+    say "phase 1a: two volumes with the same data, limiter vs bypassed"
+    LABEL_OURS=limiter LABEL_PEER=bypass SIZE=$bytes WORKLOADS="randread4k randwrite4k" \
+      "$here/nbd-compare.sh" "$limited" "$bypassed"
+  fi
   # Two volumes differ by where their files lie and what of them is cached: the same volume,
   # its tier switched online before each run, compares the limiter alone.
-  say "phase 1b: one volume, tier switched online between runs (essd out of reach vs unlimited)"
-  BEFORE_OURS="'$evsctl_bin' volume set-tier bypassed --tier essd >/dev/null" BEFORE_PEER="'$evsctl_bin' volume set-tier bypassed --tier unlimited >/dev/null" \
-    LABEL_OURS=limiter LABEL_PEER=bypass SIZE=$bytes WORKLOADS="randread4k randwrite4k" \
-    "$here/nbd-compare.sh" "$bypassed" "$bypassed"
+  if [[ $PHASE1 == *b* ]]; then
+    say "phase 1b: one volume, tier switched online between runs (essd out of reach vs unlimited)"
+    BEFORE_OURS="'$evsctl_bin' volume set-tier bypassed --tier essd >/dev/null" BEFORE_PEER="'$evsctl_bin' volume set-tier bypassed --tier unlimited >/dev/null" \
+      LABEL_OURS=limiter LABEL_PEER=bypass SIZE=$bytes WORKLOADS="randread4k randwrite4k" \
+      "$here/nbd-compare.sh" "$bypassed" "$bypassed"
+  fi
   # IOPS on a shared machine moves with the CPU time other guests take (steal); the daemon's
   # own CPU time per request does not, and it is what the limiter adds to.
-  say "phase 1c: one volume, CPU time of the daemon per request, limiter vs bypassed ($ROUNDS rounds of ${RUNTIME}s)"
-  python3 "$here/cpu-per-op.py" "$evs_pid" "$evs_metrics" "$evsctl_bin" bypassed "$bypassed" "$ROUNDS" "$RUNTIME"
+  if [[ $PHASE1 == *c* ]]; then
+    say "phase 1c: one volume, CPU time of the daemon per request, limiter vs bypassed ($ROUNDS rounds of ${RUNTIME}s)"
+    python3 "$here/cpu-per-op.py" "$evs_pid" "$evs_metrics" "$evsctl_bin" bypassed "$bypassed" "$ROUNDS" "$RUNTIME"
+  fi
   stop_daemon
 fi
 

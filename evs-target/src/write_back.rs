@@ -82,7 +82,7 @@ mod tests {
         w.insert(8192, 4096, 3);
         assert!(w.overlaps(8192, 1));
         assert!(w.overlaps(12287, 1), "the last byte of the block");
-        assert!(w.overlaps(4095, 2), "a range that reaches into the block");
+        assert!(w.overlaps(8191, 2), "a range that reaches into the block");
         assert!(!w.overlaps(4096, 4096), "the block before");
         assert!(!w.overlaps(12288, 4096), "the block after");
         // Unaligned ranges cover their partial blocks.

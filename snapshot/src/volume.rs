@@ -351,19 +351,21 @@ impl Volume {
 
     /// Appends to `out` the segments that make up `offset..offset+len`, with buffer offsets
     /// from `buf_base`. Segments with `fd == ZERO_FD` read as zeros; the others are reads of
-    /// layer data files at the same offset.
+    /// layer data files at the same offset. Returns the chain they come from: the caller keeps
+    /// it until the reads completed, or a merge could close a layer's file (and the number be
+    /// reused by another file) under a read still queued.
     pub fn read_segments(
         &self,
         offset: u64,
         len: u64,
         buf_base: usize,
         out: &mut Vec<Segment>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Arc<Chain>, StoreError> {
         self.check_range(offset, len)?;
-        if len == 0 {
-            return Ok(());
-        }
         let chain = self.chain();
+        if len == 0 {
+            return Ok(chain);
+        }
         let mut pieces = Vec::new();
         Self::resolve(&chain, offset / BLOCK_SIZE..(offset + len).div_ceil(BLOCK_SIZE), &mut pieces);
         let end = offset + len;
@@ -380,7 +382,7 @@ impl Volume {
                 _ => out.push(seg),
             }
         }
-        Ok(())
+        Ok(chain)
     }
 
     /// Plans a write of `data` at `offset`.

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use evs_snapshot::io_engine::SendBuf;
-use evs_snapshot::volume::{PendingWrite, WriterGuard, ZERO_FD};
+use evs_snapshot::volume::{Chain, PendingWrite, WriterGuard, ZERO_FD};
 use evs_snapshot::{
     AlignedBuf, BlockStore, ChangedExtent, Completion, EngineKind, IoEngine, Op, Segment, StoreError, Volume, WritePlan,
 };
@@ -381,16 +381,11 @@ enum InFlight {
         len: usize,
         hdr: usize,
         start: Instant,
+        /// The layers its segments read from, kept open until it completes.
+        _chain: Arc<Chain>,
     },
     /// `early`: replied to already (write-back, see [`Volume::reply_early`]).
-    Write {
-        cookie: u64,
-        pending: PendingWrite,
-        fua: bool,
-        len: usize,
-        start: Instant,
-        early: bool,
-    },
+    Write { cookie: u64, pending: PendingWrite, fua: bool, len: usize, start: Instant, early: bool },
 }
 
 /// The request at the head of the receive buffer, charged to the limiter and waiting for its
@@ -998,11 +993,14 @@ impl<'a> Transmission<'a> {
         let hdr = if self.structured { proto::OFFSET_DATA_HEADER_LEN } else { proto::SIMPLE_REPLY_LEN };
         let mut buf = self.take_buf(hdr + len);
         self.segs.clear();
-        if let Err(e) = self.volume.read_segments(req.offset, len as u64, hdr, &mut self.segs) {
-            self.recycle(buf);
-            self.reply_store_error(req.cookie, &e);
-            return false;
-        }
+        let chain = match self.volume.read_segments(req.offset, len as u64, hdr, &mut self.segs) {
+            Ok(chain) => chain,
+            Err(e) => {
+                self.recycle(buf);
+                self.reply_store_error(req.cookie, &e);
+                return false;
+            }
+        };
         // Holes are filled here; only data segments go to the engine.
         let mut segs = Vec::with_capacity(self.segs.len());
         for s in &self.segs {
@@ -1012,7 +1010,14 @@ impl<'a> Transmission<'a> {
                 segs.push(*s);
             }
         }
-        let slot = self.alloc_slot(InFlight::Read { cookie: req.cookie, offset: req.offset, len, hdr, start: since });
+        let slot = self.alloc_slot(InFlight::Read {
+            cookie: req.cookie,
+            offset: req.offset,
+            len,
+            hdr,
+            start: since,
+            _chain: chain,
+        });
         self.bytes_in_flight += len;
         self.engine.push(slot as u64, Op::Read { buf, segs });
         true
@@ -1028,7 +1033,7 @@ impl<'a> Transmission<'a> {
         let stats = &self.io.stats;
         stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
         match state {
-            InFlight::Read { cookie, offset, len, hdr, start } => {
+            InFlight::Read { cookie, offset, len, hdr, start, .. } => {
                 self.bytes_in_flight -= len;
                 let Op::Read { mut buf, .. } = c.op else { unreachable!("read slot on another op") };
                 match c.result {

@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use evs_snapshot::volume::{PendingWrite, WriterGuard, ZERO_FD};
+use evs_snapshot::volume::{Chain, PendingWrite, WriterGuard, ZERO_FD};
 use evs_snapshot::{AlignedBuf, Completion, EngineKind, IoEngine, Op, Segment, StoreError, Volume, WritePlan};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
@@ -50,16 +50,11 @@ enum InFlight {
         status: u64,
         len: usize,
         start: Instant,
+        /// The layers its segments read from, kept open until it completes.
+        _chain: Arc<Chain>,
     },
     /// `early`: completed to the guest already (write-back, see `Volume::reply_early`).
-    Write {
-        head: u16,
-        status: u64,
-        pending: PendingWrite,
-        len: usize,
-        start: Instant,
-        early: bool,
-    },
+    Write { head: u16, status: u64, pending: PendingWrite, len: usize, start: Instant, early: bool },
 }
 
 /// A popped request held back by QoS until `deadline`.
@@ -381,11 +376,14 @@ impl QueueWorker {
     fn start_read(&mut self, vring: &Vring, head: u16, req: BlkRequest, offset: u64, len: usize, since: Instant) {
         let mut buf = self.take_buf(len);
         self.segs.clear();
-        if let Err(e) = self.volume.read_segments(offset, len as u64, 0, &mut self.segs) {
-            self.recycle(buf);
-            let (st, w, o) = self.store_error("read", &e);
-            return self.finish_inline(vring, head, req.status, st, w, o, since);
-        }
+        let chain = match self.volume.read_segments(offset, len as u64, 0, &mut self.segs) {
+            Ok(chain) => chain,
+            Err(e) => {
+                self.recycle(buf);
+                let (st, w, o) = self.store_error("read", &e);
+                return self.finish_inline(vring, head, req.status, st, w, o, since);
+            }
+        };
         let mut segs = Vec::with_capacity(self.segs.len());
         for s in &self.segs {
             if s.fd == ZERO_FD {
@@ -404,7 +402,14 @@ impl QueueWorker {
             };
             return self.finish_inline(vring, head, req.status, st, w, o, since);
         }
-        let slot = self.alloc_slot(InFlight::Read { head, data: req.data, status: req.status, len, start: since });
+        let slot = self.alloc_slot(InFlight::Read {
+            head,
+            data: req.data,
+            status: req.status,
+            len,
+            start: since,
+            _chain: chain,
+        });
         self.engine.as_mut().expect("engine").push(slot as u64, Op::Read { buf, segs });
     }
 
@@ -535,7 +540,7 @@ impl QueueWorker {
         }
         stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
         match state {
-            InFlight::Read { head, data, status, len, start } => {
+            InFlight::Read { head, data, status, len, start, .. } => {
                 let Op::Read { buf, .. } = c.op else { unreachable!("read slot on another op") };
                 let (st, written) = match c.result {
                     Ok(_) => match self.scatter(&data, &buf[..len]) {
