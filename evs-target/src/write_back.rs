@@ -3,7 +3,15 @@
 //! waits for them first, and how many there are, to bound them. One per NBD connection and per
 //! vhost-user queue; its owner is the only thread that completes them.
 
+use std::io;
 use std::ops::Range;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use evs_snapshot::volume::PendingWrite;
+use evs_snapshot::Volume;
+
+use crate::volume_io::VolumeStats;
 
 /// Writes answered early, in flight, per connection or queue: enough to keep the disk's queue
 /// fuller than a client's usual depth of 32, few enough that a flush waits for little.
@@ -40,6 +48,38 @@ impl EarlyWrites {
     pub fn insert(&mut self, offset: u64, len: usize, slot: usize) {
         self.entries.push(Entry { blocks: block_span(offset, len as u64), slot, len });
         self.bytes += len;
+    }
+
+    /// A write of `len` bytes at `offset`, in flight on `slot`, is answered now: it is recorded,
+    /// and counted as done (it leaves the queue depth, its latency ends here).
+    pub fn answered(&mut self, offset: u64, len: usize, slot: usize, stats: &VolumeStats, since: Instant) {
+        self.insert(offset, len, slot);
+        stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
+        stats.write_ops.fetch_add(1, Ordering::Relaxed);
+        stats.write_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        stats.write_early_replies.fetch_add(1, Ordering::Relaxed);
+        stats.write_latency.observe(since.elapsed());
+    }
+
+    /// The op of the answered write on `slot` completed with `result`: its map bits are set,
+    /// or its failure is left for the volume's next flush to report.
+    pub fn completed(
+        &mut self,
+        slot: usize,
+        volume: &Volume,
+        pending: PendingWrite,
+        result: &io::Result<usize>,
+        stats: &VolumeStats,
+    ) {
+        self.remove(slot);
+        match result {
+            Ok(_) => volume.commit_write(pending),
+            Err(e) => {
+                tracing::error!(volume = volume.id(), error = %e, "a write failed after it was answered; the next flush fails");
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                volume.fail_write(pending, e);
+            }
+        }
     }
 
     /// Forgets the write on `slot` (its op completed); false if there was none.

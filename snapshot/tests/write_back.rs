@@ -42,6 +42,20 @@ fn flush_in_background(vol: &Arc<Volume>) -> mpsc::Receiver<Result<(), StoreErro
     rx
 }
 
+/// Gives `rx`'s sender 100 ms, then checks it has sent nothing yet: it is still waiting.
+fn assert_waiting<T>(rx: &mpsc::Receiver<T>, what: &str) {
+    thread::sleep(Duration::from_millis(100));
+    assert!(rx.try_recv().is_err(), "{what}");
+}
+
+/// Runs a planned write's op and commits it.
+fn complete(vol: &Volume, op: evs_snapshot::Op, pending: PendingWrite) {
+    let mut engine = EngineKind::Portable.build(8).unwrap();
+    let (_, r) = run_one(engine.as_mut(), op);
+    r.unwrap();
+    vol.commit_write(pending);
+}
+
 #[test]
 fn only_overwrites_of_the_heads_blocks_qualify() {
     let dir = tempfile::tempdir().unwrap();
@@ -70,15 +84,11 @@ fn flush_waits_for_early_replied_writes_and_sees_their_data() {
     let (_store, vol) = volume(&dir);
     let _w = vol.open_writer();
     vol.write_at(0, &[1u8; BLOCK]).unwrap();
-    let mut engine = EngineKind::Portable.build(8).unwrap();
     let (op, mut p) = plan(&vol, 0, &[7u8; BLOCK]);
     assert!(vol.reply_early(&mut p));
     let done = flush_in_background(&vol);
-    thread::sleep(Duration::from_millis(100));
-    assert!(done.try_recv().is_err(), "a flush returned while a replied write was still in flight");
-    let (_, r) = run_one(engine.as_mut(), op);
-    r.unwrap();
-    vol.commit_write(p);
+    assert_waiting(&done, "a flush returned while a replied write was still in flight");
+    complete(&vol, op, p);
     done.recv_timeout(Duration::from_secs(10)).expect("the flush never returned").unwrap();
     assert_eq!(read(&vol, 0, BLOCK), vec![7u8; BLOCK]);
     // With nothing in flight a flush does not wait.
@@ -98,15 +108,11 @@ fn writes_started_after_a_flush_do_not_hold_it_up() {
     // Replied after the flush started: the flush need not cover it.
     let (_op_b, mut b) = plan(&vol, BLOCK as u64, &[3u8; BLOCK]);
     assert!(vol.reply_early(&mut b));
-    let mut engine = EngineKind::Portable.build(8).unwrap();
-    let (_, r) = run_one(engine.as_mut(), op_a);
-    r.unwrap();
-    vol.commit_write(a);
+    complete(&vol, op_a, a);
     first.recv_timeout(Duration::from_secs(10)).expect("a flush waited for a write replied after it began").unwrap();
     // The next flush does wait for it.
     let second = flush_in_background(&vol);
-    thread::sleep(Duration::from_millis(100));
-    assert!(second.try_recv().is_err(), "the next flush did not wait for the write replied before it");
+    assert_waiting(&second, "the next flush did not wait for the write replied before it");
     vol.commit_write(b);
     second.recv_timeout(Duration::from_secs(10)).expect("the second flush never returned").unwrap();
 }
@@ -151,12 +157,8 @@ fn a_second_writer_turns_early_replies_off_and_waits_for_the_given_ones() {
         tx.send(()).unwrap();
         w
     });
-    thread::sleep(Duration::from_millis(100));
-    assert!(rx.try_recv().is_err(), "a second writer started while a replied write was in flight");
-    let mut engine = EngineKind::Portable.build(8).unwrap();
-    let (_, r) = run_one(engine.as_mut(), op);
-    r.unwrap();
-    vol.commit_write(p);
+    assert_waiting(&rx, "a second writer started while a replied write was in flight");
+    complete(&vol, op, p);
     rx.recv_timeout(Duration::from_secs(10)).expect("the second writer never started");
     let second = opener.join().unwrap();
     assert_eq!(read(&vol, 0, BLOCK), vec![6u8; BLOCK], "the second writer does not see the replied write");

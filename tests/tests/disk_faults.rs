@@ -130,6 +130,14 @@ fn enospc_fails_writes_cleanly_keeps_flushed_data_and_service_resumes_when_space
     assert!(all[at..at + MIB as usize] == fresh[..], "the write after freeing space");
 }
 
+/// Stops the daemon and starts it again with the `io-write-fault` fail point set to `rule`.
+fn restart_failing_writes(d: &mut Daemon, rule: &str) {
+    assert!(d.terminate().success());
+    d.set_env("FAILPOINTS", Some(&format!("io-write-fault={rule}")));
+    d.restart();
+    assert!(d.log().contains("failpoints=true"), "build with --features evs-target/failpoints (scripts/test.sh does)");
+}
+
 #[test]
 fn injected_eio_fails_those_writes_only_and_flushed_data_stays_intact() {
     let mut d = Daemon::start();
@@ -143,10 +151,7 @@ fn injected_eio_fails_those_writes_only_and_flushed_data_stays_intact() {
         c.flush().unwrap();
     }
     // The next daemon fails writes 31 to 40 with EIO.
-    assert!(d.terminate().success());
-    d.set_env("FAILPOINTS", Some("io-write-fault=30*off->10*return(5)->off"));
-    d.restart();
-    assert!(d.log().contains("failpoints=true"), "build with --features evs-target/failpoints (scripts/test.sh does)");
+    restart_failing_writes(&mut d, "30*off->10*return(5)->off");
 
     let blocks = 16 * MIB / BLOCK;
     let mut model: Vec<Option<Vec<u8>>> = vec![None; blocks as usize];
@@ -204,10 +209,7 @@ fn an_eio_after_an_early_reply_fails_the_next_flush_once() {
         c.flush().unwrap();
     }
     // The next daemon fails its second data write.
-    assert!(d.terminate().success());
-    d.set_env("FAILPOINTS", Some("io-write-fault=1*off->1*return(5)->off"));
-    d.restart();
-    assert!(d.log().contains("failpoints=true"), "build with --features evs-target/failpoints (scripts/test.sh does)");
+    restart_failing_writes(&mut d, "1*off->1*return(5)->off");
     let mut c = NbdClient::connect(&uri).unwrap();
     let second = vec![2u8; BLOCK as usize];
     c.write(0, &second).unwrap();

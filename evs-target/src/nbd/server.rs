@@ -900,12 +900,7 @@ impl<'a> Transmission<'a> {
                     // The op goes to the kernel before the reply: both are submitted in order.
                     self.engine.push(slot as u64, op);
                     if early {
-                        self.early.insert(req.offset, len, slot);
-                        let stats = &self.io.stats;
-                        stats.write_ops.fetch_add(1, Ordering::Relaxed);
-                        stats.write_bytes.fetch_add(len as u64, Ordering::Relaxed);
-                        stats.write_early_replies.fetch_add(1, Ordering::Relaxed);
-                        stats.write_latency.observe(since.elapsed());
+                        self.early.answered(req.offset, len, slot, &self.io.stats, since);
                         self.reply_ok(req.cookie);
                     }
                     return true;
@@ -1030,6 +1025,15 @@ impl<'a> Transmission<'a> {
         };
         self.free_slots.push(slot);
         self.in_flight -= 1;
+        if let InFlight::Write { early: true, pending, len, .. } = state {
+            // Answered already (and counted then): only the map bits, or the failure.
+            self.bytes_in_flight -= len;
+            self.writes_in_flight -= 1;
+            let Op::Write { buf, .. } = c.op else { unreachable!("write slot on another op") };
+            self.recycle(buf);
+            self.early.completed(slot, &self.volume, pending, &c.result, &self.io.stats);
+            return;
+        }
         let stats = &self.io.stats;
         stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
         match state {
@@ -1055,24 +1059,11 @@ impl<'a> Transmission<'a> {
                     }
                 }
             }
-            InFlight::Write { cookie, pending, fua, len, start, early } => {
+            InFlight::Write { cookie, pending, fua, len, start, .. } => {
                 self.bytes_in_flight -= len;
                 self.writes_in_flight -= 1;
                 let Op::Write { buf, .. } = c.op else { unreachable!("write slot on another op") };
                 self.recycle(buf);
-                if early {
-                    self.early.remove(slot);
-                    match c.result {
-                        Ok(_) => self.volume.commit_write(pending),
-                        Err(e) => {
-                            // Replied to already: the next flush reports it.
-                            tracing::error!(volume = self.volume_id, error = %e, "a write failed after its reply; the next flush fails");
-                            self.io.stats.errors.fetch_add(1, Ordering::Relaxed);
-                            self.volume.fail_write(pending, &e);
-                        }
-                    }
-                    return;
-                }
                 match c.result {
                     Ok(_) => {
                         self.volume.commit_write(pending);

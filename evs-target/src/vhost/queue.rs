@@ -451,13 +451,7 @@ impl QueueWorker {
                 // The op is submitted before the guest hears of it: both go out at the next wait.
                 self.engine.as_mut().expect("engine").push(slot as u64, op);
                 if early {
-                    self.early.insert(offset, len, slot);
-                    let stats = &self.io.stats;
-                    stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
-                    stats.write_ops.fetch_add(1, Ordering::Relaxed);
-                    stats.write_bytes.fetch_add(len as u64, Ordering::Relaxed);
-                    stats.write_early_replies.fetch_add(1, Ordering::Relaxed);
-                    stats.write_latency.observe(since.elapsed());
+                    self.early.answered(offset, len, slot, &self.io.stats, since);
                     self.write_status(vring, head, req.status, blk::STATUS_OK, 0);
                 }
             }
@@ -523,19 +517,11 @@ impl QueueWorker {
         let io = self.io.clone();
         let stats = &io.stats;
         if let InFlight::Write { early: true, pending, .. } = state {
-            // Completed to the guest already: only the map, or the failure for the next flush.
+            // Completed to the guest already (and counted then): only the map, or the failure.
             self.writes_in_flight -= 1;
-            self.early.remove(slot);
             let Op::Write { buf, .. } = c.op else { unreachable!("write slot on another op") };
             self.recycle(buf);
-            match c.result {
-                Ok(_) => self.volume.commit_write(pending),
-                Err(e) => {
-                    tracing::error!(volume = self.volume_id, error = %e, "a write failed after its completion; the next flush fails");
-                    stats.errors.fetch_add(1, Ordering::Relaxed);
-                    self.volume.fail_write(pending, &e);
-                }
-            }
+            self.early.completed(slot, &self.volume, pending, &c.result, stats);
             return;
         }
         stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
