@@ -10,6 +10,9 @@
 #
 # Workloads (WORKLOADS, in this order):
 #   randread4k   4 KiB random read,  queue depth 32
+#   randread4k-2c  4 KiB random read, two connections (fio jobs) at queue depth 16 each: the
+#                same 32 requests in flight, spread the way a multi-conn client (QEMU's NBD
+#                client with multi-conn, nbdcopy) spreads them
 #   randwrite4k  4 KiB random write, queue depth 32
 #   seqread1m    1 MiB sequential read,  queue depth 8
 #   seqwrite1m   1 MiB sequential write, queue depth 8
@@ -17,19 +20,21 @@
 # medians are compared, so the slow drift of a shared machine falls on both sides alike. Only
 # ratios from one run mean something; absolute figures from different runs do not.
 #
-# Output: one line per workload: median IOPS and MB/s of each side, ratio ours/peer (IOPS), and
-# the median p99 total latency (µs) of each side.
+# Output: one line per workload: median IOPS and MB/s of each side, ratio ours/peer (IOPS), the
+# median p99 total latency (µs) of each side, and the median CPU of fio itself on each side
+# (user + system, % of one CPU per job; near 100 = the client is the bottleneck).
 #
 # Knobs (environment):
 #   RUNTIME=10   seconds measured per fio run       RAMP=2     seconds of warm-up per run
 #   ROUNDS=3     runs per target and workload       SIZE=2g    region of the target fio uses
-#   JOBS=1       fio jobs (= NBD connections) per run
-#   WORKLOADS="randread4k randwrite4k seqread1m seqwrite1m"
+#   JOBS=1       fio jobs (= NBD connections) per run (randread4k-2c always runs 2)
+#   WORKLOADS="randread4k randread4k-2c randwrite4k seqread1m seqwrite1m"
 #   LABEL_OURS=ours LABEL_PEER=peer                 names in the output
 #   BEFORE_OURS=CMD BEFORE_PEER=CMD                 shell commands run before each run of a side
 #                (e.g. switching one volume's QoS tier, so both sides are the same volume)
 #   RESULTS=FILE append one tab-separated line per workload:
-#                label_ours label_peer workload ours_iops peer_iops ratio ours_MBps peer_MBps ours_p99_us peer_p99_us
+#                label_ours label_peer workload ours_iops peer_iops ratio ours_MBps peer_MBps ours_p99_us
+#                peer_p99_us ours_fio_cpu peer_fio_cpu
 #
 # Needs: fio with the nbd engine (Debian's fio), python3.
 set -euo pipefail
@@ -45,7 +50,7 @@ RAMP=${RAMP:-2}
 ROUNDS=${ROUNDS:-3}
 SIZE=${SIZE:-2g}
 JOBS=${JOBS:-1}
-WORKLOADS=${WORKLOADS:-randread4k randwrite4k seqread1m seqwrite1m}
+WORKLOADS=${WORKLOADS:-randread4k randread4k-2c randwrite4k seqread1m seqwrite1m}
 LABEL_OURS=${LABEL_OURS:-ours}
 LABEL_PEER=${LABEL_PEER:-peer}
 RESULTS=${RESULTS:-}
@@ -67,14 +72,17 @@ set_target() {
   esac
 }
 
-# Workload parameters, in the array `shape`; sets `dir` to the fio result section.
+# Workload parameters, in the array `shape`; sets `dir` to the fio result section and `jobs`
+# to the number of fio jobs (connections).
 set_workload() {
+  jobs=$JOBS
   case $1 in
     randread4k) shape=(--rw=randread --bs=4k --iodepth=32); dir=read ;;
+    randread4k-2c) shape=(--rw=randread --bs=4k --iodepth=16); dir=read; jobs=2 ;;
     randwrite4k) shape=(--rw=randwrite --bs=4k --iodepth=32); dir=write ;;
     seqread1m) shape=(--rw=read --bs=1M --iodepth=8); dir=read ;;
     seqwrite1m) shape=(--rw=write --bs=1M --iodepth=8); dir=write ;;
-    *) echo "nbd-compare: unknown workload $1 (randread4k randwrite4k seqread1m seqwrite1m)" >&2; exit 2 ;;
+    *) echo "nbd-compare: unknown workload $1 (randread4k randread4k-2c randwrite4k seqread1m seqwrite1m)" >&2; exit 2 ;;
   esac
 }
 
@@ -93,7 +101,9 @@ if sys.argv[1] == "one":
         sys.exit("fio reported error %s" % job["error"])
     d = job[sys.argv[3]]
     p99 = d["lat_ns"].get("percentile", {}).get("99.000000", 0) / 1000
-    print("%.0f %.0f %.0f" % (d["iops"], d["bw_bytes"], p99))
+    # The CPU fio itself used (user + system, % of one CPU per job): near 100 means the client, not
+    # the server, sets the pace.
+    print("%.0f %.0f %.0f %.0f" % (d["iops"], d["bw_bytes"], p99, job["usr_cpu"] + job["sys_cpu"]))
 else:
     wl, fa, fb, la, lb, results = sys.argv[2:8]
     rows = lambda f: [list(map(float, l.split())) for l in open(f) if l.strip()]
@@ -102,8 +112,9 @@ else:
     ia, ib = med(a, 0), med(b, 0)
     ratio = ia / ib if ib else float("nan")
     cols = [wl, "%.0f" % ia, "%.0f" % ib, "%.2f" % ratio, "%.1f" % (med(a, 1) / 1e6),
-            "%.1f" % (med(b, 1) / 1e6), "%.0f" % med(a, 2), "%.0f" % med(b, 2)]
-    print("%-12s %11s %11s %7s %10s %10s %9s %9s" % tuple(cols))
+            "%.1f" % (med(b, 1) / 1e6), "%.0f" % med(a, 2), "%.0f" % med(b, 2),
+            "%.0f" % med(a, 3), "%.0f" % med(b, 3)]
+    print("%-14s %11s %11s %7s %10s %10s %9s %9s %8s %8s" % tuple(cols))
     if results:
         with open(results, "a") as f:
             f.write("\t".join([la, lb] + cols) + "\n")
@@ -115,7 +126,7 @@ run_fio() {
   set_target "$1"
   set_workload "$2"
   rm -f "$out"
-  if ! fio --name="$2" "${target[@]}" "${shape[@]}" --numjobs="$JOBS" --size="$SIZE" \
+  if ! fio --name="$2" "${target[@]}" "${shape[@]}" --numjobs="$jobs" --size="$SIZE" \
       --group_reporting --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" --randrepeat=0 \
       --lat_percentiles=1 --output-format=json --output="$out" >"$scratch/fio.log" 2>&1; then
     echo "nbd-compare: fio failed on $1 ($2):" >&2
@@ -128,8 +139,8 @@ run_fio() {
 echo "# ours = $LABEL_OURS: $OURS"
 echo "# peer = $LABEL_PEER: $PEER"
 echo "# fio ${RUNTIME}s (+${RAMP}s ramp) x $ROUNDS rounds each, interleaved; size $SIZE; jobs $JOBS;" \
-  "medians; ratio = ours/peer IOPS; p99 = total latency in µs"
-printf '%-12s %11s %11s %7s %10s %10s %9s %9s\n' workload ours_IOPS peer_IOPS ratio ours_MB/s peer_MB/s ours_p99 peer_p99
+  "medians; ratio = ours/peer IOPS; p99 = total latency in µs; fio% = the client's own CPU"
+printf '%-14s %11s %11s %7s %10s %10s %9s %9s %8s %8s\n' workload ours_IOPS peer_IOPS ratio ours_MB/s peer_MB/s ours_p99 peer_p99 ours_fio% peer_fio%
 for wl in $WORKLOADS; do
   set_workload "$wl" # validate before spending time
   : >"$scratch/ours"
