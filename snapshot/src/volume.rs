@@ -337,16 +337,21 @@ impl Volume {
     }
 
     /// Resolves blocks `range` to pieces, in order.
-    fn resolve<'a>(chain: &'a Chain, range: Range<u64>, out: &mut Vec<Piece<'a>>) {
+    fn pieces(chain: &Chain, range: Range<u64>) -> impl Iterator<Item = Piece<'_>> {
+        // An iterator, not a collected list: a read allocates nothing on its way down.
         let mut p = range.start;
-        while p < range.end {
+        std::iter::from_fn(move || {
+            if p >= range.end {
+                return None;
+            }
             let (state, layer, end) = chain.state_at(p, range.end);
-            out.push(match (state, layer) {
+            let piece = match (state, layer) {
                 (BlockState::Data, Some(l)) => Piece::Layer(l, p..end),
                 _ => Piece::Zero(p..end),
-            });
+            };
             p = end;
-        }
+            Some(piece)
+        })
     }
 
     /// Appends to `out` the segments that make up `offset..offset+len`, with buffer offsets
@@ -366,10 +371,8 @@ impl Volume {
         if len == 0 {
             return Ok(chain);
         }
-        let mut pieces = Vec::new();
-        Self::resolve(&chain, offset / BLOCK_SIZE..(offset + len).div_ceil(BLOCK_SIZE), &mut pieces);
         let end = offset + len;
-        for p in pieces {
+        for p in Self::pieces(&chain, offset / BLOCK_SIZE..(offset + len).div_ceil(BLOCK_SIZE)) {
             let (fd, r) = match p {
                 Piece::Layer(l, r) => (l.data_fd(), r),
                 Piece::Zero(r) => (ZERO_FD, r),
@@ -637,9 +640,7 @@ impl Volume {
     pub fn prefetch(&self, offset: u64, len: u64) -> Result<(), StoreError> {
         self.check_range(offset, len)?;
         let chain = self.chain();
-        let mut pieces = Vec::new();
-        Self::resolve(&chain, offset / BLOCK_SIZE..(offset + len).div_ceil(BLOCK_SIZE), &mut pieces);
-        for p in pieces {
+        for p in Self::pieces(&chain, offset / BLOCK_SIZE..(offset + len).div_ceil(BLOCK_SIZE)) {
             if let Piece::Layer(l, r) = p {
                 l.prefetch(r.start * BLOCK_SIZE, (r.end - r.start) * BLOCK_SIZE);
             }
@@ -655,10 +656,8 @@ impl Volume {
             return Ok(());
         }
         let chain = self.chain();
-        let mut pieces = Vec::new();
-        Self::resolve(&chain, offset / BLOCK_SIZE..(offset + len).div_ceil(BLOCK_SIZE), &mut pieces);
         let end = offset + len;
-        for p in pieces {
+        for p in Self::pieces(&chain, offset / BLOCK_SIZE..(offset + len).div_ceil(BLOCK_SIZE)) {
             let r = match &p {
                 Piece::Layer(_, r) | Piece::Zero(r) => r.clone(),
             };

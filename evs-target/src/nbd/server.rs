@@ -453,6 +453,10 @@ struct Transmission<'a> {
 
     pool: Vec<AlignedBuf>,
     segs: Vec<Segment>,
+    /// Emptied segment lists of finished reads and gather lists of finished sends, reused:
+    /// the steady state of a read allocates nothing.
+    seg_lists: Vec<Vec<Segment>>,
+    send_lists: Vec<Vec<SendBuf>>,
 
     store: Arc<BlockStore>,
     volume_id: u64,
@@ -504,6 +508,8 @@ impl<'a> Transmission<'a> {
             broken: false,
             pool: Vec::new(),
             segs: Vec::new(),
+            seg_lists: Vec::new(),
+            send_lists: Vec::new(),
             store,
             volume_id: neg.export.volume_id,
             snapshot: neg.export.snapshot,
@@ -670,9 +676,9 @@ impl<'a> Transmission<'a> {
     }
 
     /// Accounts a (possibly short) send; the unsent rest goes out before anything newer.
-    fn sent(&mut self, bufs: Vec<SendBuf>, mut n: usize) {
+    fn sent(&mut self, mut bufs: Vec<SendBuf>, mut n: usize) {
         let mut rest = Vec::new();
-        for mut b in bufs {
+        for mut b in bufs.drain(..) {
             let len = b.end - b.start;
             if n >= len {
                 n -= len;
@@ -688,13 +694,14 @@ impl<'a> Transmission<'a> {
             rest.append(&mut self.big);
             self.big = rest;
         }
+        self.send_lists.push(bufs);
     }
 
     fn submit_send(&mut self) {
         if self.send_in_flight || self.broken || (self.small.is_empty() && self.big.is_empty()) {
             return;
         }
-        let mut bufs = Vec::with_capacity(self.big.len() + 1);
+        let mut bufs = self.send_lists.pop().unwrap_or_default();
         bufs.append(&mut self.big);
         if !self.small.is_empty() {
             let mut b = self.take_buf(self.small.len());
@@ -997,7 +1004,7 @@ impl<'a> Transmission<'a> {
             }
         };
         // Holes are filled here; only data segments go to the engine.
-        let mut segs = Vec::with_capacity(self.segs.len());
+        let mut segs = self.seg_lists.pop().unwrap_or_default();
         for s in &self.segs {
             if s.fd == ZERO_FD {
                 buf[s.buf_offset..s.buf_offset + s.len].fill(0);
@@ -1039,7 +1046,9 @@ impl<'a> Transmission<'a> {
         match state {
             InFlight::Read { cookie, offset, len, hdr, start, .. } => {
                 self.bytes_in_flight -= len;
-                let Op::Read { mut buf, .. } = c.op else { unreachable!("read slot on another op") };
+                let Op::Read { mut buf, mut segs } = c.op else { unreachable!("read slot on another op") };
+                segs.clear();
+                self.seg_lists.push(segs);
                 match c.result {
                     Ok(_) => {
                         stats.read_ops.fetch_add(1, Ordering::Relaxed);

@@ -50,6 +50,14 @@ pub struct UringEngine {
     backlog: VecDeque<squeue::Entry>,
     done: Vec<Completion>,
     live: usize,
+    /// Slots whose last SQE completed, in completion order (reaped without scanning them all).
+    finished: Vec<usize>,
+    /// Emptied per-op vectors and send headers, reused so that the steady state allocates
+    /// nothing per op.
+    progress_pool: Vec<Vec<usize>>,
+    // Boxed: a header goes back into a slot, where the kernel needs its address to stay put.
+    #[allow(clippy::vec_box)]
+    send_pool: Vec<Box<SendHeader>>,
 }
 
 impl UringEngine {
@@ -82,6 +90,9 @@ impl UringEngine {
             backlog: VecDeque::new(),
             done: Vec::new(),
             live: 0,
+            finished: Vec::new(),
+            progress_pool: Vec::new(),
+            send_pool: Vec::new(),
         })
     }
 
@@ -165,7 +176,7 @@ impl UringEngine {
     fn reap(&mut self) {
         let mut resubmit = Vec::new();
         for cqe in self.ring.completion() {
-            resubmit.extend(Self::on_cqe(&mut self.slots, &cqe));
+            resubmit.extend(Self::on_cqe(&mut self.slots, &cqe, &mut self.finished));
         }
         for (idx, seg) in resubmit {
             let slot = self.slots[idx].as_mut().expect("live slot");
@@ -173,21 +184,36 @@ impl UringEngine {
             self.backlog.push_back(e);
         }
         // Finished slots become completions.
-        for idx in 0..self.slots.len() {
-            if matches!(&self.slots[idx], Some(s) if s.outstanding == 0) {
-                let s = self.slots[idx].take().expect("checked");
-                self.free.push(idx);
-                self.live -= 1;
-                self.done.push(Completion { tag: s.tag, result: s.result, op: s.op });
+        for idx in self.finished.drain(..) {
+            let s = self.slots[idx].take().expect("finished slot is live");
+            self.free.push(idx);
+            self.live -= 1;
+            let mut progress = s.progress;
+            progress.clear();
+            self.progress_pool.push(progress);
+            if let Some(h) = s.send {
+                self.send_pool.push(h);
             }
+            self.done.push(Completion { tag: s.tag, result: s.result, op: s.op });
         }
     }
 
-    /// Accounts one CQE; returns a segment to resubmit after a short file transfer.
-    fn on_cqe(slots: &mut [Option<Slot>], cqe: &cqueue::Entry) -> Option<(usize, usize)> {
+    /// Accounts one CQE; returns a segment to resubmit after a short file transfer, and adds
+    /// the slot to `finished` when this was its last outstanding SQE.
+    fn on_cqe(slots: &mut [Option<Slot>], cqe: &cqueue::Entry, finished: &mut Vec<usize>) -> Option<(usize, usize)> {
+        let idx = (cqe.user_data() >> SEG_BITS) as usize;
+        let slot = slots.get_mut(idx)?.as_mut()?;
+        let resubmit = Self::account(slot, cqe);
+        if resubmit.is_none() && slot.outstanding == 0 {
+            finished.push(idx);
+        }
+        resubmit
+    }
+
+    /// The body of [`on_cqe`](Self::on_cqe) for one live slot.
+    fn account(slot: &mut Slot, cqe: &cqueue::Entry) -> Option<(usize, usize)> {
         let idx = (cqe.user_data() >> SEG_BITS) as usize;
         let seg = (cqe.user_data() & SEG_MASK) as usize;
-        let slot = slots.get_mut(idx)?.as_mut()?;
         let res = cqe.result();
         let file_seg_len = match &slot.op {
             Op::Read { segs, .. } | Op::Write { segs, .. } => Some(segs[seg].len),
@@ -247,16 +273,16 @@ impl IoEngine for UringEngine {
         assert!((nsegs as u64) < SEG_MASK, "op with too many segments");
         let send = match &op {
             Op::Send { bufs, .. } => {
-                let iov: Vec<libc::iovec> = bufs
-                    .iter()
-                    .map(|b| libc::iovec {
-                        iov_base: b.data.as_ptr().wrapping_add(b.start) as *mut libc::c_void,
-                        iov_len: b.end - b.start,
-                    })
-                    .collect();
-                // SAFETY: an all-zero msghdr is valid (no name, no control data).
-                let msg: libc::msghdr = unsafe { std::mem::zeroed() };
-                let mut h = Box::new(SendHeader { iov, msg });
+                let mut h = self.send_pool.pop().unwrap_or_else(|| {
+                    // SAFETY: an all-zero msghdr is valid (no name, no control data).
+                    let msg: libc::msghdr = unsafe { std::mem::zeroed() };
+                    Box::new(SendHeader { iov: Vec::new(), msg })
+                });
+                h.iov.clear();
+                h.iov.extend(bufs.iter().map(|b| libc::iovec {
+                    iov_base: b.data.as_ptr().wrapping_add(b.start) as *mut libc::c_void,
+                    iov_len: b.end - b.start,
+                }));
                 h.msg.msg_iov = h.iov.as_mut_ptr();
                 h.msg.msg_iovlen = h.iov.len() as _;
                 Some(h)
@@ -268,7 +294,9 @@ impl IoEngine for UringEngine {
             self.done.push(Completion { tag, result: Ok(0), op });
             return;
         }
-        let slot = Slot { tag, op, progress: vec![0; nsegs], outstanding: nsegs, result: Ok(0), send };
+        let mut progress = self.progress_pool.pop().unwrap_or_default();
+        progress.resize(nsegs, 0);
+        let slot = Slot { tag, op, progress, outstanding: nsegs, result: Ok(0), send };
         let idx = self.alloc_slot(slot);
         self.live += 1;
         for seg in 0..nsegs {
