@@ -490,9 +490,17 @@ impl Volume {
     /// map bit). Then [`flush`](Self::flush) waits for its completion, and reports its failure.
     /// The caller must complete its own early-replied writes before it flushes, and before it
     /// reads or writes blocks they overlap.
+    ///
+    /// Only writes of at most `direct_write_max` bytes (the ones that go to the disk with
+    /// O_DIRECT) qualify: a larger write is a copy into the page cache, done at memory speed,
+    /// and answering it early only lets a client pile megabytes of copies up behind the file's
+    /// one writer (measured: 7–20% less throughput and twice the p99 for 1 MiB writes).
     pub fn reply_early(&self, pending: &mut PendingWrite) -> bool {
         let b = &pending.blocks;
-        if pending.early.is_some() || pending.layer.map.run_at(b.start, b.end) != (BlockState::Data, b.end) {
+        if pending.early.is_some()
+            || (b.end - b.start) * BLOCK_SIZE > self.direct_write_max as u64
+            || pending.layer.map.run_at(b.start, b.end) != (BlockState::Data, b.end)
+        {
             return false;
         }
         let mut st = self.write_back.state.lock();

@@ -79,6 +79,23 @@ fn only_overwrites_of_the_heads_blocks_qualify() {
 }
 
 #[test]
+fn only_writes_that_go_direct_qualify() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, vol) = volume(&dir);
+    let _w = vol.open_writer();
+    let max = StoreOptions::default().direct_write_max;
+    vol.write_at(0, &vec![1u8; 2 * max]).unwrap();
+    // Both overwrite written blocks; only the one small enough for O_DIRECT is answered early.
+    let (_op, mut p) = plan(&vol, 0, &vec![2u8; max]);
+    assert!(vol.reply_early(&mut p), "an O_DIRECT-sized overwrite does not qualify");
+    vol.commit_write(p);
+    let (_op, mut p) = plan(&vol, 0, &vec![3u8; max + BLOCK]);
+    assert!(!vol.reply_early(&mut p), "a write through the page cache was replied to early");
+    drop(p);
+    vol.flush().unwrap();
+}
+
+#[test]
 fn flush_waits_for_early_replied_writes_and_sees_their_data() {
     let dir = tempfile::tempdir().unwrap();
     let (_store, vol) = volume(&dir);
