@@ -452,7 +452,6 @@ struct Transmission<'a> {
     broken: bool,
 
     pool: Vec<AlignedBuf>,
-    segs: Vec<Segment>,
     /// Emptied segment lists of finished reads and gather lists of finished sends, reused:
     /// the steady state of a read allocates nothing.
     seg_lists: Vec<Vec<Segment>>,
@@ -507,7 +506,6 @@ impl<'a> Transmission<'a> {
             send_in_flight: false,
             broken: false,
             pool: Vec::new(),
-            segs: Vec::new(),
             seg_lists: Vec::new(),
             send_lists: Vec::new(),
             store,
@@ -994,24 +992,24 @@ impl<'a> Transmission<'a> {
         }
         let hdr = if self.structured { proto::OFFSET_DATA_HEADER_LEN } else { proto::SIMPLE_REPLY_LEN };
         let mut buf = self.take_buf(hdr + len);
-        self.segs.clear();
-        let chain = match self.volume.read_segments(req.offset, len as u64, hdr, &mut self.segs) {
+        let mut segs = self.seg_lists.pop().unwrap_or_default();
+        let chain = match self.volume.read_segments(req.offset, len as u64, hdr, &mut segs) {
             Ok(chain) => chain,
             Err(e) => {
+                segs.clear();
+                self.seg_lists.push(segs);
                 self.recycle(buf);
                 self.reply_store_error(req.cookie, &e);
                 return false;
             }
         };
         // Holes are filled here; only data segments go to the engine.
-        let mut segs = self.seg_lists.pop().unwrap_or_default();
-        for s in &self.segs {
+        segs.retain(|s| {
             if s.fd == ZERO_FD {
                 buf[s.buf_offset..s.buf_offset + s.len].fill(0);
-            } else {
-                segs.push(*s);
             }
-        }
+            s.fd != ZERO_FD
+        });
         let slot = self.alloc_slot(InFlight::Read {
             cookie: req.cookie,
             offset: req.offset,
