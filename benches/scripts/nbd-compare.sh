@@ -138,7 +138,7 @@ run_fio() {
 
 echo "# ours = $LABEL_OURS: $OURS"
 echo "# peer = $LABEL_PEER: $PEER"
-echo "# fio ${RUNTIME}s (+${RAMP}s ramp) x $ROUNDS rounds each, interleaved; size $SIZE; jobs $JOBS;" \
+echo "# fio ${RUNTIME}s (+${RAMP}s ramp) x $ROUNDS rounds each, interleaved; size $SIZE; jobs $JOBS (randread4k-2c: 2);" \
   "medians; ratio = ours/peer IOPS; p99 = total latency in µs; fio% = the client's own CPU"
 printf '%-14s %11s %11s %7s %10s %10s %9s %9s %8s %8s\n' workload ours_IOPS peer_IOPS ratio ours_MB/s peer_MB/s ours_p99 peer_p99 ours_fio% peer_fio%
 for wl in $WORKLOADS; do
