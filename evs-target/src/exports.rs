@@ -158,6 +158,22 @@ impl ExportRegistry {
             .sum()
     }
 
+    /// Tells the vhost-user frontends of volume `volume_id` that its capacity changed (NBD has
+    /// no such notice: its clients see the new size when they connect again). Returns how
+    /// many were told.
+    pub fn volume_resized(&self, volume_id: u64) -> usize {
+        let tokens: Vec<String> = self
+            .inner
+            .lock()
+            .exports
+            .iter()
+            .filter(|(_, e)| e.volume_id == volume_id && e.snapshot.is_none() && e.protocol == Protocol::VhostUser)
+            .map(|(t, _)| t.clone())
+            .collect();
+        let Some(vhost) = self.vhost() else { return 0 };
+        tokens.iter().filter(|t| vhost.config_changed(t)).count()
+    }
+
     /// Removes `token` and shuts down the connections that use it. Returns whether it existed.
     pub fn revoke(&self, token: &str) -> bool {
         let mut g = self.inner.lock();

@@ -116,3 +116,53 @@ fn a_connected_vhost_user_frontend_blocks_rollback_and_detach_ends_it() {
     // With nothing connected the rollback goes through.
     d.evsctl_ok(&["snapshot", "rollback", "v@s"]);
 }
+
+#[test]
+fn extend_tells_a_connected_frontend_and_the_config_space_grows() {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
+    use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::VhostBackend;
+    const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+    let d = Daemon::start();
+    d.evsctl_ok(&["volume", "create", "v", "--size", "64M"]);
+    let v = vhost_attach(&d, "v");
+    let sock = PathBuf::from(v["vhost_user_socket"].as_str().unwrap());
+    let mut fe = Frontend::connect(&sock, 1).unwrap();
+    fe.set_owner().unwrap();
+    let features = fe.get_features().unwrap();
+    let proto = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    assert_ne!(features & proto, 0, "protocol features offered");
+    let p = fe.get_protocol_features().unwrap();
+    assert!(p.contains(VhostUserProtocolFeatures::BACKEND_REQ), "the backend channel is offered: {p:?}");
+    fe.set_protocol_features(p & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::BACKEND_REQ)).unwrap();
+    fe.set_features(features & (VIRTIO_F_VERSION_1 | proto)).unwrap();
+    let (mut ours, theirs) = UnixStream::pair().unwrap();
+    fe.set_backend_request_fd(&theirs).unwrap();
+    drop(theirs);
+    let mut capacity = || {
+        let (_, cfg) = fe.get_config(0, 8, VhostUserConfigFlags::WRITABLE, &[0u8; 8]).unwrap();
+        u64::from_le_bytes(cfg[..8].try_into().unwrap())
+    };
+    assert_eq!(capacity(), (64u64 << 20) / 512, "capacity in 512-byte sectors");
+
+    d.evsctl_ok(&["volume", "extend", "v", "--size", "192M"]);
+    // The notice: VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (2), version 1, no payload.
+    ours.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut msg = [0u8; 12];
+    ours.read_exact(&mut msg).expect("a config-change message on the backend channel");
+    assert_eq!(u32::from_le_bytes(msg[0..4].try_into().unwrap()), 2, "request: config change {msg:?}");
+    assert_eq!(u32::from_le_bytes(msg[4..8].try_into().unwrap()) & 3, 1, "version 1 {msg:?}");
+    assert_eq!(u32::from_le_bytes(msg[8..12].try_into().unwrap()), 0, "no payload {msg:?}");
+    assert_eq!(capacity(), (192u64 << 20) / 512, "the config space has the new capacity");
+    assert!(d.log().contains("vhost-user frontends told of the new capacity"), "{}", d.log());
+
+    // Extending to the same size changes nothing and sends nothing.
+    d.evsctl_ok(&["volume", "extend", "v", "--size", "192M"]);
+    ours.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    assert!(ours.read(&mut msg).is_err(), "no second notice for an unchanged size");
+    assert_eq!(capacity(), (192u64 << 20) / 512);
+}

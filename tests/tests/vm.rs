@@ -222,6 +222,55 @@ fn vm_fstrim_on_vhost_user_gives_space_back() {
 }
 
 #[test]
+fn vm_on_vhost_user_sees_volume_extend_at_once() {
+    // The guest waits (without rebooting or reconnecting) for its disk to grow, then writes
+    // past the old end; the host extends the volume while it waits and reads that data back.
+    let image = GuestImage::prepare();
+    let d = Daemon::start();
+    d.evsctl_ok(&["volume", "create", "vm", "--size", "256M", "--tier", "unlimited"]);
+    let sock = socket_of(&d, &["volume", "attach", "vm", "--protocol", "vhost-user"]);
+    let scenario = "set -e\ns0=$(cat /sys/block/vda/size)\necho \"SIZE0 $s0\"\necho RESIZE-WAIT\n\
+                    i=0\nwhile [ \"$(cat /sys/block/vda/size)\" = \"$s0\" ] && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done\n\
+                    echo \"SIZE1 $(cat /sys/block/vda/size)\"\n\
+                    dd if=/dev/urandom of=/tmp/tail bs=4096 count=16 2>/dev/null\n\
+                    dd if=/tmp/tail of=/dev/vda bs=4096 seek=$((s0 / 8)) count=16 oflag=direct 2>/dev/null\nsync\n\
+                    echo \"SUM tail $(sha256sum /tmp/tail | cut -d' ' -f1)\"\n";
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = image.initramfs(dir.path(), scenario, &[]);
+    let accel = image.accel();
+    let console = dir.path().join(format!("console-{}.log", std::process::id()));
+    let (img, dpath) = (image.clone(), dir.path().to_path_buf());
+    let disk = Disk::VhostUser { socket: sock, queues: 1, reconnect: 0 };
+    let guest = std::thread::spawn(move || {
+        let vm =
+            Vm { image: &img, accel, smp: 1, disks: vec![disk], initrd, mem_mib: GUEST_MEM_MIB, allow_reboot: false };
+        vm.run(&dpath, BOOT_TIMEOUT)
+    });
+    let start = Instant::now();
+    while !std::fs::read_to_string(&console).unwrap_or_default().contains("RESIZE-WAIT") {
+        assert!(start.elapsed() < BOOT_TIMEOUT, "the guest never came up");
+        assert!(!guest.is_finished(), "the guest ended before waiting for the resize");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    d.evsctl_ok(&["volume", "extend", "vm", "--size", "512M"]);
+    let c = guest.join().unwrap().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.exit_status(), Some(0), "the guest scenario\n{}", c.text);
+    assert_eq!(c.values("SIZE0"), vec![((256u64 << 20) / 512).to_string()], "{}", c.text);
+    assert_eq!(c.values("SIZE1"), vec![((512u64 << 20) / 512).to_string()], "the guest saw the new size\n{}", c.text);
+    assert!(d.log().contains("vhost-user frontends told of the new capacity"), "{}", d.log());
+    // The 64 KiB written at the old end, read back over NBD.
+    let sum = c.values("SUM").first().and_then(|v| v.split_whitespace().nth(1).map(str::to_string)).unwrap_or_default();
+    let uri = d.attach("vm");
+    let img = dir.path().join("readback.raw");
+    tool("nbdcopy", &[&uri, img.to_str().unwrap()]);
+    let all = std::fs::read(&img).unwrap();
+    assert_eq!(all.len() as u64, 512 << 20, "the volume is 512 MiB over NBD too");
+    let tail = dir.path().join("tail");
+    std::fs::write(&tail, &all[256 << 20..(256 << 20) + (64 << 10)]).unwrap();
+    assert_eq!(sha256(&tail), sum, "the data the guest wrote past the old end");
+}
+
+#[test]
 fn vm_on_vhost_user_resumes_after_a_daemon_restart() {
     let image = GuestImage::prepare();
     let mut d = Daemon::start();

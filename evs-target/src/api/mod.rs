@@ -520,7 +520,14 @@ impl ControlPlane {
         if size > info.size {
             self.check_quota(owner, 0, size - info.size)?;
         }
-        let info = if size == info.size { info } else { self.store.extend_volume(info.id, size)? };
+        let grown = size > info.size;
+        let info = if grown { self.store.extend_volume(info.id, size)? } else { info };
+        if grown {
+            let told = self.exports.volume_resized(info.id);
+            if told > 0 {
+                tracing::info!(volume = name, frontends = told, "vhost-user frontends told of the new capacity");
+            }
+        }
         let tier = self.tier_of(info.id)?;
         // Limits grow with the size, online.
         self.retune(info.id, &tier, info.size);

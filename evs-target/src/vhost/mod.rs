@@ -13,20 +13,21 @@
 //!   restarted, a reconnect), the listener accepts the next one; the daemon restarting
 //!   re-binds every persisted socket at start, so QEMU's `reconnect=` resumes I/O.
 //! * **Capacity changes.** The config space is computed at every read from the volume's live
-//!   size. The crates give a backend no way to send `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`
-//!   (vhost 0.18's `Backend` implements only the shared-object and shmem requests; its
-//!   `handle_config_change` is the ENOSYS default, and its socket is private), so a running
-//!   guest learns a new capacity when it next reads the config space (device reset, reboot,
-//!   reconnect), not at once. See docs/DESIGN.md.
+//!   size, and after `volume extend` every connected frontend that gave us its backend channel
+//!   gets `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` (it then reads the config space and raises the
+//!   guest's config interrupt). vhost 0.18 cannot send that request, so the listener thread
+//!   accepts the frontend itself and relays it to the crate's handler ([`relay`]), keeping a
+//!   duplicate of the channel when the frontend sends it. See docs/DESIGN.md.
 
 pub mod blk;
 mod queue;
+pub mod relay;
 
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -43,6 +44,7 @@ use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventF
 
 use crate::exports::{Closer, Export, ExportRegistry};
 use queue::{GuestMem, QueueWorker, Vring};
+use relay::{BackendChannel, Relay};
 
 /// Longest socket path (sun_path holds 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -81,9 +83,28 @@ struct ListenerState {
     /// the blocked accept with EINVAL).
     wake: OwnedFd,
     closed: AtomicBool,
-    /// Ends the live connection, if any.
-    conn: Mutex<Option<vhost_user_backend::ShutdownHandle>>,
+    /// The live connection, if any.
+    conn: Mutex<Option<LiveConn>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// A connected frontend.
+struct LiveConn {
+    /// Ends the handler's side (its vring threads finish what they popped first).
+    daemon: Option<vhost_user_backend::ShutdownHandle>,
+    /// A clone of the frontend's socket, to end its side too.
+    frontend: UnixStream,
+    /// The backend-to-frontend channel, once the frontend sent it.
+    channel: BackendChannel,
+}
+
+impl LiveConn {
+    fn end(&self) {
+        if let Some(d) = &self.daemon {
+            d.shutdown();
+        }
+        let _ = self.frontend.shutdown(std::net::Shutdown::Both);
+    }
 }
 
 impl ListenerState {
@@ -91,7 +112,7 @@ impl ListenerState {
         self.closed.store(true, Ordering::Release);
         let _ = rustix::net::shutdown(self.wake.as_fd(), rustix::net::Shutdown::Both);
         if let Some(c) = self.conn.lock().as_ref() {
-            c.shutdown();
+            c.end();
         }
         let _ = std::fs::remove_file(&self.path);
     }
@@ -152,7 +173,7 @@ impl VhostUserServer {
         let (tok, st) = (token.to_string(), state.clone());
         let thread = std::thread::Builder::new()
             .name(format!("vhost-{}", &token[..8.min(token.len())]))
-            .spawn(move || server.accept_loop(&tok, &st, Listener::from(listener), export))
+            .spawn(move || server.accept_loop(&tok, &st, &listener, export))
             .map_err(|e| {
                 let _ = std::fs::remove_file(&path);
                 VhostError::Thread(e)
@@ -172,6 +193,22 @@ impl VhostUserServer {
         }
     }
 
+    /// Tells the frontend connected on `token`, if any, that the device's config space
+    /// changed (after `volume extend`). Returns whether a frontend was told: one that gave no
+    /// backend channel sees the new capacity at its next config read.
+    pub fn config_changed(&self, token: &str) -> bool {
+        let Some(state) = self.listeners.lock().get(token).cloned() else { return false };
+        let conn = state.conn.lock();
+        let Some(c) = conn.as_ref() else { return false };
+        match c.channel.config_changed() {
+            Ok(told) => told,
+            Err(e) => {
+                tracing::warn!(socket = %state.path.display(), error = %e, "cannot send the config change to the vhost-user frontend");
+                false
+            }
+        }
+    }
+
     /// Ends every listener and connection and waits for their threads (daemon shutdown: the
     /// requests the guests had in flight are completed first).
     pub fn shutdown(&self) {
@@ -187,52 +224,95 @@ impl VhostUserServer {
     }
 
     /// Accepts frontends one after another until the listener is closed.
-    fn accept_loop(&self, token: &str, state: &ListenerState, mut listener: Listener, export: Export) {
+    fn accept_loop(&self, token: &str, state: &ListenerState, listener: &UnixListener, export: Export) {
         while !state.closed.load(Ordering::Acquire) {
-            let mem: GuestMem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-            let backend = Arc::new(BlkBackend::new(&export, self.engine, self.num_queues, mem.clone()));
-            let mut daemon = match VhostUserDaemon::new("vhost-user-blk".to_string(), backend, mem) {
-                Ok(d) => d,
+            let frontend = match listener.accept() {
+                Ok((s, _)) => s,
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot create a vhost-user daemon");
-                    std::thread::sleep(Duration::from_secs(1));
+                    if !state.closed.load(Ordering::Acquire) {
+                        tracing::warn!(error = %e, "vhost-user accept failed");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
                     continue;
                 }
             };
-            if let Err(e) = daemon.start(&mut listener) {
-                if !state.closed.load(Ordering::Acquire) {
-                    tracing::warn!(error = %e, "vhost-user accept failed");
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                continue;
-            }
             let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-            let handle = daemon.shutdown_handle();
-            *state.conn.lock() = handle.clone();
-            let closer: Closer = {
-                let h = handle.clone();
-                Arc::new(move |_| {
-                    if let Some(h) = &h {
-                        h.shutdown();
-                    }
-                })
-            };
-            let registered = self.exports.upgrade().is_some_and(|r| r.register_conn(token, id, closer));
-            if !registered || state.closed.load(Ordering::Acquire) {
-                daemon.request_shutdown();
+            if let Err(e) = self.serve_conn(token, state, id, frontend, &export) {
+                tracing::warn!(socket = %state.path.display(), error = %e, "cannot serve the vhost-user frontend");
             }
-            tracing::info!(socket = %state.path.display(), "vhost-user frontend connected");
-            match daemon.wait() {
-                Ok(()) => tracing::info!(socket = %state.path.display(), "vhost-user frontend disconnected"),
-                Err(e) => tracing::info!(socket = %state.path.display(), error = %e, "vhost-user connection ended"),
-            }
-            *state.conn.lock() = None;
-            if let Some(r) = self.exports.upgrade() {
-                r.unregister_conn(token, id);
-            }
-            // Dropping the daemon stops its vring threads once their queues are idle.
-            drop(daemon);
         }
+    }
+
+    /// Serves one frontend until it goes or is shut down: a fresh daemon (see the module doc)
+    /// behind the relay.
+    fn serve_conn(
+        &self,
+        token: &str,
+        state: &ListenerState,
+        id: u64,
+        frontend: UnixStream,
+        export: &Export,
+    ) -> io::Result<()> {
+        let mem: GuestMem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = Arc::new(BlkBackend::new(export, self.engine, self.num_queues, mem.clone()));
+        let mut daemon = VhostUserDaemon::new("vhost-user-blk".to_string(), backend, mem)
+            .map_err(|e| io::Error::other(format!("cannot create a vhost-user daemon: {e}")))?;
+        // The handler accepts on a private socket in our 0700 directory, unlinked as soon as
+        // the relay's end has connected.
+        let private = self.dir.join(format!(".relay-{id}.sock"));
+        let _ = std::fs::remove_file(&private);
+        let private_listener = UnixListener::bind(&private)?;
+        let relay_end = UnixStream::connect(&private);
+        let _ = std::fs::remove_file(&private);
+        let relay_end = relay_end?;
+        daemon
+            .start(&mut Listener::from(private_listener))
+            .map_err(|e| io::Error::other(format!("vhost-user handler did not start: {e}")))?;
+        let channel = BackendChannel::default();
+        let conn =
+            LiveConn { daemon: daemon.shutdown_handle(), frontend: frontend.try_clone()?, channel: channel.clone() };
+        let relay = match Relay::start(frontend, relay_end, channel) {
+            Ok(r) => r,
+            Err(e) => {
+                conn.end();
+                daemon.request_shutdown();
+                let _ = daemon.wait();
+                return Err(e);
+            }
+        };
+        let closer: Closer = {
+            let (h, f) = (conn.daemon.clone(), conn.frontend.try_clone()?);
+            Arc::new(move |_| {
+                if let Some(h) = &h {
+                    h.shutdown();
+                }
+                let _ = f.shutdown(std::net::Shutdown::Both);
+            })
+        };
+        *state.conn.lock() = Some(conn);
+        let registered = self.exports.upgrade().is_some_and(|r| r.register_conn(token, id, closer));
+        if !registered || state.closed.load(Ordering::Acquire) {
+            if let Some(c) = state.conn.lock().as_ref() {
+                c.end();
+            }
+            daemon.request_shutdown();
+        }
+        tracing::info!(socket = %state.path.display(), "vhost-user frontend connected");
+        match daemon.wait() {
+            Ok(()) => tracing::info!(socket = %state.path.display(), "vhost-user frontend disconnected"),
+            Err(e) => tracing::info!(socket = %state.path.display(), error = %e, "vhost-user connection ended"),
+        }
+        if let Some(c) = state.conn.lock().take() {
+            // The handler is done: the frontend's side ends with it.
+            let _ = c.frontend.shutdown(std::net::Shutdown::Both);
+        }
+        relay.join();
+        if let Some(r) = self.exports.upgrade() {
+            r.unregister_conn(token, id);
+        }
+        // Dropping the daemon stops its vring threads once their queues are idle.
+        drop(daemon);
+        Ok(())
     }
 }
 
@@ -293,7 +373,11 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            // The channel for config-change notices (see `relay`).
+            | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     fn set_event_idx(&self, _enabled: bool) {
