@@ -393,13 +393,20 @@ impl Volume {
     /// Fails with [`StoreError::Frozen`] while a snapshot is being taken (see
     /// [`Volume::wait_thawed`]).
     pub fn plan_write(&self, offset: u64, data: &[u8]) -> Result<WritePlan, StoreError> {
-        self.plan_write_in(offset, data, AlignedBuf::zeroed(0))
+        self.plan_write_in(offset, data, AlignedBuf::zeroed(0), Vec::new())
     }
 
     /// [`plan_write`](Self::plan_write) copying `data` into `buf` (a recycled buffer: it is
-    /// grown if too small), so a hot caller allocates and page-faults nothing per write.
-    /// The op hands `buf` back at completion.
-    pub fn plan_write_in(&self, offset: u64, data: &[u8], buf: AlignedBuf) -> Result<WritePlan, StoreError> {
+    /// grown if too small) and listing the op's segment in `segs` (a recycled list, cleared
+    /// here), so a hot caller allocates and page-faults nothing per write. The op hands both
+    /// back at completion.
+    pub fn plan_write_in(
+        &self,
+        offset: u64,
+        data: &[u8],
+        buf: AlignedBuf,
+        segs: Vec<Segment>,
+    ) -> Result<WritePlan, StoreError> {
         let len = data.len() as u64;
         self.check_range(offset, len)?;
         let gate = self.enter()?;
@@ -410,7 +417,7 @@ impl Volume {
         let mut buf = if buf.capacity() >= padded { buf } else { AlignedBuf::zeroed(padded) };
         buf.set_len(padded);
         buf[..data.len()].copy_from_slice(data);
-        self.plan_write_filled(gate, offset, data.len(), buf)
+        self.plan_write_filled(gate, offset, data.len(), buf, segs)
     }
 
     /// Enters a mutation (for [`plan_write_filled`](Self::plan_write_filled)). Fails with
@@ -421,13 +428,15 @@ impl Volume {
 
     /// Plans a write of `buf[..len]` at `offset`, taking the buffer as it is: a caller that
     /// received the data straight into an aligned buffer (NBD's large writes) copies nothing.
-    /// Its capacity must be at least `len` rounded up to whole blocks.
+    /// Its capacity must be at least `len` rounded up to whole blocks. `segs` as in
+    /// [`plan_write_in`](Self::plan_write_in).
     pub fn plan_write_filled(
         &self,
         gate: GateGuard,
         offset: u64,
         len: usize,
         mut buf: AlignedBuf,
+        mut segs: Vec<Segment>,
     ) -> Result<WritePlan, StoreError> {
         self.check_range(offset, len as u64)?;
         if len == 0 {
@@ -450,7 +459,9 @@ impl Volume {
             _ => head.data_fd(),
         };
         let blocks = offset / BLOCK_SIZE..offset / BLOCK_SIZE + padded as u64 / BLOCK_SIZE;
-        let op = Op::Write { buf, segs: vec![Segment { fd, offset, buf_offset: 0, len: padded }] };
+        segs.clear();
+        segs.push(Segment { fd, offset, buf_offset: 0, len: padded });
+        let op = Op::Write { buf, segs };
         Ok(WritePlan::Submit { op, pending: PendingWrite { layer: head, blocks, early: None, _gate: gate } })
     }
 

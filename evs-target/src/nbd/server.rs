@@ -32,7 +32,8 @@ use std::time::{Duration, Instant};
 use evs_snapshot::io_engine::SendBuf;
 use evs_snapshot::volume::{Chain, PendingWrite, WriterGuard, ZERO_FD};
 use evs_snapshot::{
-    AlignedBuf, BlockStore, ChangedExtent, Completion, EngineKind, IoEngine, Op, Segment, StoreError, Volume, WritePlan,
+    AlignedBuf, BlockStore, ChangedExtent, Completion, EngineKind, IoEngine, Op, Segment, SegmentPool, StoreError,
+    Volume, WritePlan,
 };
 use parking_lot::{Condvar, Mutex};
 
@@ -454,7 +455,7 @@ struct Transmission<'a> {
     pool: Vec<AlignedBuf>,
     /// Emptied segment lists of finished reads and gather lists of finished sends, reused:
     /// the steady state of a read allocates nothing.
-    seg_lists: Vec<Vec<Segment>>,
+    seg_lists: SegmentPool,
     send_lists: Vec<Vec<SendBuf>>,
 
     store: Arc<BlockStore>,
@@ -506,7 +507,7 @@ impl<'a> Transmission<'a> {
             send_in_flight: false,
             broken: false,
             pool: Vec::new(),
-            seg_lists: Vec::new(),
+            seg_lists: SegmentPool::default(),
             send_lists: Vec::new(),
             store,
             volume_id: neg.export.volume_id,
@@ -946,7 +947,8 @@ impl<'a> Transmission<'a> {
         match payload {
             Payload::InRecvBuf(data) => loop {
                 let buf = self.take_buf(data.len().next_multiple_of(4096));
-                match self.volume.plan_write_in(offset, data, buf) {
+                let segs = self.seg_lists.take();
+                match self.volume.plan_write_in(offset, data, buf, segs) {
                     Err(StoreError::Frozen) => {
                         self.finish_writes();
                         self.volume.wait_thawed();
@@ -956,7 +958,8 @@ impl<'a> Transmission<'a> {
             },
             Payload::Owned { buf, len } => {
                 let gate = self.while_frozen(|v| v.begin_write())?;
-                self.volume.plan_write_filled(gate, offset, len, buf)
+                let segs = self.seg_lists.take();
+                self.volume.plan_write_filled(gate, offset, len, buf, segs)
             }
         }
     }
@@ -992,12 +995,11 @@ impl<'a> Transmission<'a> {
         }
         let hdr = if self.structured { proto::OFFSET_DATA_HEADER_LEN } else { proto::SIMPLE_REPLY_LEN };
         let mut buf = self.take_buf(hdr + len);
-        let mut segs = self.seg_lists.pop().unwrap_or_default();
+        let mut segs = self.seg_lists.take();
         let chain = match self.volume.read_segments(req.offset, len as u64, hdr, &mut segs) {
             Ok(chain) => chain,
             Err(e) => {
-                segs.clear();
-                self.seg_lists.push(segs);
+                self.seg_lists.put(segs);
                 self.recycle(buf);
                 self.reply_store_error(req.cookie, &e);
                 return false;
@@ -1034,8 +1036,9 @@ impl<'a> Transmission<'a> {
             // Answered already (and counted then): only the map bits, or the failure.
             self.bytes_in_flight -= len;
             self.writes_in_flight -= 1;
-            let Op::Write { buf, .. } = c.op else { unreachable!("write slot on another op") };
+            let Op::Write { buf, segs } = c.op else { unreachable!("write slot on another op") };
             self.recycle(buf);
+            self.seg_lists.put(segs);
             self.early.completed(slot, &self.volume, pending, &c.result, &self.io.stats);
             return;
         }
@@ -1044,9 +1047,8 @@ impl<'a> Transmission<'a> {
         match state {
             InFlight::Read { cookie, offset, len, hdr, start, .. } => {
                 self.bytes_in_flight -= len;
-                let Op::Read { mut buf, mut segs } = c.op else { unreachable!("read slot on another op") };
-                segs.clear();
-                self.seg_lists.push(segs);
+                let Op::Read { mut buf, segs } = c.op else { unreachable!("read slot on another op") };
+                self.seg_lists.put(segs);
                 match c.result {
                     Ok(_) => {
                         stats.read_ops.fetch_add(1, Ordering::Relaxed);
@@ -1069,8 +1071,9 @@ impl<'a> Transmission<'a> {
             InFlight::Write { cookie, pending, fua, len, start, .. } => {
                 self.bytes_in_flight -= len;
                 self.writes_in_flight -= 1;
-                let Op::Write { buf, .. } = c.op else { unreachable!("write slot on another op") };
+                let Op::Write { buf, segs } = c.op else { unreachable!("write slot on another op") };
                 self.recycle(buf);
+                self.seg_lists.put(segs);
                 match c.result {
                     Ok(_) => {
                         self.volume.commit_write(pending);

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use evs_snapshot::volume::{Chain, PendingWrite, WriterGuard, ZERO_FD};
-use evs_snapshot::{AlignedBuf, Completion, EngineKind, IoEngine, Op, Segment, StoreError, Volume, WritePlan};
+use evs_snapshot::{AlignedBuf, Completion, EngineKind, IoEngine, Op, SegmentPool, StoreError, Volume, WritePlan};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -81,7 +81,8 @@ pub(crate) struct QueueWorker {
     writes_in_flight: usize,
     held: Option<Held>,
     pool: Vec<AlignedBuf>,
-    segs: Vec<Segment>,
+    /// Recycled segment lists of the ops (a request allocates none).
+    seg_lists: SegmentPool,
     /// Gathered write payload (reused).
     gather: Vec<u8>,
     /// Used-ring entries added since the last notification.
@@ -117,7 +118,7 @@ impl QueueWorker {
             writes_in_flight: 0,
             held: None,
             pool: Vec::new(),
-            segs: Vec::new(),
+            seg_lists: SegmentPool::default(),
             gather: Vec::new(),
             unsignalled: false,
             early: EarlyWrites::default(),
@@ -375,24 +376,25 @@ impl QueueWorker {
 
     fn start_read(&mut self, vring: &Vring, head: u16, req: BlkRequest, offset: u64, len: usize, since: Instant) {
         let mut buf = self.take_buf(len);
-        self.segs.clear();
-        let chain = match self.volume.read_segments(offset, len as u64, 0, &mut self.segs) {
+        let mut segs = self.seg_lists.take();
+        let chain = match self.volume.read_segments(offset, len as u64, 0, &mut segs) {
             Ok(chain) => chain,
             Err(e) => {
+                self.seg_lists.put(segs);
                 self.recycle(buf);
                 let (st, w, o) = self.store_error("read", &e);
                 return self.finish_inline(vring, head, req.status, st, w, o, since);
             }
         };
-        let mut segs = Vec::with_capacity(self.segs.len());
-        for s in &self.segs {
+        // Holes are filled here; only data segments go to the engine.
+        segs.retain(|s| {
             if s.fd == ZERO_FD {
                 buf[s.buf_offset..s.buf_offset + s.len].fill(0);
-            } else {
-                segs.push(*s);
             }
-        }
+            s.fd != ZERO_FD
+        });
         if segs.is_empty() {
+            self.seg_lists.put(segs);
             // All holes: no engine op needed.
             let r = self.scatter(&req.data, &buf[..len]);
             self.recycle(buf);
@@ -433,7 +435,8 @@ impl QueueWorker {
         }
         let planned = loop {
             let buf = self.take_buf(len.next_multiple_of(4096));
-            match self.volume.plan_write_in(offset, &gather, buf) {
+            let segs = self.seg_lists.take();
+            match self.volume.plan_write_in(offset, &gather, buf, segs) {
                 Err(StoreError::Frozen) => {
                     self.finish_writes(vring);
                     self.volume.wait_thawed();
@@ -519,15 +522,17 @@ impl QueueWorker {
         if let InFlight::Write { early: true, pending, .. } = state {
             // Completed to the guest already (and counted then): only the map, or the failure.
             self.writes_in_flight -= 1;
-            let Op::Write { buf, .. } = c.op else { unreachable!("write slot on another op") };
+            let Op::Write { buf, segs } = c.op else { unreachable!("write slot on another op") };
             self.recycle(buf);
+            self.seg_lists.put(segs);
             self.early.completed(slot, &self.volume, pending, &c.result, stats);
             return;
         }
         stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
         match state {
             InFlight::Read { head, data, status, len, start, .. } => {
-                let Op::Read { buf, .. } = c.op else { unreachable!("read slot on another op") };
+                let Op::Read { buf, segs } = c.op else { unreachable!("read slot on another op") };
+                self.seg_lists.put(segs);
                 let (st, written) = match c.result {
                     Ok(_) => match self.scatter(&data, &buf[..len]) {
                         Ok(n) => {
@@ -551,8 +556,9 @@ impl QueueWorker {
             }
             InFlight::Write { head, status, pending, len, start, .. } => {
                 self.writes_in_flight -= 1;
-                let Op::Write { buf, .. } = c.op else { unreachable!("write slot on another op") };
+                let Op::Write { buf, segs } = c.op else { unreachable!("write slot on another op") };
                 self.recycle(buf);
+                self.seg_lists.put(segs);
                 let st = match c.result {
                     Ok(_) => {
                         // Durability rule: the map bits only after the data is written.

@@ -49,6 +49,29 @@ pub enum Op {
     Send { fd: RawFd, bufs: Vec<SendBuf> },
 }
 
+/// Recycled segment lists: a front end takes one per op and puts it back at completion, so a
+/// request allocates none.
+#[derive(Debug, Default)]
+pub struct SegmentPool(Vec<Vec<Segment>>);
+
+impl SegmentPool {
+    /// Lists kept at most (more in flight at once are simply dropped when they come back).
+    const MAX: usize = 256;
+
+    /// An empty list (recycled when one is available).
+    pub fn take(&mut self) -> Vec<Segment> {
+        self.0.pop().unwrap_or_default()
+    }
+
+    /// Gives a list back.
+    pub fn put(&mut self, mut segs: Vec<Segment>) {
+        if self.0.len() < Self::MAX {
+            segs.clear();
+            self.0.push(segs);
+        }
+    }
+}
+
 /// A piece of a gather-send: `data[start..]`.
 #[derive(Debug)]
 pub struct SendBuf {
