@@ -158,7 +158,7 @@ fn extend_tells_a_connected_frontend_and_the_config_space_grows() {
     assert_eq!(u32::from_le_bytes(msg[4..8].try_into().unwrap()) & 3, 1, "version 1 {msg:?}");
     assert_eq!(u32::from_le_bytes(msg[8..12].try_into().unwrap()), 0, "no payload {msg:?}");
     assert_eq!(capacity(), (192u64 << 20) / 512, "the config space has the new capacity");
-    assert!(d.log().contains("vhost-user frontends told of the new capacity"), "{}", d.log());
+    assert!(d.log().contains("config-change notice sent to vhost-user frontends"), "{}", d.log());
 
     // Extending to the same size changes nothing and sends nothing.
     d.evsctl_ok(&["volume", "extend", "v", "--size", "192M"]);

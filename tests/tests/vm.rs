@@ -257,7 +257,7 @@ fn vm_on_vhost_user_sees_volume_extend_at_once() {
     assert_eq!(c.exit_status(), Some(0), "the guest scenario\n{}", c.text);
     assert_eq!(c.values("SIZE0"), vec![((256u64 << 20) / 512).to_string()], "{}", c.text);
     assert_eq!(c.values("SIZE1"), vec![((512u64 << 20) / 512).to_string()], "the guest saw the new size\n{}", c.text);
-    assert!(d.log().contains("vhost-user frontends told of the new capacity"), "{}", d.log());
+    assert!(d.log().contains("config-change notice sent to vhost-user frontends"), "{}", d.log());
     // The 64 KiB written at the old end, read back over NBD.
     let sum = c.values("SUM").first().and_then(|v| v.split_whitespace().nth(1).map(str::to_string)).unwrap_or_default();
     let uri = d.attach("vm");

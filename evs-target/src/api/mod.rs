@@ -525,7 +525,7 @@ impl ControlPlane {
         if grown {
             let told = self.exports.volume_resized(info.id);
             if told > 0 {
-                tracing::info!(volume = name, frontends = told, "vhost-user frontends told of the new capacity");
+                tracing::info!(volume = name, frontends = told, "config-change notice sent to vhost-user frontends");
             }
         }
         let tier = self.tier_of(info.id)?;

@@ -162,18 +162,24 @@ pub enum ChainError {
     NoStatus,
     #[error("the descriptor chain is shorter than the 16-byte request header")]
     ShortHeader,
+    #[error("a descriptor runs past the end of the address space")]
+    AddressOverflow,
 }
 
 /// Parses a chain. `header` must hold the chain's first 16 readable bytes (the caller reads
 /// them from guest memory at the ranges [`header_ranges`] gives). Checks of range and
 /// direction that deserve an IOERR reply are left to [`validate`].
 pub fn parse(descs: &[Desc], header: &[u8; OUT_HDR_LEN]) -> Result<BlkRequest, ChainError> {
+    // Every address below is within a descriptor: none may run past 2^64 (a guest picks them).
+    if descs.iter().any(|d| d.len > 0 && d.addr.checked_add(d.len as u64 - 1).is_none()) {
+        return Err(ChainError::AddressOverflow);
+    }
     // Status: the last byte of the last descriptor, which must be device-writable.
     let last = descs.last().ok_or(ChainError::NoStatus)?;
     if !last.write || last.len == 0 {
         return Err(ChainError::NoStatus);
     }
-    let status = last.addr + last.len as u64 - 1;
+    let status = last.addr + (last.len as u64 - 1);
     let total: u64 = descs.iter().map(|d| d.len as u64).sum();
     if total < OUT_HDR_LEN as u64 + 1 {
         return Err(ChainError::ShortHeader);
@@ -185,17 +191,16 @@ pub fn parse(descs: &[Desc], header: &[u8; OUT_HDR_LEN]) -> Result<BlkRequest, C
     let mut skip = OUT_HDR_LEN as u64;
     let n = descs.len();
     for (i, d) in descs.iter().enumerate() {
-        let mut addr = d.addr;
         let mut len = d.len as u64;
         if i + 1 == n {
             len -= 1; // the status byte
         }
         let s = skip.min(len);
-        addr += s;
         len -= s;
         skip -= s;
         if len > 0 {
-            data.push(GuestRange { addr, len: len as u32 });
+            // Below the descriptor's last byte: no overflow (checked above).
+            data.push(GuestRange { addr: d.addr + s, len: len as u32 });
         }
     }
     let len: u64 = data.iter().map(|r| r.len as u64).sum();
@@ -238,10 +243,10 @@ pub fn directions_ok(descs: &[Desc], req: &BlkRequest) -> bool {
         BlkOp::Write { .. } | BlkOp::Discard | BlkOp::WriteZeroes => false,
         BlkOp::Flush | BlkOp::Unsupported(_) => return true,
     };
+    // In u128: a descriptor may end exactly at 2^64.
+    let end = |addr: u64, len: u32| addr as u128 + len as u128;
     req.data.iter().all(|r| {
-        descs
-            .iter()
-            .any(|d| d.write == want_write && r.addr >= d.addr && r.addr + r.len as u64 <= d.addr + d.len as u64)
+        descs.iter().any(|d| d.write == want_write && r.addr >= d.addr && end(r.addr, r.len) <= end(d.addr, d.len))
     })
 }
 
@@ -410,6 +415,77 @@ mod tests {
         let descs = [d(0x1000, 16, false), d(0x2000, 512, true), d(0x3000, 1, true)];
         let r = parse(&descs, &hdr(VIRTIO_BLK_T_IN, u64::MAX)).unwrap();
         assert!(matches!(validate(&r, 1 << 20, false), Err(RequestError::OutOfRange { .. })));
+    }
+
+    #[test]
+    fn a_descriptor_that_wraps_the_address_space_is_refused() {
+        // A guest controls every descriptor: an address near the top must not overflow.
+        let descs = [d(0x1000, 16, false), d(u64::MAX - 10, 512, true), d(0x3000, 1, true)];
+        assert_eq!(parse(&descs, &hdr(VIRTIO_BLK_T_IN, 0)), Err(ChainError::AddressOverflow));
+        let descs = [d(0x1000, 16, false), d(u64::MAX, 2, true)];
+        assert_eq!(parse(&descs, &hdr(VIRTIO_BLK_T_IN, 0)), Err(ChainError::AddressOverflow));
+        // A header descriptor that ends exactly at 2^64 is fine too.
+        let descs = [d(u64::MAX - 15, 16, false), d(0x2000, 512, true), d(0x3000, 1, true)];
+        let r = parse(&descs, &hdr(VIRTIO_BLK_T_IN, 0)).unwrap();
+        assert_eq!(r.data, vec![GuestRange { addr: 0x2000, len: 512 }]);
+        assert!(directions_ok(&descs, &r));
+        // The last byte of the address space is still a place for a status byte.
+        let descs = [d(0x1000, 16, false), d(u64::MAX, 1, true)];
+        assert_eq!(parse(&descs, &hdr(VIRTIO_BLK_T_FLUSH, 0)).map(|r| r.status), Ok(u64::MAX));
+    }
+
+    proptest::proptest! {
+        /// Whatever chain a guest builds: no panic, and what `parse` and `validate` accept is
+        /// inside the volume, sector-aligned, within the transfer limit, made of pieces of the
+        /// chain's own descriptors, and never a write to a read-only volume.
+        #[test]
+        fn any_chain_parses_without_panic_and_accepted_requests_are_in_bounds(
+            descs in proptest::collection::vec(
+                (proptest::prop_oneof![proptest::num::u64::ANY, 0u64..0x10000, (u64::MAX - 0x10000)..=u64::MAX],
+                 proptest::prop_oneof![proptest::num::u32::ANY, 0u32..8192],
+                 proptest::bool::ANY),
+                0..8),
+            ty in proptest::prop_oneof![0u32..16, proptest::num::u32::ANY],
+            sector in proptest::prop_oneof![0u64..4096, proptest::num::u64::ANY],
+            size in 0u64..(1 << 34),
+            read_only in proptest::bool::ANY,
+        ) {
+            let descs: Vec<Desc> = descs.into_iter().map(|(addr, len, write)| d(addr, len, write)).collect();
+            let _ = header_ranges(&descs);
+            let Ok(req) = parse(&descs, &hdr(ty, sector)) else { return Ok(()) };
+            for r in &req.data {
+                let end = |addr: u64, len: u32| addr as u128 + len as u128;
+                let inside = descs.iter().any(|x| r.addr >= x.addr && end(r.addr, r.len) <= end(x.addr, x.len));
+                proptest::prop_assert!(inside, "data range {r:?} outside the chain {descs:?}");
+            }
+            let _ = directions_ok(&descs, &req);
+            if validate(&req, size, read_only).is_ok() {
+                match req.op {
+                    BlkOp::Read { offset, len } | BlkOp::Write { offset, len } => {
+                        proptest::prop_assert!(offset.checked_add(len).is_some_and(|e| e <= size));
+                        proptest::prop_assert_eq!(len % SECTOR, 0);
+                        proptest::prop_assert!(len <= MAX_TRANSFER);
+                        let write_on_ro = read_only && matches!(req.op, BlkOp::Write { .. });
+                        proptest::prop_assert!(!write_on_ro);
+                    }
+                    BlkOp::Discard | BlkOp::WriteZeroes => proptest::prop_assert!(!read_only),
+                    _ => {}
+                }
+            }
+        }
+
+        /// Any discard payload: no panic, and accepted segments lie inside the volume.
+        #[test]
+        fn any_discard_payload_is_in_bounds_or_refused(
+            payload in proptest::collection::vec(proptest::num::u8::ANY, 0..80),
+            size in 0u64..(1 << 34),
+        ) {
+            if let Ok(segs) = parse_segments(&payload, size) {
+                for s in segs {
+                    proptest::prop_assert!(s.offset.checked_add(s.len).is_some_and(|e| e <= size));
+                }
+            }
+        }
     }
 
     #[test]

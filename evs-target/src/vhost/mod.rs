@@ -203,7 +203,8 @@ impl VhostUserServer {
         match c.channel.config_changed() {
             Ok(told) => told,
             Err(e) => {
-                tracing::warn!(socket = %state.path.display(), error = %e, "cannot send the config change to the vhost-user frontend");
+                // The frontend is going away (EPIPE): it reads the config afresh when it comes back.
+                tracing::debug!(socket = %state.path.display(), error = %e, "cannot send the config change to the vhost-user frontend");
                 false
             }
         }

@@ -50,8 +50,12 @@ pub const MAX_FDS: usize = 32;
 /// The version in the low two flag bits.
 pub const VERSION: u32 = 0x1;
 const VERSION_MASK: u32 = 0x3;
+/// Frontend request: the protocol features it acknowledges (u64 payload).
+pub const SET_PROTOCOL_FEATURES: u32 = 16;
 /// Frontend request: here is the backend-to-frontend channel (one descriptor).
 pub const SET_BACKEND_REQ_FD: u32 = 21;
+/// `VHOST_USER_PROTOCOL_F_CONFIG`: the config-change message needs it negotiated.
+pub const PROTOCOL_F_CONFIG: u64 = 1 << 9;
 /// Backend request: the device's config space changed; read it again.
 pub const BACKEND_CONFIG_CHANGE_MSG: u32 = 2;
 
@@ -94,25 +98,37 @@ pub fn config_change_message() -> [u8; HEADER_LEN] {
     m
 }
 
-/// The backend-to-frontend channel of the live connection, once the frontend has sent it.
+/// The backend-to-frontend channel of the live connection, once the frontend has sent it,
+/// and whether it negotiated the CONFIG protocol feature.
 #[derive(Clone, Default)]
-pub struct BackendChannel(Arc<Mutex<Option<UnixStream>>>);
+pub struct BackendChannel(Arc<Mutex<ChannelState>>);
+
+#[derive(Default)]
+struct ChannelState {
+    stream: Option<UnixStream>,
+    config: bool,
+}
 
 impl BackendChannel {
     fn set(&self, s: UnixStream) {
-        *self.0.lock() = Some(s);
+        self.0.lock().stream = Some(s);
+    }
+
+    fn set_protocol_features(&self, features: u64) {
+        self.0.lock().config = features & PROTOCOL_F_CONFIG != 0;
     }
 
     /// Whether the frontend has given us the channel.
     pub fn is_set(&self) -> bool {
-        self.0.lock().is_some()
+        self.0.lock().stream.is_some()
     }
 
     /// Tells the frontend the config space changed. Ok(false) when it gave no channel (it did
-    /// not negotiate BACKEND_REQ): the guest then sees the change at its next config read.
+    /// not negotiate BACKEND_REQ) or did not negotiate CONFIG, which the message requires: the
+    /// guest then sees the change at its next config read.
     pub fn config_changed(&self) -> io::Result<bool> {
         let g = self.0.lock();
-        let Some(s) = g.as_ref() else { return Ok(false) };
+        let (Some(s), true) = (g.stream.as_ref(), g.config) else { return Ok(false) };
         let m = config_change_message();
         // 12 bytes into an idle socket: never short in practice; never block the API on it.
         let n = rustix::net::send(s, &m, SendFlags::NOSIGNAL | SendFlags::DONTWAIT)?;
@@ -200,16 +216,10 @@ fn is_unix_stream(fd: &OwnedFd) -> bool {
 /// Frontend to handler: one message at a time, header parsed.
 fn frontend_to_backend(frontend: &UnixStream, backend: &UnixStream, channel: &BackendChannel) -> io::Result<()> {
     let mut payload = vec![0u8; MAX_PAYLOAD];
-    loop {
-        let mut fds = Vec::new();
-        let mut hdr = [0u8; HEADER_LEN];
-        if !recv_exact(frontend, &mut hdr, &mut fds)? {
-            return Ok(());
-        }
-        let h = parse_header(&hdr).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        let body = &mut payload[..h.size as usize];
-        if !recv_exact(frontend, body, &mut fds)? && !body.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "vhost-user message cut short"));
+    while let Some((h, hdr, fds)) = recv_message(frontend, &mut payload)? {
+        let body = &payload[..h.size as usize];
+        if h.request == SET_PROTOCOL_FEATURES && body.len() == 8 {
+            channel.set_protocol_features(u64::from_le_bytes(body.try_into().expect("8 bytes")));
         }
         if h.request == SET_BACKEND_REQ_FD {
             if let [fd] = fds.as_slice() {
@@ -220,20 +230,33 @@ fn frontend_to_backend(frontend: &UnixStream, backend: &UnixStream, channel: &Ba
         }
         send_all(backend, &[&hdr, body], &fds)?;
     }
+    Ok(())
 }
 
-/// Handler to frontend: replies, passed on as they come (the handler only ever answers the
-/// request in hand, so a read never spans two of its messages).
-fn backend_to_frontend(backend: &UnixStream, frontend: &UnixStream) -> io::Result<()> {
-    let mut buf = vec![0u8; HEADER_LEN + MAX_PAYLOAD];
-    loop {
-        let mut fds = Vec::new();
-        let n = recv_some(backend, &mut buf, &mut fds)?;
-        if n == 0 {
-            return Ok(());
-        }
-        send_all(frontend, &[&buf[..n]], &fds)?;
+/// Reads one whole message (header, then its payload) with the descriptors sent with it.
+/// Ok(None) at end of file between messages.
+fn recv_message(s: &UnixStream, payload: &mut [u8]) -> io::Result<Option<(Header, [u8; HEADER_LEN], Vec<OwnedFd>)>> {
+    let mut fds = Vec::new();
+    let mut hdr = [0u8; HEADER_LEN];
+    if !recv_exact(s, &mut hdr, &mut fds)? {
+        return Ok(None);
     }
+    let h = parse_header(&hdr).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let body = &mut payload[..h.size as usize];
+    if !recv_exact(s, body, &mut fds)? && !body.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "vhost-user message cut short"));
+    }
+    Ok(Some((h, hdr, fds)))
+}
+
+/// Handler to frontend: the replies, one whole message at a time, so descriptors stay with
+/// the reply they came with.
+fn backend_to_frontend(backend: &UnixStream, frontend: &UnixStream) -> io::Result<()> {
+    let mut payload = vec![0u8; MAX_PAYLOAD];
+    while let Some((h, hdr, fds)) = recv_message(backend, &mut payload)? {
+        send_all(frontend, &[&hdr, &payload[..h.size as usize]], &fds)?;
+    }
+    Ok(())
 }
 
 /// A running relay: two threads, one per direction. When either side ends (or misbehaves),
@@ -249,6 +272,7 @@ impl Relay {
     pub fn start(frontend: UnixStream, backend: UnixStream, channel: BackendChannel) -> io::Result<Relay> {
         let (f2, b2) = (frontend.try_clone()?, backend.try_clone()?);
         let (f3, b3) = (frontend.try_clone()?, backend.try_clone()?);
+        let (f4, b4) = (frontend.try_clone()?, backend.try_clone()?);
         let end = move |f: &UnixStream, b: &UnixStream, what: &str, r: io::Result<()>| {
             if let Err(e) = r {
                 tracing::debug!(error = %e, direction = what, "vhost-user relay ended");
@@ -267,6 +291,9 @@ impl Relay {
         match up {
             Ok(up) => Ok(Relay { threads: vec![down, up] }),
             Err(e) => {
+                // Wake the first direction (blocked on the frontend) before waiting for it.
+                let _ = f4.shutdown(Shutdown::Both);
+                let _ = b4.shutdown(Shutdown::Both);
                 let _ = down.join();
                 Err(e)
             }
@@ -372,6 +399,12 @@ mod tests {
         let mut r = rig();
         let (ours, theirs) = UnixStream::pair().unwrap();
         ours.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // The frontend acknowledges CONFIG | BACKEND_REQ (the message needs CONFIG).
+        let features = PROTOCOL_F_CONFIG | 1 << 5;
+        send_all(&r.frontend, &[&header(SET_PROTOCOL_FEATURES, 1, 8), &features.to_le_bytes()], &[]).unwrap();
+        let mut got = [0u8; HEADER_LEN + 8];
+        assert!(recv_exact(&r.handler, &mut got, &mut Vec::new()).unwrap());
+        assert_eq!(&got[HEADER_LEN..], &features.to_le_bytes());
         send_all(&r.frontend, &[&header(SET_BACKEND_REQ_FD, 1, 0)], &[OwnedFd::from(theirs)]).unwrap();
         // The handler still gets the message and the descriptor.
         let mut fds = Vec::new();
@@ -390,6 +423,96 @@ mod tests {
         let mut rest = Vec::new();
         r.frontend.read_to_end(&mut rest).unwrap();
         assert!(rest.is_empty());
+        r.relay.join();
+    }
+
+    #[test]
+    fn no_notice_without_the_config_feature() {
+        let mut r = rig();
+        // BACKEND_REQ only: the channel is kept, but the message would break the spec.
+        send_all(&r.frontend, &[&header(SET_PROTOCOL_FEATURES, 1, 8), &(1u64 << 5).to_le_bytes()], &[]).unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        send_all(&r.frontend, &[&header(SET_BACKEND_REQ_FD, 1, 0)], &[OwnedFd::from(theirs)]).unwrap();
+        let mut got = [0u8; 2 * HEADER_LEN + 8];
+        assert!(recv_exact(&r.handler, &mut got, &mut Vec::new()).unwrap());
+        assert!(r.channel.is_set());
+        assert!(!r.channel.config_changed().unwrap(), "no CONFIG, no notice");
+        ours.set_nonblocking(true).unwrap();
+        assert!((&ours).read(&mut [0u8; 1]).is_err(), "nothing was sent on the channel");
+        drop(r.frontend);
+        r.relay.join();
+    }
+
+    #[test]
+    fn split_messages_and_descriptors_with_the_body_or_a_reply_keep_their_framing() {
+        let mut r = rig();
+        // A header split over two writes, then its payload with a descriptor attached to the
+        // payload's first byte rather than the header's.
+        let (mut near, far) = UnixStream::pair().unwrap();
+        near.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let hdr = header(5, 1, 8);
+        r.frontend.write_all(&hdr[..5]).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        r.frontend.write_all(&hdr[5..]).unwrap();
+        send_all(&r.frontend, &[&3u64.to_le_bytes()], &[OwnedFd::from(far)]).unwrap();
+        let mut fds = Vec::new();
+        let mut got = [0u8; HEADER_LEN + 8];
+        assert!(recv_exact(&r.handler, &mut got, &mut fds).unwrap());
+        assert_eq!(&got[..HEADER_LEN], &hdr);
+        assert_eq!(fds.len(), 1, "the descriptor sent with the payload came through");
+        rustix::io::write(&fds[0], b"x").unwrap();
+        let mut one = [0u8; 1];
+        near.read_exact(&mut one).unwrap();
+        // Two replies written back to back, the second carrying a descriptor (as
+        // GET_INFLIGHT_FD's): each reaches the frontend whole, the descriptor with the second.
+        let (mut near2, far2) = UnixStream::pair().unwrap();
+        near2.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let first = [header(1, 1 | 4, 8).as_slice(), &1u64.to_le_bytes()].concat();
+        let second = [header(31, 1 | 4, 8).as_slice(), &2u64.to_le_bytes()].concat();
+        r.handler.write_all(&first).unwrap();
+        send_all(&r.handler, &[&second], &[OwnedFd::from(far2)]).unwrap();
+        let mut fds = Vec::new();
+        let mut a = vec![0u8; first.len()];
+        assert!(recv_exact(&r.frontend, &mut a, &mut fds).unwrap());
+        assert_eq!(a, first);
+        assert!(fds.is_empty(), "the first reply carries no descriptor");
+        let mut b = vec![0u8; second.len()];
+        assert!(recv_exact(&r.frontend, &mut b, &mut fds).unwrap());
+        assert_eq!(b, second);
+        assert_eq!(fds.len(), 1, "the second reply's descriptor came with it");
+        rustix::io::write(&fds[0], b"y").unwrap();
+        near2.read_exact(&mut one).unwrap();
+        assert_eq!(&one, b"y");
+        drop(r.frontend);
+        r.relay.join();
+    }
+
+    #[test]
+    fn too_many_descriptors_or_a_message_cut_short_end_the_connection() {
+        // 33 descriptors (the limit is 32).
+        let mut r = rig();
+        let fds: Vec<OwnedFd> = (0..33).map(|_| OwnedFd::from(std::fs::File::open("/dev/null").unwrap())).collect();
+        let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(40))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        assert!(control.push(SendAncillaryMessage::ScmRights(&borrowed)));
+        let hdr = header(5, 1, 0);
+        rustix::net::sendmsg(&r.frontend, &[IoSlice::new(&hdr)], &mut control, SendFlags::NOSIGNAL).unwrap();
+        let mut rest = Vec::new();
+        r.handler.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "nothing of the message reached the handler");
+        let mut rest = Vec::new();
+        r.frontend.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "the frontend's connection was closed");
+        r.relay.join();
+        // A header whose payload never comes.
+        let mut r = rig();
+        r.frontend.write_all(&header(5, 1, 64)).unwrap();
+        r.frontend.write_all(&[0u8; 10]).unwrap();
+        r.frontend.shutdown(Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        r.handler.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "a message cut short is not passed on");
         r.relay.join();
     }
 
