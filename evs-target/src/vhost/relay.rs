@@ -216,7 +216,7 @@ fn is_unix_stream(fd: &OwnedFd) -> bool {
 /// Frontend to handler: one message at a time, header parsed.
 fn frontend_to_backend(frontend: &UnixStream, backend: &UnixStream, channel: &BackendChannel) -> io::Result<()> {
     let mut payload = vec![0u8; MAX_PAYLOAD];
-    while let Some((h, hdr, fds)) = recv_message(frontend, &mut payload)? {
+    while let Some(Received { header: h, raw: hdr, fds }) = recv_message(frontend, &mut payload)? {
         let body = &payload[..h.size as usize];
         if h.request == SET_PROTOCOL_FEATURES && body.len() == 8 {
             channel.set_protocol_features(u64::from_le_bytes(body.try_into().expect("8 bytes")));
@@ -233,9 +233,17 @@ fn frontend_to_backend(frontend: &UnixStream, backend: &UnixStream, channel: &Ba
     Ok(())
 }
 
+/// A received message: its header, parsed and as bytes, and its descriptors (the payload is
+/// in the caller's buffer).
+struct Received {
+    header: Header,
+    raw: [u8; HEADER_LEN],
+    fds: Vec<OwnedFd>,
+}
+
 /// Reads one whole message (header, then its payload) with the descriptors sent with it.
 /// Ok(None) at end of file between messages.
-fn recv_message(s: &UnixStream, payload: &mut [u8]) -> io::Result<Option<(Header, [u8; HEADER_LEN], Vec<OwnedFd>)>> {
+fn recv_message(s: &UnixStream, payload: &mut [u8]) -> io::Result<Option<Received>> {
     let mut fds = Vec::new();
     let mut hdr = [0u8; HEADER_LEN];
     if !recv_exact(s, &mut hdr, &mut fds)? {
@@ -246,15 +254,15 @@ fn recv_message(s: &UnixStream, payload: &mut [u8]) -> io::Result<Option<(Header
     if !recv_exact(s, body, &mut fds)? && !body.is_empty() {
         return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "vhost-user message cut short"));
     }
-    Ok(Some((h, hdr, fds)))
+    Ok(Some(Received { header: h, raw: hdr, fds }))
 }
 
 /// Handler to frontend: the replies, one whole message at a time, so descriptors stay with
 /// the reply they came with.
 fn backend_to_frontend(backend: &UnixStream, frontend: &UnixStream) -> io::Result<()> {
     let mut payload = vec![0u8; MAX_PAYLOAD];
-    while let Some((h, hdr, fds)) = recv_message(backend, &mut payload)? {
-        send_all(frontend, &[&hdr, &payload[..h.size as usize]], &fds)?;
+    while let Some(m) = recv_message(backend, &mut payload)? {
+        send_all(frontend, &[&m.raw, &payload[..m.header.size as usize]], &m.fds)?;
     }
     Ok(())
 }
@@ -428,7 +436,7 @@ mod tests {
 
     #[test]
     fn no_notice_without_the_config_feature() {
-        let mut r = rig();
+        let r = rig();
         // BACKEND_REQ only: the channel is kept, but the message would break the spec.
         send_all(&r.frontend, &[&header(SET_PROTOCOL_FEATURES, 1, 8), &(1u64 << 5).to_le_bytes()], &[]).unwrap();
         let (ours, theirs) = UnixStream::pair().unwrap();
