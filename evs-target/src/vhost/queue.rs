@@ -61,6 +61,8 @@ enum InFlight {
 struct Held {
     head: u16,
     descs: Vec<Desc>,
+    /// The chain as parsed when it was popped (and charged).
+    req: Option<BlkRequest>,
     deadline: Instant,
     since: Instant,
 }
@@ -148,7 +150,7 @@ impl QueueWorker {
             } else if let Some(h) = self.held.take() {
                 // The queue is being stopped: a popped request must complete (the frontend
                 // counts it as taken), QoS deadline or not.
-                self.start(vring, h.head, &h.descs, h.since);
+                self.start(vring, h.head, &h.descs, h.req, h.since);
             }
             self.signal(vring)?;
             if self.in_flight == 0 {
@@ -199,7 +201,7 @@ impl QueueWorker {
     /// Pops and starts requests until the queue is empty or one is held by QoS.
     fn start_requests(&mut self, vring: &Vring) {
         loop {
-            let (head, descs, since) = match self.held.take() {
+            let (head, descs, req, since) = match self.held.take() {
                 Some(h) => {
                     let now = Instant::now();
                     if now < h.deadline {
@@ -207,7 +209,7 @@ impl QueueWorker {
                         return;
                     }
                     self.io.stats.add_throttled(now.saturating_duration_since(h.since));
-                    (h.head, h.descs, h.since)
+                    (h.head, h.descs, h.req, h.since)
                 }
                 None => {
                     let mem = self.mem.memory();
@@ -216,25 +218,28 @@ impl QueueWorker {
                     let head = chain.head_index();
                     let descs: Vec<Desc> =
                         chain.map(|d| Desc { addr: d.addr().0, len: d.len(), write: d.is_write_only() }).collect();
+                    // Parsed once: the request charged is the request run (the guest may
+                    // rewrite its header in guest memory at any time).
+                    let req = self.parse(&descs);
                     let now = Instant::now();
-                    let cost = self.cost(&descs);
+                    let cost = self.cost(req.as_ref());
                     if let Some(deadline) = self.io.limiter.reserve(cost, now) {
                         if deadline > now {
-                            self.held = Some(Held { head, descs, deadline, since: now });
+                            self.held = Some(Held { head, descs, req, deadline, since: now });
                             return;
                         }
                     }
-                    (head, descs, now)
+                    (head, descs, req, now)
                 }
             };
-            self.start(vring, head, &descs, since);
+            self.start(vring, head, &descs, req, since);
         }
     }
 
     /// The QoS cost of a chain (a request that will be refused costs nothing).
-    fn cost(&self, descs: &[Desc]) -> Cost {
-        match self.parse(descs) {
-            Some(req) if blk::validate(&req, self.volume.size(), self.read_only).is_ok() => match req.op {
+    fn cost(&self, req: Option<&BlkRequest>) -> Cost {
+        match req {
+            Some(req) if blk::validate(req, self.volume.size(), self.read_only).is_ok() => match req.op {
                 BlkOp::Read { len, .. } | BlkOp::Write { len, .. } => Cost::transfer(len),
                 BlkOp::Discard | BlkOp::WriteZeroes => Cost::metadata(),
                 BlkOp::Flush | BlkOp::GetId | BlkOp::Unsupported(_) => Cost::FREE,
@@ -261,9 +266,9 @@ impl QueueWorker {
     }
 
     /// Starts one request: an engine op (read, aligned write) or done inline.
-    fn start(&mut self, vring: &Vring, head: u16, descs: &[Desc], since: Instant) {
+    fn start(&mut self, vring: &Vring, head: u16, descs: &[Desc], req: Option<BlkRequest>, since: Instant) {
         let stats = &self.io.stats;
-        let Some(req) = self.parse(descs) else {
+        let Some(req) = req else {
             tracing::debug!(head, "vhost-user: malformed descriptor chain; completing it empty");
             stats.errors.fetch_add(1, Ordering::Relaxed);
             self.add_used(vring, head, 0);
