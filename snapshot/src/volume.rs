@@ -388,6 +388,28 @@ impl Volume {
         Ok(chain)
     }
 
+    /// [`read_segments`](Self::read_segments) for a read into `buf`: the holes are zero-filled
+    /// in `buf` here and dropped, so `out` (cleared first) lists only the layer-file reads left
+    /// to do (none when the range is all holes). A front end's read path.
+    pub fn read_data_segments(
+        &self,
+        offset: u64,
+        len: u64,
+        buf_base: usize,
+        buf: &mut [u8],
+        out: &mut Vec<Segment>,
+    ) -> Result<Arc<Chain>, StoreError> {
+        out.clear();
+        let chain = self.read_segments(offset, len, buf_base, out)?;
+        out.retain(|s| {
+            if s.fd == ZERO_FD {
+                buf[s.buf_offset..s.buf_offset + s.len].fill(0);
+            }
+            s.fd != ZERO_FD
+        });
+        Ok(chain)
+    }
+
     /// Plans a write of `data` at `offset`.
     ///
     /// Fails with [`StoreError::Frozen`] while a snapshot is being taken (see

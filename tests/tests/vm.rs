@@ -103,6 +103,33 @@ fn boot(image: &GuestImage, dir: &Path, disk: Disk, scenario: &str) -> Console {
     c
 }
 
+/// Boots a one-vCPU guest on `disk` in the background and waits until its console shows
+/// `marker` (the scenario's cue for the host). Returns the running guest and the console path.
+fn boot_until(
+    image: &GuestImage,
+    dir: &Path,
+    disk: Disk,
+    scenario: &str,
+    marker: &str,
+) -> std::thread::JoinHandle<Result<Console, String>> {
+    let initrd = image.initramfs(dir, scenario, &[]);
+    let accel = image.accel();
+    let console = dir.join(format!("console-{}.log", std::process::id()));
+    let (img, dpath) = (image.clone(), dir.to_path_buf());
+    let guest = std::thread::spawn(move || {
+        let vm =
+            Vm { image: &img, accel, smp: 1, disks: vec![disk], initrd, mem_mib: GUEST_MEM_MIB, allow_reboot: false };
+        vm.run(&dpath, BOOT_TIMEOUT)
+    });
+    let start = Instant::now();
+    while !std::fs::read_to_string(&console).unwrap_or_default().contains(marker) {
+        assert!(start.elapsed() < BOOT_TIMEOUT, "the guest never printed {marker}");
+        assert!(!guest.is_finished(), "the guest ended before printing {marker}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    guest
+}
+
 fn socket_of(d: &Daemon, args: &[&str]) -> PathBuf {
     let v = d.evsctl_json(args);
     assert_eq!(v["protocol"], "vhost-user", "{v}");
@@ -236,22 +263,8 @@ fn vm_on_vhost_user_sees_volume_extend_at_once() {
                     dd if=/tmp/tail of=/dev/vda bs=4096 seek=$((s0 / 8)) count=16 oflag=direct 2>/dev/null\nsync\n\
                     echo \"SUM tail $(sha256sum /tmp/tail | cut -d' ' -f1)\"\n";
     let dir = tempfile::tempdir().unwrap();
-    let initrd = image.initramfs(dir.path(), scenario, &[]);
-    let accel = image.accel();
-    let console = dir.path().join(format!("console-{}.log", std::process::id()));
-    let (img, dpath) = (image.clone(), dir.path().to_path_buf());
     let disk = Disk::VhostUser { socket: sock, queues: 1, reconnect: 0 };
-    let guest = std::thread::spawn(move || {
-        let vm =
-            Vm { image: &img, accel, smp: 1, disks: vec![disk], initrd, mem_mib: GUEST_MEM_MIB, allow_reboot: false };
-        vm.run(&dpath, BOOT_TIMEOUT)
-    });
-    let start = Instant::now();
-    while !std::fs::read_to_string(&console).unwrap_or_default().contains("RESIZE-WAIT") {
-        assert!(start.elapsed() < BOOT_TIMEOUT, "the guest never came up");
-        assert!(!guest.is_finished(), "the guest ended before waiting for the resize");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let guest = boot_until(&image, dir.path(), disk, scenario, "RESIZE-WAIT");
     d.evsctl_ok(&["volume", "extend", "vm", "--size", "512M"]);
     let c = guest.join().unwrap().unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.exit_status(), Some(0), "the guest scenario\n{}", c.text);
@@ -287,22 +300,8 @@ fn vm_on_vhost_user_resumes_after_a_daemon_restart() {
                     dd if=/dev/urandom of=/mnt/p2 bs=65536 count=16 2>/dev/null\nsync\n\
                     echo \"SUM p2 $(sha256sum /mnt/p2 | cut -d' ' -f1)\"\numount /mnt\nsync\n";
     let dir = tempfile::tempdir().unwrap();
-    let initrd = image.initramfs(dir.path(), scenario, &[]);
-    let accel = image.accel();
-    let console = dir.path().join(format!("console-{}.log", std::process::id()));
-    let (img, dpath) = (image.clone(), dir.path().to_path_buf());
     let disk = Disk::VhostUser { socket: sock.clone(), queues: 1, reconnect: 1 };
-    let guest = std::thread::spawn(move || {
-        let vm =
-            Vm { image: &img, accel, smp: 1, disks: vec![disk], initrd, mem_mib: GUEST_MEM_MIB, allow_reboot: false };
-        vm.run(&dpath, BOOT_TIMEOUT)
-    });
-    let start = Instant::now();
-    while !std::fs::read_to_string(&console).unwrap_or_default().contains("PHASE1-DONE") {
-        assert!(start.elapsed() < BOOT_TIMEOUT, "the guest never finished phase 1");
-        assert!(!guest.is_finished(), "the guest ended before phase 1");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let guest = boot_until(&image, dir.path(), disk, scenario, "PHASE1-DONE");
     // One queue, one writer, 4 KiB file system blocks: p1's second copy overwrote its blocks
     // and was completed to the guest before its ops (write-back); the guest's sync waited for
     // them, and the restart below finds p1 intact.

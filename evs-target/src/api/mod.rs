@@ -520,14 +520,16 @@ impl ControlPlane {
         if size > info.size {
             self.check_quota(owner, 0, size - info.size)?;
         }
-        let grown = size > info.size;
-        let info = if grown { self.store.extend_volume(info.id, size)? } else { info };
-        if grown {
+        let info = if size > info.size {
+            let info = self.store.extend_volume(info.id, size)?;
             let told = self.exports.volume_resized(info.id);
             if told > 0 {
                 tracing::info!(volume = name, frontends = told, "config-change notice sent to vhost-user frontends");
             }
-        }
+            info
+        } else {
+            info
+        };
         let tier = self.tier_of(info.id)?;
         // Limits grow with the size, online.
         self.retune(info.id, &tier, info.size);

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use evs_snapshot::io_engine::SendBuf;
-use evs_snapshot::volume::{Chain, PendingWrite, WriterGuard, ZERO_FD};
+use evs_snapshot::volume::{Chain, PendingWrite, WriterGuard};
 use evs_snapshot::{
     AlignedBuf, BlockStore, ChangedExtent, Completion, EngineKind, IoEngine, Op, Segment, SegmentPool, StoreError,
     Volume, WritePlan,
@@ -996,7 +996,7 @@ impl<'a> Transmission<'a> {
         let hdr = if self.structured { proto::OFFSET_DATA_HEADER_LEN } else { proto::SIMPLE_REPLY_LEN };
         let mut buf = self.take_buf(hdr + len);
         let mut segs = self.seg_lists.take();
-        let chain = match self.volume.read_segments(req.offset, len as u64, hdr, &mut segs) {
+        let chain = match self.volume.read_data_segments(req.offset, len as u64, hdr, &mut buf, &mut segs) {
             Ok(chain) => chain,
             Err(e) => {
                 self.seg_lists.put(segs);
@@ -1005,13 +1005,6 @@ impl<'a> Transmission<'a> {
                 return false;
             }
         };
-        // Holes are filled here; only data segments go to the engine.
-        segs.retain(|s| {
-            if s.fd == ZERO_FD {
-                buf[s.buf_offset..s.buf_offset + s.len].fill(0);
-            }
-            s.fd != ZERO_FD
-        });
         let slot = self.alloc_slot(InFlight::Read {
             cookie: req.cookie,
             offset: req.offset,

@@ -84,7 +84,7 @@ struct ListenerState {
     wake: OwnedFd,
     closed: AtomicBool,
     /// The live connection, if any.
-    conn: Mutex<Option<LiveConn>>,
+    conn: Mutex<Option<Arc<LiveConn>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -270,8 +270,11 @@ impl VhostUserServer {
             .start(&mut Listener::from(private_listener))
             .map_err(|e| io::Error::other(format!("vhost-user handler did not start: {e}")))?;
         let channel = BackendChannel::default();
-        let conn =
-            LiveConn { daemon: daemon.shutdown_handle(), frontend: frontend.try_clone()?, channel: channel.clone() };
+        let conn = Arc::new(LiveConn {
+            daemon: daemon.shutdown_handle(),
+            frontend: frontend.try_clone()?,
+            channel: channel.clone(),
+        });
         let relay = match Relay::start(frontend, relay_end, channel) {
             Ok(r) => r,
             Err(e) => {
@@ -282,13 +285,8 @@ impl VhostUserServer {
             }
         };
         let closer: Closer = {
-            let (h, f) = (conn.daemon.clone(), conn.frontend.try_clone()?);
-            Arc::new(move |_| {
-                if let Some(h) = &h {
-                    h.shutdown();
-                }
-                let _ = f.shutdown(std::net::Shutdown::Both);
-            })
+            let c = conn.clone();
+            Arc::new(move |_| c.end())
         };
         *state.conn.lock() = Some(conn);
         let registered = self.exports.upgrade().is_some_and(|r| r.register_conn(token, id, closer));

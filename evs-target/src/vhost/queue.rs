@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use evs_snapshot::volume::{Chain, PendingWrite, WriterGuard, ZERO_FD};
+use evs_snapshot::volume::{Chain, PendingWrite, WriterGuard};
 use evs_snapshot::{AlignedBuf, Completion, EngineKind, IoEngine, Op, SegmentPool, StoreError, Volume, WritePlan};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
@@ -382,7 +382,7 @@ impl QueueWorker {
     fn start_read(&mut self, vring: &Vring, head: u16, req: BlkRequest, offset: u64, len: usize, since: Instant) {
         let mut buf = self.take_buf(len);
         let mut segs = self.seg_lists.take();
-        let chain = match self.volume.read_segments(offset, len as u64, 0, &mut segs) {
+        let chain = match self.volume.read_data_segments(offset, len as u64, 0, &mut buf, &mut segs) {
             Ok(chain) => chain,
             Err(e) => {
                 self.seg_lists.put(segs);
@@ -391,13 +391,6 @@ impl QueueWorker {
                 return self.finish_inline(vring, head, req.status, st, w, o, since);
             }
         };
-        // Holes are filled here; only data segments go to the engine.
-        segs.retain(|s| {
-            if s.fd == ZERO_FD {
-                buf[s.buf_offset..s.buf_offset + s.len].fill(0);
-            }
-            s.fd != ZERO_FD
-        });
         if segs.is_empty() {
             self.seg_lists.put(segs);
             // All holes: no engine op needed.

@@ -348,6 +348,13 @@ mod tests {
         assert_eq!(parse_header(&m), Ok(Header { request: BACKEND_CONFIG_CHANGE_MSG, flags: VERSION, size: 0 }));
     }
 
+    /// Reads `s` to its end and asserts nothing more came.
+    fn assert_ends(mut s: &UnixStream, what: &str) {
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "{what}: {} more bytes before the end", rest.len());
+    }
+
     /// A frontend, the relay and a stand-in for the handler, over socket pairs.
     struct Rig {
         frontend: UnixStream,
@@ -396,15 +403,13 @@ mod tests {
         assert!(!r.channel.config_changed().unwrap(), "nothing to notify without a channel");
         // The frontend goes: the handler sees end of file and the relay ends.
         drop(r.frontend);
-        let mut rest = Vec::new();
-        r.handler.read_to_end(&mut rest).unwrap();
-        assert!(rest.is_empty());
+        assert_ends(&r.handler, "the handler sees the end");
         r.relay.join();
     }
 
     #[test]
     fn the_backend_channel_is_kept_and_notified() {
-        let mut r = rig();
+        let r = rig();
         let (ours, theirs) = UnixStream::pair().unwrap();
         ours.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         // The frontend acknowledges CONFIG | BACKEND_REQ (the message needs CONFIG).
@@ -428,9 +433,7 @@ mod tests {
         assert_eq!(parse_header(&msg), Ok(Header { request: BACKEND_CONFIG_CHANGE_MSG, flags: VERSION, size: 0 }));
         // The handler ends the connection: the frontend sees end of file.
         r.handler.shutdown(Shutdown::Both).unwrap();
-        let mut rest = Vec::new();
-        r.frontend.read_to_end(&mut rest).unwrap();
-        assert!(rest.is_empty());
+        assert_ends(&r.frontend, "the frontend sees the end");
         r.relay.join();
     }
 
@@ -498,7 +501,7 @@ mod tests {
     #[test]
     fn too_many_descriptors_or_a_message_cut_short_end_the_connection() {
         // 33 descriptors (the limit is 32).
-        let mut r = rig();
+        let r = rig();
         let fds: Vec<OwnedFd> = (0..33).map(|_| OwnedFd::from(std::fs::File::open("/dev/null").unwrap())).collect();
         let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
         let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(40))];
@@ -506,21 +509,15 @@ mod tests {
         assert!(control.push(SendAncillaryMessage::ScmRights(&borrowed)));
         let hdr = header(5, 1, 0);
         rustix::net::sendmsg(&r.frontend, &[IoSlice::new(&hdr)], &mut control, SendFlags::NOSIGNAL).unwrap();
-        let mut rest = Vec::new();
-        r.handler.read_to_end(&mut rest).unwrap();
-        assert!(rest.is_empty(), "nothing of the message reached the handler");
-        let mut rest = Vec::new();
-        r.frontend.read_to_end(&mut rest).unwrap();
-        assert!(rest.is_empty(), "the frontend's connection was closed");
+        assert_ends(&r.handler, "nothing of the message reached the handler");
+        assert_ends(&r.frontend, "the frontend's connection was closed");
         r.relay.join();
         // A header whose payload never comes.
         let mut r = rig();
         r.frontend.write_all(&header(5, 1, 64)).unwrap();
         r.frontend.write_all(&[0u8; 10]).unwrap();
         r.frontend.shutdown(Shutdown::Write).unwrap();
-        let mut rest = Vec::new();
-        r.handler.read_to_end(&mut rest).unwrap();
-        assert!(rest.is_empty(), "a message cut short is not passed on");
+        assert_ends(&r.handler, "a message cut short is not passed on");
         r.relay.join();
     }
 
@@ -537,12 +534,8 @@ mod tests {
         assert!(!r.channel.is_set(), "a file is not a backend channel");
         // A payload over the limit ends the connection on both sides; nothing is relayed.
         r.frontend.write_all(&header(5, 1, 5000)).unwrap();
-        let mut rest = Vec::new();
-        r.handler.read_to_end(&mut rest).unwrap();
-        assert!(rest.is_empty(), "nothing of the bad message reached the handler");
-        let mut rest = Vec::new();
-        r.frontend.read_to_end(&mut rest).unwrap();
-        assert!(rest.is_empty());
+        assert_ends(&r.handler, "nothing of the bad message reached the handler");
+        assert_ends(&r.frontend, "the frontend sees the end");
         r.relay.join();
     }
 }
