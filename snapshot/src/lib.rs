@@ -37,6 +37,16 @@ macro_rules! crash_point {
     };
 }
 
+/// A named point where tests hold a thread to force an interleaving: with evs-target's
+/// `failpoints` feature and `FAILPOINTS="<name>=sleep(<ms>)"` the thread sleeps there. Without
+/// the feature it compiles to nothing.
+#[macro_export]
+macro_rules! delay_point {
+    ($name:literal) => {
+        $crate::__fail::fail_point!($name)
+    };
+}
+
 #[doc(hidden)]
 pub use fail as __fail;
 

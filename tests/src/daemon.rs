@@ -309,6 +309,16 @@ impl Daemon {
         }
     }
 
+    /// Fails the test unless this evs-target was built with the `failpoints` feature (its
+    /// start-up log says so): a test that arms a failpoint on a build without them proves nothing.
+    pub fn require_failpoints(&self) {
+        assert!(
+            self.log().contains("failpoints=true"),
+            "this evs-target has no failpoints: build it with `cargo build --workspace --bins --features evs-target/failpoints` (scripts/test.sh does)\n{}",
+            self.log()
+        );
+    }
+
     /// Sets (`Some`) or removes (`None`) a variable of the daemon's environment, for its next
     /// start (e.g. `FAILPOINTS` of the crash-point tests).
     pub fn set_env(&mut self, key: &str, value: Option<&str>) {

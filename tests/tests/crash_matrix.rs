@@ -40,14 +40,6 @@ fn iterations() -> u32 {
     std::env::var("EVS_CRASH_MATRIX_ITERATIONS").ok().and_then(|s| s.parse().ok()).unwrap_or(1)
 }
 
-fn require_failpoints(d: &Daemon) {
-    assert!(
-        d.log().contains("failpoints=true"),
-        "this evs-target has no crash points: build it with `cargo build --workspace --bins --features evs-target/failpoints` (scripts/test.sh does)\n{}",
-        d.log()
-    );
-}
-
 /// Restarts `d` with crash point `point` armed: it aborts the process on its `skip + 1`-th
 /// pass.
 fn arm(d: &mut Daemon, point: &str, skip: u64) {
@@ -55,7 +47,7 @@ fn arm(d: &mut Daemon, point: &str, skip: u64) {
     let spec = if skip == 0 { format!("{point}=return") } else { format!("{point}={skip}*off->return") };
     d.set_env("FAILPOINTS", Some(&spec));
     d.restart();
-    require_failpoints(d);
+    d.require_failpoints();
 }
 
 /// Waits for the abort at `point`. On a timeout the daemon is killed (so that clients blocked

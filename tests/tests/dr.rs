@@ -300,6 +300,45 @@ fn failover_after_kill9_then_reprotect_sends_only_the_delta_and_failback() {
     assert_same(&a, "va", &dst);
 }
 
+/// A drill that starts while a cycle commits on the target. The target holds every drill 1.5 s
+/// (`FAILPOINTS` `dr-peer-drill`), between reading its point and cloning it, while the writer
+/// keeps 1 s cycles coming: a drill that read the group before taking its lock named a point
+/// that the next commit replaced and deleted meanwhile ("snapshot .dr-g-N not found").
+#[test]
+fn a_drill_that_overlaps_a_commit_gets_a_whole_point() {
+    let b = Daemon::start_with(DaemonOptions {
+        az: Some("az2".into()),
+        env: vec![("FAILPOINTS".into(), "dr-peer-drill=sleep(1500)".into())],
+        ..Default::default()
+    });
+    b.require_failpoints();
+    let a = az("az1");
+    let uris: Vec<String> = ["va", "vb"].iter().map(|v| a.create_volume(v, "8M").0).collect();
+    a.evsctl_ok(&["server", "create", "vm", "--volumes", "va,vb"]);
+    a.create_dr_group("g", &b, &format!("http://{}", b.api_addr), &[]);
+    protect(&a);
+    let mut w = Writer::start(&uris);
+    let mut points = Vec::new();
+    for round in 0..3 {
+        let before = status(&a)["point_seq"].as_u64().unwrap();
+        point_after(&a, before);
+        let out = a.evsctl(&["--output", "json", "dr", "drill", "start", "g"]);
+        assert!(out.status.success(), "drill {round} overlapping a commit failed\n{}", format_output(&out));
+        let d: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let drill_uris: Vec<String> =
+            d["volumes"].as_array().unwrap().iter().map(|v| v["uri"].as_str().unwrap().to_string()).collect();
+        assert_eq!(drill_uris.len(), 2, "{d}");
+        points.push((d["point_seq"].as_u64().unwrap(), consistent_point(&drill_uris)));
+        a.evsctl_ok(&["dr", "drill", "stop", "g"]);
+    }
+    let written = w.stop();
+    // Each drill is a later point of the writer than the one before.
+    for pair in points.windows(2) {
+        assert!(pair[0].0 < pair[1].0 && pair[0].1 <= pair[1].1, "drills went back in time: {points:?}");
+    }
+    assert!(points[2].1 > 0 && points[2].1 <= written, "{points:?} of {written}");
+}
+
 #[test]
 fn link_faults_mid_cycle_resume_without_a_full_resync() {
     let b = az("az2");

@@ -273,6 +273,21 @@ impl ControlPlane {
         Ok(self.dr()?.locks.lock().entry(key.to_string()).or_default().clone())
     }
 
+    /// Runs `f` on the group's record read under its lock: what `f` checks (the point, the
+    /// drill) holds while it acts, because an apply, a cycle or another peer call of the group
+    /// waits for the lock. (A record read before the lock went stale: a drill named a point
+    /// that a commit in between had just replaced and deleted.)
+    pub(super) fn with_group_locked<T>(
+        &self,
+        tenant: &str,
+        name: &str,
+        f: impl FnOnce(&GroupRecord) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let lock = self.group_lock(&group_key(tenant, name))?;
+        let _l = lock.lock();
+        f(&self.group_record(tenant, name)?)
+    }
+
     pub(super) fn group_record(&self, tenant: &str, name: &str) -> Result<GroupRecord, ApiError> {
         validate_group_name(name)?;
         self.group_by_key(&group_key(tenant, name))?.ok_or_else(|| ApiError::GroupNotFound(name.to_string()))
@@ -292,16 +307,28 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Applies `f` to the stored record and stores it again.
+    /// Applies `f` to the stored record and stores it again, in one catalog write transaction:
+    /// redb runs one at a time, so two updates of a group (a cycle's new point, a `dr disable`
+    /// that does not wait for the cycle's lock) never lose one another.
     pub(super) fn update_group(
         &self,
         tenant: &str,
         name: &str,
         f: impl FnOnce(&mut GroupRecord),
     ) -> Result<GroupRecord, ApiError> {
-        let mut g = self.group_record(tenant, name)?;
-        f(&mut g);
-        self.put_group(tenant, &g)?;
+        validate_group_name(name)?;
+        let key = group_key(tenant, name);
+        let w = self.store.catalog().begin_write().map_err(StoreError::from)?;
+        let g = {
+            let mut t = w.open_table(DR_GROUPS).map_err(StoreError::from)?;
+            let stored = t.get(key.as_str()).map_err(StoreError::from)?.map(|v| decode(v.value())).transpose()?;
+            let mut g = stored.ok_or_else(|| ApiError::GroupNotFound(name.to_string()))?;
+            f(&mut g);
+            let bytes = serde_json::to_vec(&g).map_err(|e| StoreError::Catalog(e.to_string()))?;
+            t.insert(key.as_str(), bytes.as_slice()).map_err(StoreError::from)?;
+            g
+        };
+        w.commit().map_err(StoreError::from)?;
         Ok(g)
     }
 
@@ -534,9 +561,10 @@ impl ControlPlane {
 
     /// Deletes the group here and on the peer (the target's replicas go; source volumes stay).
     pub fn delete_group(&self, owner: &str, name: &str) -> Result<(), ApiError> {
-        let g = self.group_record(owner, name)?;
+        validate_group_name(name)?;
         let lock = self.group_lock(&group_key(owner, name))?;
         let _l = lock.lock();
+        let g = self.group_record(owner, name)?;
         if !g.drill.is_empty() {
             return Err(ApiError::DrillRunning(name.to_string()));
         }
@@ -607,12 +635,13 @@ impl ControlPlane {
     /// ends when they hold their first point.
     pub fn protect(&self, owner: &str, group: &str, server: &str) -> Result<(JobRecord, pb::Group), ApiError> {
         validate_server_name(server)?;
+        validate_group_name(group)?;
+        let lock = self.group_lock(&group_key(owner, group))?;
+        let _l = lock.lock();
         let g = self.group_record(owner, group)?;
         if g.role != Role::Source || g.failed_over {
             return Err(ApiError::WrongRole { group: group.to_string(), role: g.role.name().into(), want: "source" });
         }
-        let lock = self.group_lock(&group_key(owner, group))?;
-        let _l = lock.lock();
         if g.servers.iter().any(|s| s == server) {
             return Err(ApiError::AlreadyProtected { server: server.to_string(), group: group.to_string() });
         }
@@ -655,9 +684,10 @@ impl ControlPlane {
 
     pub fn unprotect(&self, owner: &str, group: &str, server: &str) -> Result<pb::Group, ApiError> {
         validate_server_name(server)?;
-        let g = self.group_record(owner, group)?;
+        validate_group_name(group)?;
         let lock = self.group_lock(&group_key(owner, group))?;
         let _l = lock.lock();
+        let g = self.group_record(owner, group)?;
         if !g.servers.iter().any(|s| s == server) {
             return Err(ApiError::NotProtected { server: server.to_string(), group: group.to_string() });
         }

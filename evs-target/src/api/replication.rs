@@ -328,6 +328,8 @@ impl ControlPlane {
         if g.point_seq == 0 {
             return Err(ApiError::Syncing(g.name.clone()));
         }
+        // Tests hold a drill here while cycles go on: the point it names must stay.
+        evs_snapshot::delay_point!("dr-peer-drill");
         let mut out = Vec::new();
         let mut made = Vec::new();
         for p in g.pairs.iter().filter(|p| p.since_seq.is_some()) {
@@ -374,14 +376,11 @@ impl ControlPlane {
 
     /// On the target, in a switchover: becomes the source at point `seq`.
     fn peer_promote(&self, tenant: &str, g: &GroupRecord, seq: u64) -> Result<(), ApiError> {
-        let lock = self.group_lock(&group_key(tenant, &g.name))?;
-        let _l = lock.lock();
-        let g = self.group_record(tenant, &g.name)?;
         if g.role != Role::Target || g.point_seq != seq {
             return Err(ApiError::PointMismatch { group: g.name.clone(), have: g.point_seq, base: seq });
         }
-        self.stop_drill(tenant, &g)?;
-        self.become_source(tenant, &g, false)?;
+        self.stop_drill(tenant, g)?;
+        self.become_source(tenant, g, false)?;
         tracing::info!(tenant, group = g.name, seq, "promoted: this daemon is now the DR source");
         Ok(())
     }
@@ -389,9 +388,7 @@ impl ControlPlane {
     /// On the old source, in a reprotect: rolls back to the common point and becomes the
     /// target of the daemon that failed over.
     fn peer_demote(&self, tenant: &str, g: &GroupRecord, r: &pb::DemoteRequest) -> Result<(), ApiError> {
-        let lock = self.group_lock(&group_key(tenant, &g.name))?;
-        let _l = lock.lock();
-        let mut g = self.group_record(tenant, &g.name)?;
+        let mut g = g.clone();
         // Checked before anything is recorded: a refused demote changes nothing. Point 0 is
         // "no point": there is nothing to roll back to.
         // A target was demoted already: only a retry of that demote (same point) is accepted.
@@ -446,9 +443,9 @@ impl VolumeApi {
         .map_err(Status::from)
     }
 
-    /// [`run_group`](Self::run_group) for a call that changes something: the outcome goes to
-    /// the audit log as `method` on the group the call names (tenant "-" when the secret was
-    /// refused).
+    /// [`run_group`](Self::run_group) for a call that changes something: `f` runs under the
+    /// group's lock, on its record as read under it; the outcome goes to the audit log as
+    /// `method` on the group the call names (tenant "-" when the secret was refused).
     async fn run_group_mut<Q, T>(
         &self,
         req: &Request<Q>,
@@ -464,7 +461,7 @@ impl VolumeApi {
             let key = md.get(GROUP_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
             let (who, r) = match cp.authenticate_group(&md) {
                 Ok((tenant, g)) => {
-                    let r = f(&cp, &tenant, &g);
+                    let r = cp.with_group_locked(&tenant, &g.name, |g| f(&cp, &tenant, g));
                     (tenant, r)
                 }
                 Err(e) => (super::audit::UNAUTHENTICATED.to_string(), Err(e)),
