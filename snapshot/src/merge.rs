@@ -193,6 +193,7 @@ impl BlockStore {
             return Ok(false);
         }
         crate::crash_point!("merge-after-copy");
+        crate::delay_point!("merge-before-commit");
         // The layer that goes, and the one that stays in its place.
         let (gone, kept) = if down { (c, x) } else { (x, c) };
 

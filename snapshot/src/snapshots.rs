@@ -428,8 +428,20 @@ impl BlockStore {
         if let Some(v) = views.get(&snap) {
             return Ok(v.clone());
         }
-        let sr = self.snapshot_record(snap)?;
-        let v = Arc::new(Volume::new_read_only(sr.id, sr.size, self.open_chain(&self.chain_ids(sr.layer)?, false)?));
+        // The record and its chain from one read transaction: a merge that commits in between
+        // moves the snapshot to the layer it keeps and removes the other, so a chain read
+        // afterwards from the old layer found it missing. Opening the layers after the commit
+        // is safe: the merge unlinks the gone layer only after it has re-chained every view,
+        // which waits for the `views` lock held here.
+        let (sr, ids) = {
+            let rtxn = self.db.begin_read()?;
+            let sr: SnapshotRecord = catalog::get(&rtxn.open_table(SNAPSHOTS)?, snap, "snapshot")?
+                .ok_or_else(|| StoreError::SnapshotNotFound(format!("#{snap}")))?;
+            let ids = catalog::chain(&rtxn.open_table(LAYERS)?, sr.layer)?;
+            (sr, ids)
+        };
+        crate::delay_point!("open-snapshot-after-catalog");
+        let v = Arc::new(Volume::new_read_only(sr.id, sr.size, self.open_chain(&ids, false)?));
         views.insert(snap, v.clone());
         Ok(v)
     }

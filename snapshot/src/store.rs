@@ -425,8 +425,16 @@ impl BlockStore {
         if let Some(v) = open.get(&id) {
             return Ok(v.clone());
         }
-        let rec = self.record(id)?;
-        let chain = self.open_chain(&self.chain_ids(rec.head)?, true)?;
+        // The record and its chain from one read transaction (as `open_snapshot`): a rollback
+        // or merge committing between two reads would leave a head or layer id that is gone.
+        let (rec, ids) = {
+            let rtxn = self.db.begin_read()?;
+            let rec: VolumeRecord = catalog::get(&rtxn.open_table(VOLUMES)?, id, "volume record")?
+                .ok_or_else(|| StoreError::VolumeNotFound(format!("#{id}")))?;
+            let ids = catalog::chain(&rtxn.open_table(LAYERS)?, rec.head)?;
+            (rec, ids)
+        };
+        let chain = self.open_chain(&ids, true)?;
         let v = Arc::new(Volume::new(rec.id, rec.size, chain, self.opts.direct_write_max));
         open.insert(id, v.clone());
         Ok(v)

@@ -42,3 +42,39 @@ fn a_read_planned_before_a_merge_reads_the_merged_layer() {
     vol.read_at(0, &mut now).unwrap();
     assert_eq!(now, vec![7u8; BLOCK], "the block moved with the merge");
 }
+
+/// A snapshot opened for the first time while a merge moves it: deleting `a` merges its big
+/// layer with `b`'s small one by copying `b`'s blocks down, so `b` moves to `a`'s layer and
+/// `b`'s layer goes. `open_snapshot` used to read `b`'s record and then its chain in two
+/// catalog transactions; a merge committing in between made it fail with "layer N is missing"
+/// (the snapshot model proptest caught it under load). Delay points order it: the merge
+/// waits 200 ms before its commit, the open starts 50 ms into that wait and holds 300 ms after
+/// its catalog read, so the commit lands inside the open. The open must still succeed and read
+/// `b`'s bytes, before and after the merge re-chains it.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_snapshot_opened_while_a_merge_moves_it_reads_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = BlockStore::open(dir.path(), StoreOptions::default()).unwrap();
+    let blocks = 64u64;
+    let id = store.create_volume("t", "v", blocks * BLOCK as u64).unwrap().id;
+    let vol = store.open_volume(id).unwrap();
+    vol.write_at(0, &vec![5u8; blocks as usize * BLOCK]).unwrap();
+    let a = store.create_snapshot(id, "a").unwrap();
+    vol.write_at(0, &[6u8; BLOCK]).unwrap();
+    let b = store.create_snapshot(id, "b").unwrap();
+    let b_layer = store.volume_info(id).unwrap().layers[1];
+    evs_snapshot::__fail::cfg("merge-before-commit", "sleep(200)").unwrap();
+    evs_snapshot::__fail::cfg("open-snapshot-after-catalog", "sleep(300)").unwrap();
+    store.delete_snapshot(a.id).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let view = store.open_snapshot(b.id).expect("opening b while the merge moved it");
+    assert_eq!(store.wait_merges().unwrap(), 1, "deleting a merged a layer away");
+    evs_snapshot::__fail::remove("merge-before-commit");
+    evs_snapshot::__fail::remove("open-snapshot-after-catalog");
+    assert!(!store.volume_info(id).unwrap().layers.contains(&b_layer), "b's own layer was the one merged away");
+    let mut got = vec![0u8; 2 * BLOCK];
+    view.read_at(0, &mut got).unwrap();
+    assert!(got[..BLOCK].iter().all(|&x| x == 6), "b's own block");
+    assert!(got[BLOCK..].iter().all(|&x| x == 5), "the block b reads through to a's layer");
+}
