@@ -8,6 +8,7 @@
 # data (every read then hits a layer file), and for 4 KiB random reads and random writes at
 # QD32 (fio's nbd engine, one connection) counts the daemon's calls to malloc, calloc and
 # realloc with uprobes on the C library (`perf probe`), for RUNTIME seconds of a running fio.
+# Then the same over vhost-user (`vhost-frontend-bench`, one queue, QD32, on the same volume).
 # Prints calls per request. A count does not drift with the machine's load the way a time
 # does, so this shows a change in the hot path's allocations on any machine.
 #
@@ -30,6 +31,11 @@ done
 # shellcheck source=daemon.sh
 source "$here/daemon.sh"
 evs_build
+frontend=$evs_target_dir/release/vhost-frontend-bench
+if [[ ${NO_BUILD:-0} != 1 ]]; then
+  (cd "$root" && cargo build --release -p evs-benches --bin vhost-frontend-bench)
+fi
+[[ -x $frontend ]] || die "no $frontend (run without NO_BUILD=1)"
 libc=$(ldd "$evs_target" | awk '/libc\.so\.6/{print $3; exit}')
 [[ -n $libc && -e $libc ]] || die "cannot find the C library evs-target links"
 
@@ -56,7 +62,21 @@ nbdcopy "$work/seed" "$uri"
 rm -f "$work/seed"
 
 events=$(IFS=,; echo "${probes[*]}")
-printf '%-10s %9s %10s %10s %10s\n' workload IOPS malloc/req calloc/req realloc/req
+printf '%-16s %9s %10s %10s %10s\n' workload IOPS malloc/req calloc/req realloc/req
+# Calls per request: $1 workload, $2 IOPS (the client's average over its run).
+per_request() {
+  python3 - "$1" "$2" "$RUNTIME" "$work/stat" <<'PY'
+import sys
+name, iops, secs, stat = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+counts = {}
+for line in open(stat):
+    f = line.strip().split(",")
+    if len(f) > 2 and f[0].replace(".", "").isdigit():
+        counts[f[2].rsplit("_", 1)[-1]] = float(f[0])
+reqs = iops * secs  # requests in the counted window, at the client's average rate
+print("%-16s %9.0f %10.2f %10.2f %10.2f" % (name, iops, *(counts.get(k, 0) / reqs for k in ("malloc", "calloc", "realloc"))))
+PY
+}
 for rw in randread randwrite; do
   fio --name=allocs --ioengine=nbd --uri="$uri" --rw=$rw --bs=4k --iodepth=32 --time_based \
     --runtime=$((RUNTIME + 4)) --size="$SIZE" --output-format=json --output="$work/fio.json" >/dev/null 2>&1 &
@@ -64,18 +84,21 @@ for rw in randread randwrite; do
   sleep 2
   perf stat -x, -e "$events" -p "$evs_pid" -o "$work/stat" -- sleep "$RUNTIME" 2>/dev/null
   wait "$fio_pid" || die "fio failed ($rw)"
-  python3 - "$rw" "$RUNTIME" "$work/fio.json" "$work/stat" <<'PY'
+  iops=$(python3 - "$rw" "$work/fio.json" <<'PY'
 import json, sys
-rw, secs, fio_json, stat = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4]
-text = open(fio_json).read()
+text = open(sys.argv[2]).read()
 job = json.loads(text[text.index("{"):])["jobs"][0]
-iops = job["write" if "write" in rw else "read"]["iops"]
-counts = {}
-for line in open(stat):
-    f = line.strip().split(",")
-    if len(f) > 2 and f[0].replace(".", "").isdigit():
-        counts[f[2].rsplit("_", 1)[-1]] = float(f[0])
-reqs = iops * secs  # requests in the counted window, at fio's average rate
-print("%-10s %9.0f %10.2f %10.2f %10.2f" % (rw, iops, *(counts.get(k, 0) / reqs for k in ("malloc", "calloc", "realloc"))))
+print(job["write" if "write" in sys.argv[1] else "read"]["iops"])
 PY
+)
+  per_request "nbd-$rw" "$iops"
+done
+sock=$(evsctl --output json volume attach allocs --protocol vhost-user | python3 -c 'import json,sys; print(json.load(sys.stdin)["vhost_user_socket"])')
+for rw in randread randwrite; do
+  "$frontend" "$sock" "$rw" $((RUNTIME + 4)) 32 "$(numfmt --from=iec "${SIZE^^}")" >"$work/fe.out" 2>&1 &
+  fe_pid=$!
+  sleep 2
+  perf stat -x, -e "$events" -p "$evs_pid" -o "$work/stat" -- sleep "$RUNTIME" 2>/dev/null
+  wait "$fe_pid" || die "vhost-frontend-bench failed ($rw): $(cat "$work/fe.out")"
+  per_request "vhost-$rw" "$(awk '/^IOPS/{print $2}' "$work/fe.out")"
 done

@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
             write: c[12] & 1 != 0,
         })
         .collect();
-    let _ = header_ranges(&descs);
+    let _ = header_ranges(&descs).count();
     let _ = parse_segments(rest, size).map(|segs| {
         for s in segs {
             assert!(s.offset.checked_add(s.len).is_some_and(|e| e <= size), "discard out of bounds: {s:?}");

@@ -53,7 +53,7 @@ pub use fail as __fail;
 pub use aligned_buf::AlignedBuf;
 pub use deletion::VolumeRemoval;
 pub use error::StoreError;
-pub use io_engine::{Completion, EngineKind, IoEngine, Op, Segment, SegmentPool};
+pub use io_engine::{Completion, EngineKind, HostSpan, IoEngine, Op, Segment, SegmentPool};
 pub use snapshots::{ChangedExtent, SnapshotInfo};
 pub use store::{BlockStore, StoreOptions, VolumeInfo};
 pub use volume::{Extent, GateGuard, Volume, WritePlan};

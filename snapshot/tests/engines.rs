@@ -191,3 +191,81 @@ fn op_without_segments_completes_at_once() {
         assert_eq!(e.in_flight(), 0);
     }
 }
+
+/// Anonymous memory the engine fills through raw pointers only, as it does a vhost-user
+/// guest's mapping.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory; the tests touch it through raw pointers only while no
+// op is in flight.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn new(len: usize) -> Mapping {
+        // SAFETY: an anonymous private mapping; no address hint, no file.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        Mapping { ptr: p.cast(), len }
+    }
+
+    /// A copy of the bytes (no op may be in flight).
+    fn bytes(&self) -> Vec<u8> {
+        // SAFETY: the whole mapping is readable and initialised (zero or read into).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }.to_vec()
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped; nothing refers to it any more.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+#[test]
+fn read_into_foreign_memory() {
+    for mut e in engines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..12288u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        let fd = f.as_raw_fd();
+        let m = Arc::new(Mapping::new(16384));
+        // SAFETY: both spans lie inside the mapping, which the op's `keep` holds.
+        let spans = unsafe {
+            vec![
+                evs_snapshot::HostSpan::new(fd, 4096, m.ptr.add(100), 8192),
+                evs_snapshot::HostSpan::new(fd, 0, m.ptr.add(8292), 4096),
+            ]
+        };
+        let (op, r) = run_one(e.as_mut(), Op::ReadInto { spans, keep: m.clone() });
+        assert_eq!(r.unwrap(), 12288, "{:?}", e.kind());
+        drop(op);
+        let got = m.bytes();
+        assert!(got[..100].iter().all(|&b| b == 0));
+        assert_eq!(&got[100..8292], &data[4096..12288]);
+        assert_eq!(&got[8292..12388], &data[..4096]);
+        assert!(got[12388..].iter().all(|&b| b == 0));
+        // Past the end of the file: an error, as for reads into owned buffers.
+        // SAFETY: inside the mapping, which the op holds.
+        let spans = vec![unsafe { evs_snapshot::HostSpan::new(fd, 8192, m.ptr, 8192) }];
+        let (_, r) = run_one(e.as_mut(), Op::ReadInto { spans, keep: m.clone() });
+        assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::UnexpectedEof, "{:?}", e.kind());
+        assert_eq!(Arc::strong_count(&m), 1, "the engine kept the memory after completion");
+    }
+}

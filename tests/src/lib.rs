@@ -28,6 +28,7 @@ pub mod proxy;
 pub mod s3;
 pub mod tools;
 pub mod util;
+pub mod vhost_driver;
 pub mod vm;
 
 pub use daemon::{bin_path, io_backend, name_field, u64_field, volume_list, volume_object, Daemon, DaemonOptions};

@@ -166,3 +166,70 @@ fn extend_tells_a_connected_frontend_and_the_config_space_grows() {
     assert!(ours.read(&mut msg).is_err(), "no second notice for an unchanged size");
     assert_eq!(capacity(), (192u64 << 20) / 512);
 }
+
+/// Requests from a virtio-blk driver in this process, with buffers where a guest may put
+/// them: reads land in guest memory directly when each range is inside one memory region, and
+/// through a bounce buffer when a range crosses into the next region; both must return the
+/// volume's bytes (holes as zeros), and a range outside guest memory fails the request alone.
+#[test]
+fn guest_buffers_anywhere_read_and_write_the_volume() {
+    use evs_tests::util::Rng;
+    use evs_tests::vhost_driver::{VhostDriver, FREE_FROM, STATUS_IOERR, STATUS_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+    use evs_tests::NbdClient;
+    const MIB: u64 = 1 << 20;
+
+    let d = Daemon::start();
+    let (uri, _) = d.create_volume("v", "16M");
+    // The first 4 MiB hold random data; the rest was never written (holes).
+    let mut rng = Rng::new(7);
+    let image = rng.bytes(4 * MIB as usize);
+    let mut c = NbdClient::connect(&uri).unwrap();
+    c.write(0, &image).unwrap();
+    c.flush().unwrap();
+    let v = vhost_attach(&d, "v");
+    let sock = PathBuf::from(v["vhost_user_socket"].as_str().unwrap());
+    // Two regions, adjacent in guest physical memory: [0, 1 MiB) and [1 MiB, 2 MiB).
+    let mut drv = VhostDriver::connect(&sock, &[(0, MIB as usize), (MIB, MIB as usize)]);
+    let want = |off: u64, len: usize| -> Vec<u8> {
+        let mut w = vec![0u8; len];
+        let end = (off as usize + len).min(image.len());
+        if (off as usize) < end {
+            w[..end - off as usize].copy_from_slice(&image[off as usize..end]);
+        }
+        w
+    };
+    // What, volume offset, guest data ranges (address, length).
+    type Case = (&'static str, u64, &'static [(u64, u32)]);
+    let cases: [Case; 6] = [
+        ("inside the second region", 65536, &[(MIB + 0x8000, 8192)]),
+        ("across the regions' boundary", 131072, &[(MIB - 4096, 8192)]),
+        ("odd pieces in both regions", 200 * 4096, &[(FREE_FROM + 3, 1000), (MIB + 0x2_0001, 7192), (0x9000, 4096)]),
+        ("data then holes", 4 * MIB - 4096, &[(MIB + 0x4_0000, 12288)]),
+        ("holes across the boundary", 8 * MIB, &[(MIB - 512, 4096)]),
+        ("holes only, in place", 12 * MIB, &[(0x2_0000, 65536)]),
+    ];
+    for (what, off, data) in cases {
+        drv.fill(data, 0xee);
+        let len: u32 = data.iter().map(|r| r.1).sum();
+        let (status, used) = drv.request(VIRTIO_BLK_T_IN, off / 512, data);
+        assert_eq!(status, STATUS_OK, "read {what}");
+        assert_eq!(used, len + 1, "read {what}: used length is the data and the status byte");
+        assert!(drv.gather(data) == want(off, len as usize), "read {what}: not the volume's bytes");
+    }
+
+    // A data range outside guest memory fails that request only.
+    let (status, _) = drv.request(VIRTIO_BLK_T_IN, 0, &[(4 * MIB, 4096)]);
+    assert_eq!(status, STATUS_IOERR, "a read into memory the guest does not have");
+    let (status, _) = drv.request(VIRTIO_BLK_T_IN, 0, &[(MIB + 0x1000, 4096)]);
+    assert_eq!(status, STATUS_OK);
+    assert!(drv.gather(&[(MIB + 0x1000, 4096)]) == image[..4096], "the queue still reads after the refusal");
+
+    // Writes from buffers in odd places read back over NBD.
+    let pieces = [(MIB - 1024, 3072), (FREE_FROM, 5120)];
+    let bytes = rng.bytes(8192);
+    drv.scatter(&pieces, &bytes);
+    let (status, _) = drv.request(VIRTIO_BLK_T_OUT, (6 * MIB) / 512, &pieces);
+    assert_eq!(status, STATUS_OK, "write across the regions");
+    let got = c.read(6 * MIB, 8192).unwrap();
+    assert!(got == bytes, "the vhost-user write reads back over NBD");
+}

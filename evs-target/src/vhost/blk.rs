@@ -170,6 +170,17 @@ pub enum ChainError {
 /// them from guest memory at the ranges [`header_ranges`] gives). Checks of range and
 /// direction that deserve an IOERR reply are left to [`validate`].
 pub fn parse(descs: &[Desc], header: &[u8; OUT_HDR_LEN]) -> Result<BlkRequest, ChainError> {
+    parse_in(descs, header, Vec::new())
+}
+
+/// [`parse`] listing the data ranges in `data` (a recycled list, cleared here), so that a
+/// queue allocates nothing per request.
+pub fn parse_in(
+    descs: &[Desc],
+    header: &[u8; OUT_HDR_LEN],
+    mut data: Vec<GuestRange>,
+) -> Result<BlkRequest, ChainError> {
+    data.clear();
     // Every address below is within a descriptor: none may run past 2^64 (a guest picks them).
     if descs.iter().any(|d| d.len > 0 && d.addr.checked_add(d.len as u64 - 1).is_none()) {
         return Err(ChainError::AddressOverflow);
@@ -187,7 +198,6 @@ pub fn parse(descs: &[Desc], header: &[u8; OUT_HDR_LEN]) -> Result<BlkRequest, C
     let ty = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
     let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
     // Data: every byte after the header and before the status.
-    let mut data = Vec::new();
     let mut skip = OUT_HDR_LEN as u64;
     let n = descs.len();
     for (i, d) in descs.iter().enumerate() {
@@ -218,20 +228,18 @@ pub fn parse(descs: &[Desc], header: &[u8; OUT_HDR_LEN]) -> Result<BlkRequest, C
 }
 
 /// The guest ranges holding a chain's first `OUT_HDR_LEN` bytes (the header), in order.
-pub fn header_ranges(descs: &[Desc]) -> Vec<GuestRange> {
-    let mut out = Vec::new();
+pub fn header_ranges(descs: &[Desc]) -> impl Iterator<Item = GuestRange> + '_ {
     let mut need = OUT_HDR_LEN as u64;
-    for d in descs {
-        if need == 0 {
-            break;
-        }
-        let n = need.min(d.len as u64);
-        if n > 0 {
-            out.push(GuestRange { addr: d.addr, len: n as u32 });
-        }
-        need -= n;
-    }
-    out
+    descs
+        .iter()
+        .map_while(move |d| {
+            (need > 0).then(|| {
+                let n = need.min(d.len as u64);
+                need -= n;
+                GuestRange { addr: d.addr, len: n as u32 }
+            })
+        })
+        .filter(|r| r.len > 0)
 }
 
 /// Whether the data ranges of a request all have the direction its op needs: device-writable
@@ -366,7 +374,7 @@ mod tests {
         assert_eq!(r.status, 0x3000);
         assert!(directions_ok(&descs, &r));
         assert_eq!(validate(&r, 1 << 20, false), Ok(()));
-        assert_eq!(header_ranges(&descs), vec![GuestRange { addr: 0x1000, len: 16 }]);
+        assert_eq!(header_ranges(&descs).collect::<Vec<_>>(), vec![GuestRange { addr: 0x1000, len: 16 }]);
     }
 
     #[test]
@@ -381,7 +389,7 @@ mod tests {
         // Header split over two descriptors.
         let descs = [d(0x1000, 8, false), d(0x2000, 8, false), d(0x3000, 512, false), d(0x4000, 1, true)];
         assert_eq!(
-            header_ranges(&descs),
+            header_ranges(&descs).collect::<Vec<_>>(),
             vec![GuestRange { addr: 0x1000, len: 8 }, GuestRange { addr: 0x2000, len: 8 }]
         );
         let r = parse(&descs, &hdr(VIRTIO_BLK_T_OUT, 0)).unwrap();
@@ -451,7 +459,7 @@ mod tests {
             read_only in proptest::bool::ANY,
         ) {
             let descs: Vec<Desc> = descs.into_iter().map(|(addr, len, write)| d(addr, len, write)).collect();
-            let _ = header_ranges(&descs);
+            let _ = header_ranges(&descs).count();
             let Ok(req) = parse(&descs, &hdr(ty, sector)) else { return Ok(()) };
             for r in &req.data {
                 let end = |addr: u64, len: u32| addr as u128 + len as u128;

@@ -20,6 +20,7 @@
 //!   duplicate of the channel when the frontend sends it. See docs/DESIGN.md.
 
 pub mod blk;
+mod guest_read;
 mod queue;
 pub mod relay;
 

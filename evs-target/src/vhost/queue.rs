@@ -6,10 +6,12 @@
 //! ones after every batch of completions (guest notifications stay off meanwhile), so a guest
 //! at queue depth 32 keeps 32 requests in the ring without a kick per request.
 //!
-//! Data moves through bounce buffers: a read lands in a pooled aligned buffer and is copied
-//! into the guest's buffers; a write is gathered from them first. The engine's ops own their
-//! buffers (that is what keeps the engine API safe), and guest memory may change under us at
-//! any time, so the volume never sees a guest page directly. One memcpy per direction.
+//! A read lands in the guest's buffers directly ([`guest_read`]: the op reads the layer files
+//! into guest memory and holds the memory map until it completes; holes are zeroed there), so
+//! it costs no copy; a range that is not inside one region of guest memory goes through a
+//! pooled bounce buffer instead. A write is gathered out of guest memory into the op's own
+//! buffer first: it may be completed to the guest before its op finishes, and the guest may
+//! then reuse the buffer. One memcpy per write, none per read.
 //!
 //! QoS, counters and the durability rule are the NBD server's: each request's cost is reserved
 //! on the volume's shared limiter before it starts (a request told "not before t" is held, with
@@ -23,12 +25,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use evs_snapshot::volume::{Chain, PendingWrite, WriterGuard};
-use evs_snapshot::{AlignedBuf, Completion, EngineKind, IoEngine, Op, SegmentPool, StoreError, Volume, WritePlan};
+use evs_snapshot::{
+    AlignedBuf, Completion, EngineKind, HostSpan, IoEngine, Op, SegmentPool, StoreError, Volume, WritePlan,
+};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::blk::{self, BlkOp, BlkRequest, Desc, GuestRange};
+use super::guest_read;
 use crate::exports::Export;
 use crate::qos::Cost;
 use crate::volume_io::VolumeIo;
@@ -85,8 +90,13 @@ pub(crate) struct QueueWorker {
     pool: Vec<AlignedBuf>,
     /// Recycled segment lists of the ops (a request allocates none).
     seg_lists: SegmentPool,
-    /// Gathered write payload (reused).
-    gather: Vec<u8>,
+    /// Recycled span lists of the reads that land in guest memory.
+    span_lists: Vec<Vec<HostSpan>>,
+    /// Recycled descriptor and data-range lists of the requests.
+    desc_lists: Vec<Vec<Desc>>,
+    range_lists: Vec<Vec<GuestRange>>,
+    /// Completions drained from the engine (reused).
+    done: Vec<Completion>,
     /// Used-ring entries added since the last notification.
     unsignalled: bool,
     /// Writes among those in flight that the guest was told are done.
@@ -121,7 +131,10 @@ impl QueueWorker {
             held: None,
             pool: Vec::new(),
             seg_lists: SegmentPool::default(),
-            gather: Vec::new(),
+            span_lists: Vec::new(),
+            desc_lists: Vec::new(),
+            range_lists: Vec::new(),
+            done: Vec::new(),
             unsignalled: false,
             early: EarlyWrites::default(),
             writer: None,
@@ -138,7 +151,14 @@ impl QueueWorker {
         if self.writer.is_none() {
             self.writer = Some(self.volume.open_writer());
         }
-        let mut done = Vec::new();
+        // Kept across runs (a run per kick): its capacity is reused.
+        let mut done = std::mem::take(&mut self.done);
+        let r = self.serve(vring, &mut done);
+        self.done = done;
+        r
+    }
+
+    fn serve(&mut self, vring: &Vring, done: &mut Vec<Completion>) -> io::Result<()> {
         vring.disable_notification().map_err(io::Error::other)?;
         loop {
             let ready = {
@@ -177,7 +197,7 @@ impl QueueWorker {
                 let soon = Instant::now() + EARLY_RECHECK;
                 deadline = Some(deadline.map_or(soon, |d| d.min(soon)));
             }
-            self.wait(1, deadline, &mut done);
+            self.wait(1, deadline, done);
             for c in done.drain(..) {
                 self.complete(vring, c);
             }
@@ -216,8 +236,9 @@ impl QueueWorker {
                     let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
                     let Some(chain) = chain else { return };
                     let head = chain.head_index();
-                    let descs: Vec<Desc> =
-                        chain.map(|d| Desc { addr: d.addr().0, len: d.len(), write: d.is_write_only() }).collect();
+                    let mut descs = self.desc_lists.pop().unwrap_or_default();
+                    descs.clear();
+                    descs.extend(chain.map(|d| Desc { addr: d.addr().0, len: d.len(), write: d.is_write_only() }));
                     // Parsed once: the request charged is the request run (the guest may
                     // rewrite its header in guest memory at any time).
                     let req = self.parse(&descs);
@@ -233,6 +254,7 @@ impl QueueWorker {
                 }
             };
             self.start(vring, head, &descs, req, since);
+            self.desc_lists.push(descs);
         }
     }
 
@@ -250,7 +272,7 @@ impl QueueWorker {
 
     /// Reads the header from guest memory and parses the chain; None for a chain without a
     /// status byte or header (nothing can be answered).
-    fn parse(&self, descs: &[Desc]) -> Option<BlkRequest> {
+    fn parse(&mut self, descs: &[Desc]) -> Option<BlkRequest> {
         let mem = self.mem.memory();
         let mut header = [0u8; blk::OUT_HDR_LEN];
         let mut at = 0;
@@ -262,7 +284,7 @@ impl QueueWorker {
         if at < blk::OUT_HDR_LEN {
             return None;
         }
-        blk::parse(descs, &header).ok()
+        blk::parse_in(descs, &header, self.range_lists.pop().unwrap_or_default()).ok()
     }
 
     /// Starts one request: an engine op (read, aligned write) or done inline.
@@ -355,13 +377,19 @@ impl QueueWorker {
     /// Copies the request's data out of guest memory.
     fn gather_data(&self, data: &[GuestRange]) -> Result<Vec<u8>, vm_memory::GuestMemoryError> {
         let mut out = vec![0u8; data.iter().map(|r| r.len as usize).sum()];
+        self.gather_into(data, &mut out)?;
+        Ok(out)
+    }
+
+    /// Copies the guest ranges, in order, into `out` (exactly as long as they are together).
+    fn gather_into(&self, data: &[GuestRange], out: &mut [u8]) -> Result<(), vm_memory::GuestMemoryError> {
         let mem = self.mem.memory();
         let mut at = 0;
         for r in data {
             mem.read_slice(&mut out[at..at + r.len as usize], GuestAddress(r.addr))?;
             at += r.len as usize;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Copies `src` into the guest ranges, in order; returns the bytes written.
@@ -380,6 +408,60 @@ impl QueueWorker {
     }
 
     fn start_read(&mut self, vring: &Vring, head: u16, req: BlkRequest, offset: u64, len: usize, since: Instant) {
+        let mut segs = self.seg_lists.take();
+        let chain = match self.volume.read_segments(offset, len as u64, 0, &mut segs) {
+            Ok(chain) => chain,
+            Err(e) => {
+                self.seg_lists.put(segs);
+                let (st, w, o) = self.store_error("read", &e);
+                return self.finish_inline(vring, head, req.status, st, w, o, since);
+            }
+        };
+        // Straight into the guest's buffers when every range is inside one mapped region.
+        let mem = self.mem.memory().into_inner();
+        let mut spans = self.span_lists.pop().unwrap_or_default();
+        let planned = guest_read::plan(&mem, &req.data, &segs, &mut spans);
+        self.seg_lists.put(segs);
+        if planned.is_err() {
+            self.span_lists.push(spans);
+            drop(chain);
+            return self.start_read_bounced(vring, head, req, offset, len, since);
+        }
+        if spans.is_empty() {
+            // All holes, zeroed in place already.
+            self.span_lists.push(spans);
+            return self.finish_inline(
+                vring,
+                head,
+                req.status,
+                blk::STATUS_OK,
+                len as u32,
+                Outcome::Read(len as u64),
+                since,
+            );
+        }
+        let slot = self.alloc_slot(InFlight::Read {
+            head,
+            data: req.data,
+            status: req.status,
+            len,
+            start: since,
+            _chain: chain,
+        });
+        self.engine.as_mut().expect("engine").push(slot as u64, Op::ReadInto { spans, keep: mem });
+    }
+
+    /// [`start_read`](Self::start_read) through a bounce buffer, copied into the guest at
+    /// completion: for a range that is not inside one region of guest memory.
+    fn start_read_bounced(
+        &mut self,
+        vring: &Vring,
+        head: u16,
+        req: BlkRequest,
+        offset: u64,
+        len: usize,
+        since: Instant,
+    ) {
         let mut buf = self.take_buf(len);
         let mut segs = self.seg_lists.take();
         let chain = match self.volume.read_data_segments(offset, len as u64, 0, &mut buf, &mut segs) {
@@ -414,27 +496,16 @@ impl QueueWorker {
     }
 
     fn start_write(&mut self, vring: &Vring, head: u16, req: BlkRequest, offset: u64, len: usize, since: Instant) {
-        // Gather into the reusable buffer, then plan (which copies into an aligned one).
-        let mut gather = std::mem::take(&mut self.gather);
-        gather.resize(len, 0);
-        let copied = {
-            let mem = self.mem.memory();
-            let mut at = 0;
-            req.data.iter().try_for_each(|r| {
-                let n = r.len as usize;
-                let res = mem.read_slice(&mut gather[at..at + n], GuestAddress(r.addr));
-                at += n;
-                res
-            })
-        };
-        if copied.is_err() {
-            self.gather = gather;
+        // Copied once, out of guest memory into the op's own aligned buffer.
+        let mut buf = self.take_buf(len.next_multiple_of(4096));
+        let gathered = self.gather_into(&req.data, &mut buf[..len]);
+        self.range_lists.push(req.data);
+        if gathered.is_err() {
+            self.recycle(buf);
             return self.finish_inline(vring, head, req.status, blk::STATUS_IOERR, 0, Outcome::Error, since);
         }
-        let planned = loop {
-            let buf = self.take_buf(len.next_multiple_of(4096));
-            let segs = self.seg_lists.take();
-            match self.volume.plan_write_in(offset, &gather, buf, segs) {
+        let gate = loop {
+            match self.volume.begin_write() {
                 Err(StoreError::Frozen) => {
                     self.finish_writes(vring);
                     self.volume.wait_thawed();
@@ -442,7 +513,16 @@ impl QueueWorker {
                 other => break other,
             }
         };
-        self.gather = gather;
+        let planned = match gate {
+            Ok(gate) => {
+                let segs = self.seg_lists.take();
+                self.volume.plan_write_filled(gate, offset, len, buf, segs)
+            }
+            Err(e) => {
+                self.recycle(buf);
+                Err(e)
+            }
+        };
         match planned {
             Ok(WritePlan::Submit { op, mut pending }) => {
                 let early = self.early.has_room(len) && self.volume.reply_early(&mut pending);
@@ -529,10 +609,20 @@ impl QueueWorker {
         stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
         match state {
             InFlight::Read { head, data, status, len, start, .. } => {
-                let Op::Read { buf, segs } = c.op else { unreachable!("read slot on another op") };
-                self.seg_lists.put(segs);
+                // A bounced read is copied into the guest now; one into guest memory is there.
+                let buf = match c.op {
+                    Op::Read { buf, segs } => {
+                        self.seg_lists.put(segs);
+                        Some(buf)
+                    }
+                    Op::ReadInto { spans, .. } => {
+                        self.span_lists.push(spans);
+                        None
+                    }
+                    _ => unreachable!("read slot on another op"),
+                };
                 let (st, written) = match c.result {
-                    Ok(_) => match self.scatter(&data, &buf[..len]) {
+                    Ok(_) => match buf.as_ref().map_or(Ok(len), |b| self.scatter(&data, &b[..len])) {
                         Ok(n) => {
                             stats.read_ops.fetch_add(1, Ordering::Relaxed);
                             stats.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
@@ -549,7 +639,10 @@ impl QueueWorker {
                 if st != blk::STATUS_OK {
                     stats.errors.fetch_add(1, Ordering::Relaxed);
                 }
-                self.recycle(buf);
+                if let Some(buf) = buf {
+                    self.recycle(buf);
+                }
+                self.range_lists.push(data);
                 self.write_status(vring, head, status, st, written);
             }
             InFlight::Write { head, status, pending, len, start, .. } => {

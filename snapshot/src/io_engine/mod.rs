@@ -31,12 +31,45 @@ pub struct Segment {
     pub len: usize,
 }
 
+/// One file read into memory the engine does not own: `len` bytes at `offset` of `fd` into
+/// `ptr..ptr + len` (a piece of a guest's buffer, mapped in this process).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostSpan {
+    pub fd: RawFd,
+    pub offset: u64,
+    ptr: *mut u8,
+    pub len: usize,
+}
+
+// SAFETY: a span is only an address; `HostSpan::new`'s contract makes the memory valid for
+// writes from any thread for as long as the op's `keep` lives, and the op carries `keep`.
+unsafe impl Send for HostSpan {}
+
+impl HostSpan {
+    /// # Safety
+    /// `ptr..ptr + len` must stay valid for writes for as long as the `keep` of the
+    /// [`Op::ReadInto`] this span goes into is alive (the engine holds the op, `keep` included,
+    /// until its completion is drained), and no Rust reference to that memory may exist
+    /// meanwhile (guest memory is only ever touched through raw or volatile accesses).
+    pub unsafe fn new(fd: RawFd, offset: u64, ptr: *mut u8, len: usize) -> HostSpan {
+        HostSpan { fd, offset, ptr, len }
+    }
+
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+}
+
 /// An operation and the buffer it owns until it completes.
 #[derive(Debug)]
 pub enum Op {
     /// Read every segment into `buf`. Completes with the total length, or the first error
     /// (a short read of a file is an error: layer files are never shorter than the volume).
     Read { buf: AlignedBuf, segs: Vec<Segment> },
+    /// Read every span into the memory it names, which `keep` holds mapped (a vhost-user
+    /// guest's memory: the read lands in the guest's buffers with no copy). Same completion
+    /// rule as `Read`.
+    ReadInto { spans: Vec<HostSpan>, keep: std::sync::Arc<dyn std::any::Any + Send + Sync> },
     /// Write every segment from `buf`; same completion rule as `Read`.
     Write { buf: AlignedBuf, segs: Vec<Segment> },
     /// fdatasync (or fsync) of one file.

@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::time::{Duration, Instant};
 
-use super::{Completion, EngineKind, IoEngine, Op, Segment};
+use super::{Completion, EngineKind, IoEngine, Op};
 
 pub struct PortableEngine {
     queue: VecDeque<(u64, Op)>,
@@ -36,10 +36,10 @@ fn cvt(r: isize) -> io::Result<usize> {
     }
 }
 
-/// Repeats `f(done_so_far)` until the whole segment moved, retrying EINTR.
-fn whole(seg: &Segment, mut f: impl FnMut(usize) -> isize) -> io::Result<()> {
+/// Repeats `f(done_so_far)` until `len` bytes moved, retrying EINTR.
+fn whole(len: usize, mut f: impl FnMut(usize) -> isize) -> io::Result<()> {
     let mut done = 0;
-    while done < seg.len {
+    while done < len {
         match cvt(f(done)) {
             Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short transfer at end of file")),
             Ok(n) => done += n,
@@ -57,7 +57,7 @@ fn execute(op: &mut Op) -> io::Result<usize> {
             for s in segs.iter() {
                 assert!(s.buf_offset + s.len <= buf.len(), "read segment outside its buffer");
                 let base = buf.as_mut_ptr();
-                whole(s, |done| {
+                whole(s.len, |done| {
                     // SAFETY: the range buf_offset+done..buf_offset+len lies inside `buf`
                     // (asserted above), which this op owns exclusively.
                     unsafe {
@@ -73,12 +73,31 @@ fn execute(op: &mut Op) -> io::Result<usize> {
             }
             Ok(total)
         }
+        Op::ReadInto { spans, .. } => {
+            let mut total = 0;
+            for s in spans.iter() {
+                whole(s.len, |done| {
+                    // SAFETY: done < s.len; the span is valid for writes while the op (and
+                    // its `keep`) lives, by HostSpan::new's contract.
+                    unsafe {
+                        libc::pread(
+                            s.fd,
+                            s.ptr().add(done).cast(),
+                            s.len - done,
+                            (s.offset + done as u64) as libc::off_t,
+                        )
+                    }
+                })?;
+                total += s.len;
+            }
+            Ok(total)
+        }
         Op::Write { buf, segs } => {
             let mut total = 0;
             for s in segs.iter() {
                 assert!(s.buf_offset + s.len <= buf.len(), "write segment outside its buffer");
                 let base = buf.as_ptr();
-                whole(s, |done| {
+                whole(s.len, |done| {
                     // SAFETY: as for reads; the kernel only reads from the buffer.
                     unsafe {
                         libc::pwrite(

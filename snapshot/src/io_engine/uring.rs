@@ -129,6 +129,21 @@ impl UringEngine {
                     e
                 }
             }
+            Op::ReadInto { spans, .. } => {
+                let s = spans[seg];
+                // In bounds: done < s.len. Valid for writes until completion by
+                // HostSpan::new's contract (the slot holds the op and its `keep`).
+                let ptr = s.ptr().wrapping_add(done);
+                let e = opcode::Read::new(types::Fd(s.fd), ptr, (s.len - done) as u32)
+                    .offset(s.offset + done as u64)
+                    .build()
+                    .user_data(ud);
+                if s.len - done >= ASYNC_MIN {
+                    e.flags(squeue::Flags::ASYNC)
+                } else {
+                    e
+                }
+            }
             Op::Write { buf, segs } => {
                 let s = segs[seg];
                 assert!(s.buf_offset + s.len <= buf.len(), "write segment outside its buffer");
@@ -217,6 +232,7 @@ impl UringEngine {
         let res = cqe.result();
         let file_seg_len = match &slot.op {
             Op::Read { segs, .. } | Op::Write { segs, .. } => Some(segs[seg].len),
+            Op::ReadInto { spans, .. } => Some(spans[seg].len),
             _ => None,
         };
         if res < 0 {
@@ -268,6 +284,7 @@ impl IoEngine for UringEngine {
     fn push(&mut self, tag: u64, op: Op) {
         let nsegs = match &op {
             Op::Read { segs, .. } | Op::Write { segs, .. } => segs.len(),
+            Op::ReadInto { spans, .. } => spans.len(),
             _ => 1,
         };
         assert!((nsegs as u64) < SEG_MASK, "op with too many segments");
