@@ -425,8 +425,8 @@ impl BlockStore {
         if let Some(v) = open.get(&id) {
             return Ok(v.clone());
         }
-        // The record and its chain from one read transaction (as `open_snapshot`): a rollback
-        // or merge committing between two reads would leave a head or layer id that is gone.
+        // The record and its chain from one read transaction (as `open_snapshot`): a merge
+        // committing between two reads would leave a layer id in the chain that is gone.
         let (rec, ids) = {
             let rtxn = self.db.begin_read()?;
             let rec: VolumeRecord = catalog::get(&rtxn.open_table(VOLUMES)?, id, "volume record")?

@@ -73,7 +73,16 @@ pub struct DrContext {
     wake: Mutex<Vec<String>>,
     /// Bytes of volume data the running cycle of each group has sent so far.
     progress: Mutex<HashMap<String, u64>>,
+    /// How long a peer's call waits for the group's lock before it answers busy
+    /// ([`ControlPlane::with_group_locked`]).
+    pub peer_lock_wait: std::time::Duration,
 }
+
+/// A peer's call waits this long for a group's lock: well under the callers' 300 s RPC
+/// timeout, so a call that gives up has changed nothing, and two daemons that each hold their
+/// own lock while calling the other (a cycle against a delete on the target) both get an
+/// answer instead of waiting for each other.
+pub const PEER_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl DrContext {
     pub fn new(rt: tokio::runtime::Handle, az: String, self_endpoint: String) -> DrContext {
@@ -85,6 +94,7 @@ impl DrContext {
             throttles: Mutex::new(HashMap::new()),
             wake: Mutex::new(Vec::new()),
             progress: Mutex::new(HashMap::new()),
+            peer_lock_wait: PEER_LOCK_WAIT,
         }
     }
 }
@@ -273,10 +283,12 @@ impl ControlPlane {
         Ok(self.dr()?.locks.lock().entry(key.to_string()).or_default().clone())
     }
 
-    /// Runs `f` on the group's record read under its lock: what `f` checks (the point, the
-    /// drill) holds while it acts, because an apply, a cycle or another peer call of the group
-    /// waits for the lock. (A record read before the lock went stale: a drill named a point
-    /// that a commit in between had just replaced and deleted.)
+    /// Runs a peer's call `f` on the group's record read under its lock: what `f` checks (the
+    /// point, the drill) holds while it acts, because an apply, a cycle or another peer call
+    /// of the group waits for the lock. (A record read before the lock went stale: a drill
+    /// named a point that a commit in between had just replaced and deleted.) The wait is
+    /// bounded ([`DrContext::peer_lock_wait`]): then the call fails with
+    /// [`ApiError::GroupBusy`] and changes nothing.
     pub(super) fn with_group_locked<T>(
         &self,
         tenant: &str,
@@ -284,7 +296,9 @@ impl ControlPlane {
         f: impl FnOnce(&GroupRecord) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
         let lock = self.group_lock(&group_key(tenant, name))?;
-        let _l = lock.lock();
+        let Some(_l) = lock.try_lock_for(self.dr()?.peer_lock_wait) else {
+            return Err(ApiError::GroupBusy(name.to_string()));
+        };
         f(&self.group_record(tenant, name)?)
     }
 

@@ -109,6 +109,8 @@ pub enum ApiError {
     DrillRunning(String),
     #[error("DR group {0:?} has no consistent point yet (its initial sync is running)")]
     Syncing(String),
+    #[error("DR group {0:?} is busy on this daemon (a replication cycle or another DR operation holds it); try again")]
+    GroupBusy(String),
     #[error("DR group {group:?}: this daemon holds point {have}, the request is about point {base}")]
     PointMismatch { group: String, have: u64, base: u64 },
     #[error(transparent)]
@@ -170,7 +172,7 @@ impl ApiError {
             }
             ApiError::Backup(_) => Code::Unavailable,
             ApiError::Unsupported(_) => Code::Unimplemented,
-            ApiError::Peer(_) => Code::Unavailable,
+            ApiError::Peer(_) | ApiError::GroupBusy(_) => Code::Unavailable,
             ApiError::Serve(crate::exports::ServeError::NoVhostUser) => Code::FailedPrecondition,
             ApiError::Serve(crate::exports::ServeError::Vhost(crate::vhost::VhostError::PathTooLong(_))) => {
                 Code::FailedPrecondition

@@ -1060,4 +1060,34 @@ mod control_tests {
         let v = cp.get_volume(A, "v").unwrap();
         assert_eq!((v.tier.as_str(), v.attached), ("high", true));
     }
+
+    /// A peer's call waits a bounded time for its group's lock, then answers busy without
+    /// running; once the lock is free it runs (here: on a group that does not exist).
+    #[test]
+    fn a_peer_call_waits_a_bounded_time_for_the_group_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let mut dr = dr::DrContext::new(rt.handle().clone(), "az1".into(), "http://127.0.0.1:1".into());
+        dr.peer_lock_wait = std::time::Duration::from_millis(100);
+        let opts =
+            StoreOptions { engine: EngineKind::Portable, direct_writes: false, direct_write_max: 0, max_snapshots: 4 };
+        let store = BlockStore::open(dir.path(), opts).unwrap();
+        let endpoints =
+            NbdEndpoints { tcp: "127.0.0.1:10809".parse().unwrap(), unix: None, tcp_tls: false, unix_tls: false };
+        let copts = ControlOptions { dr: Some(Arc::new(dr)), ..ControlOptions::default() };
+        let (cp, _) = ControlPlane::open(store, ExportRegistry::new(), dir.path(), endpoints, copts).unwrap();
+        let lock = cp.group_lock(&dr::group_key(A, "g")).unwrap();
+        let held = lock.lock();
+        let ran = std::sync::atomic::AtomicBool::new(false);
+        let r = cp.with_group_locked(A, "g", |_| {
+            ran.store(true, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        });
+        assert!(matches!(r, Err(ApiError::GroupBusy(ref g)) if g == "g"), "{r:?}");
+        assert_eq!(ApiError::GroupBusy("g".into()).code(), tonic::Code::Unavailable);
+        assert!(!ran.load(std::sync::atomic::Ordering::Relaxed), "a call that gave up ran anyway");
+        drop(held);
+        let r = cp.with_group_locked(A, "g", |_| Ok(()));
+        assert!(matches!(r, Err(ApiError::GroupNotFound(_))), "with the lock free the call reads the record: {r:?}");
+    }
 }

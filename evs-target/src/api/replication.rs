@@ -401,9 +401,10 @@ impl ControlPlane {
             return Err(ApiError::PointMismatch { group: g.name.clone(), have: g.point_seq, base: r.seq });
         }
         if !r.source_endpoint.is_empty() {
-            g.peer_endpoint = r.source_endpoint.clone();
-            g.peer_az = r.source_az.clone();
-            self.put_group(tenant, &g)?;
+            g = self.update_group(tenant, &g.name, |g| {
+                g.peer_endpoint = r.source_endpoint.clone();
+                g.peer_az = r.source_az.clone();
+            })?;
         }
         self.become_target(tenant, &g, r.seq)?;
         tracing::info!(tenant, group = g.name, seq = r.seq, "demoted: this daemon is now the DR target");

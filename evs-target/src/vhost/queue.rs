@@ -47,6 +47,18 @@ const POOL_MAX: usize = 64;
 /// While writes completed early are in flight, the ring is looked at again this often.
 const EARLY_RECHECK: std::time::Duration = std::time::Duration::from_micros(20);
 
+/// Recycled lists kept per kind, and the longest one kept: a guest decides how long a chain
+/// is (up to 65535 descriptors through an indirect table), and one huge request must not leave
+/// its memory held for the queue's life.
+const LIST_POOL_MAX: usize = 256;
+const LIST_CAPACITY_MAX: usize = 256;
+
+fn recycle_list<T>(pool: &mut Vec<Vec<T>>, list: Vec<T>) {
+    if pool.len() < LIST_POOL_MAX && list.capacity() <= LIST_CAPACITY_MAX {
+        pool.push(list);
+    }
+}
+
 /// A request whose engine op is in flight.
 enum InFlight {
     Read {
@@ -254,7 +266,7 @@ impl QueueWorker {
                 }
             };
             self.start(vring, head, &descs, req, since);
-            self.desc_lists.push(descs);
+            recycle_list(&mut self.desc_lists, descs);
         }
     }
 
@@ -423,13 +435,14 @@ impl QueueWorker {
         let planned = guest_read::plan(&mem, &req.data, &segs, &mut spans);
         self.seg_lists.put(segs);
         if planned.is_err() {
-            self.span_lists.push(spans);
+            recycle_list(&mut self.span_lists, spans);
             drop(chain);
             return self.start_read_bounced(vring, head, req, offset, len, since);
         }
         if spans.is_empty() {
             // All holes, zeroed in place already.
-            self.span_lists.push(spans);
+            recycle_list(&mut self.span_lists, spans);
+            recycle_list(&mut self.range_lists, req.data);
             return self.finish_inline(
                 vring,
                 head,
@@ -499,7 +512,7 @@ impl QueueWorker {
         // Copied once, out of guest memory into the op's own aligned buffer.
         let mut buf = self.take_buf(len.next_multiple_of(4096));
         let gathered = self.gather_into(&req.data, &mut buf[..len]);
-        self.range_lists.push(req.data);
+        recycle_list(&mut self.range_lists, req.data);
         if gathered.is_err() {
             self.recycle(buf);
             return self.finish_inline(vring, head, req.status, blk::STATUS_IOERR, 0, Outcome::Error, since);
@@ -616,7 +629,7 @@ impl QueueWorker {
                         Some(buf)
                     }
                     Op::ReadInto { spans, .. } => {
-                        self.span_lists.push(spans);
+                        recycle_list(&mut self.span_lists, spans);
                         None
                     }
                     _ => unreachable!("read slot on another op"),
@@ -642,7 +655,7 @@ impl QueueWorker {
                 if let Some(buf) = buf {
                     self.recycle(buf);
                 }
-                self.range_lists.push(data);
+                recycle_list(&mut self.range_lists, data);
                 self.write_status(vring, head, status, st, written);
             }
             InFlight::Write { head, status, pending, len, start, .. } => {

@@ -33,12 +33,14 @@ pub struct Segment {
 
 /// One file read into memory the engine does not own: `len` bytes at `offset` of `fd` into
 /// `ptr..ptr + len` (a piece of a guest's buffer, mapped in this process).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Neither `Clone` nor mutable once made: the contract of [`HostSpan::new`] covers exactly the
+/// span it was given and the one op it goes into.
+#[derive(Debug, PartialEq, Eq)]
 pub struct HostSpan {
-    pub fd: RawFd,
-    pub offset: u64,
+    fd: RawFd,
+    offset: u64,
     ptr: *mut u8,
-    pub len: usize,
+    len: usize,
 }
 
 // SAFETY: a span is only an address; `HostSpan::new`'s contract makes the memory valid for
@@ -55,8 +57,24 @@ impl HostSpan {
         HostSpan { fd, offset, ptr, len }
     }
 
+    pub fn fd(&self) -> RawFd {
+        self.fd
+    }
+
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
     pub fn ptr(&self) -> *mut u8 {
         self.ptr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 

@@ -76,19 +76,19 @@ fn execute(op: &mut Op) -> io::Result<usize> {
         Op::ReadInto { spans, .. } => {
             let mut total = 0;
             for s in spans.iter() {
-                whole(s.len, |done| {
-                    // SAFETY: done < s.len; the span is valid for writes while the op (and
+                whole(s.len(), |done| {
+                    // SAFETY: done < s.len(); the span is valid for writes while the op (and
                     // its `keep`) lives, by HostSpan::new's contract.
                     unsafe {
                         libc::pread(
-                            s.fd,
+                            s.fd(),
                             s.ptr().add(done).cast(),
-                            s.len - done,
-                            (s.offset + done as u64) as libc::off_t,
+                            s.len() - done,
+                            (s.offset() + done as u64) as libc::off_t,
                         )
                     }
                 })?;
-                total += s.len;
+                total += s.len();
             }
             Ok(total)
         }

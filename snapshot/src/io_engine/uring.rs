@@ -130,15 +130,15 @@ impl UringEngine {
                 }
             }
             Op::ReadInto { spans, .. } => {
-                let s = spans[seg];
-                // In bounds: done < s.len. Valid for writes until completion by
+                let s = &spans[seg];
+                // In bounds: done < s.len(). Valid for writes until completion by
                 // HostSpan::new's contract (the slot holds the op and its `keep`).
                 let ptr = s.ptr().wrapping_add(done);
-                let e = opcode::Read::new(types::Fd(s.fd), ptr, (s.len - done) as u32)
-                    .offset(s.offset + done as u64)
+                let e = opcode::Read::new(types::Fd(s.fd()), ptr, (s.len() - done) as u32)
+                    .offset(s.offset() + done as u64)
                     .build()
                     .user_data(ud);
-                if s.len - done >= ASYNC_MIN {
+                if s.len() - done >= ASYNC_MIN {
                     e.flags(squeue::Flags::ASYNC)
                 } else {
                     e
@@ -232,7 +232,7 @@ impl UringEngine {
         let res = cqe.result();
         let file_seg_len = match &slot.op {
             Op::Read { segs, .. } | Op::Write { segs, .. } => Some(segs[seg].len),
-            Op::ReadInto { spans, .. } => Some(spans[seg].len),
+            Op::ReadInto { spans, .. } => Some(spans[seg].len()),
             _ => None,
         };
         if res < 0 {
@@ -382,11 +382,20 @@ impl IoEngine for UringEngine {
 
 impl Drop for UringEngine {
     fn drop(&mut self) {
-        // Buffers of ops still in the kernel must outlive them: wait for every one.
+        // Buffers of ops still in the kernel must outlive them (a ReadInto's guest memory
+        // too): wait for every one. A signal or a full completion queue is no reason to stop.
         while self.live > 0 {
             self.fill_sq();
-            if self.ring.submit_and_wait(1).is_err() {
-                break;
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted || e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => {
+                    // The ring cannot be waited on any more: leak the slots (their buffers and
+                    // mappings) rather than free memory the kernel may still write.
+                    tracing::error!(error = %e, live = self.live, "io_uring: cannot wait for ops in flight; leaking their buffers");
+                    std::mem::forget(std::mem::take(&mut self.slots));
+                    break;
+                }
             }
             self.reap();
         }
