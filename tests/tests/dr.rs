@@ -339,6 +339,41 @@ fn a_drill_that_overlaps_a_commit_gets_a_whole_point() {
     assert!(points[2].1 > 0 && points[2].1 <= written, "{points:?} of {written}");
 }
 
+/// `dr disable` while the worker has listed the group as due but not yet taken its lock: the
+/// delay point `dr-before-cycle-lock` holds every due cycle 2 s there. A point commits at t=0,
+/// the next cycle is due at 1 s and waits until 3 s, the disable comes at 1.5 s: no cycle may
+/// run after it. Before, the worker ran that one on the record it had listed.
+#[test]
+fn no_cycle_runs_after_dr_disable() {
+    let a = Daemon::start_with(DaemonOptions {
+        az: Some("az1".into()),
+        env: vec![("FAILPOINTS".into(), "dr-before-cycle-lock=sleep(2000)".into())],
+        ..Default::default()
+    });
+    a.require_failpoints();
+    let b = az("az2");
+    for v in ["va", "vb"] {
+        a.create_volume(v, "8M");
+    }
+    a.evsctl_ok(&["server", "create", "vm", "--volumes", "va,vb"]);
+    a.create_dr_group("g", &b, &format!("http://{}", b.api_addr), &[]);
+    protect(&a);
+    let seq = status(&a)["point_seq"].as_u64().unwrap();
+    point_after(&a, seq);
+    thread::sleep(Duration::from_millis(1500));
+    a.evsctl_ok(&["dr", "disable", "g"]);
+    // A cycle that had passed the check under the lock before the disable may still finish.
+    thread::sleep(Duration::from_millis(300));
+    let before = status(&a);
+    thread::sleep(Duration::from_millis(3500));
+    let after = status(&a);
+    assert_eq!(before["cycles"], after["cycles"], "a cycle ran after `dr disable`: {before} then {after}");
+    assert_eq!(before["point_seq"], after["point_seq"]);
+    // Enabled again, it cycles again.
+    a.evsctl_ok(&["dr", "enable", "g"]);
+    point_after(&a, after["point_seq"].as_u64().unwrap());
+}
+
 #[test]
 fn link_faults_mid_cycle_resume_without_a_full_resync() {
     let b = az("az2");

@@ -749,8 +749,11 @@ impl ControlPlane {
         };
         let now = now_ms();
         let mut ran = 0;
+        let cycles = |g: &GroupRecord| {
+            g.role == Role::Source && g.enabled && !g.failed_over && !g.switching && !g.pairs.is_empty()
+        };
         for (tenant, g) in groups {
-            if g.role != Role::Source || !g.enabled || g.failed_over || g.switching || g.pairs.is_empty() {
+            if !cycles(&g) {
                 continue;
             }
             let key = group_key(&tenant, &g.name);
@@ -758,8 +761,14 @@ impl ControlPlane {
             if !due {
                 continue;
             }
+            evs_snapshot::delay_point!("dr-before-cycle-lock");
             let Ok(lock) = self.group_lock(&key) else { continue };
             let Some(_l) = lock.try_lock() else { continue };
+            // Again under the lock: a `dr disable`, a switchover or a demote may have come
+            // between the list and the lock.
+            if !self.group_record(&tenant, &g.name).is_ok_and(|g| cycles(&g)) {
+                continue;
+            }
             match self.run_cycle(&tenant, &g.name) {
                 Ok(_) => {}
                 Err(e) => {
