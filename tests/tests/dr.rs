@@ -19,14 +19,33 @@ use serde_json::Value;
 const BLOCKS: u64 = 2048;
 
 fn az(name: &str) -> Daemon {
-    Daemon::start_with(DaemonOptions { az: Some(name.into()), ..Default::default() })
+    az_with(name, None)
+}
+
+/// An AZ's daemon with `FAILPOINTS` set to `failpoints` (the build must have them).
+fn az_with(name: &str, failpoints: Option<&str>) -> Daemon {
+    let env = failpoints.map(|f| vec![("FAILPOINTS".to_string(), f.to_string())]).unwrap_or_default();
+    let d = Daemon::start_with(DaemonOptions { az: Some(name.into()), env, ..Default::default() });
+    if failpoints.is_some() {
+        d.require_failpoints();
+    }
+    d
 }
 
 /// Source A with volumes `va`, `vb` (8 MiB) in server `vm`, target B, group `g` (1 s cycles)
 /// through `via` (the target's API address, or a proxy's).
 fn pair_of_azs(via: Option<std::net::SocketAddr>) -> (Daemon, Daemon, Vec<String>) {
-    let a = az("az1");
-    let b = az("az2");
+    pair_of_azs_with(via, None, None)
+}
+
+/// [`pair_of_azs`] with `FAILPOINTS` on the source and on the target.
+fn pair_of_azs_with(
+    via: Option<std::net::SocketAddr>,
+    a_failpoints: Option<&str>,
+    b_failpoints: Option<&str>,
+) -> (Daemon, Daemon, Vec<String>) {
+    let a = az_with("az1", a_failpoints);
+    let b = az_with("az2", b_failpoints);
     let uris: Vec<String> = ["va", "vb"].iter().map(|v| a.create_volume(v, "8M").0).collect();
     a.evsctl_ok(&["server", "create", "vm", "--volumes", "va,vb"]);
     let target = format!("http://{}", via.unwrap_or(b.api_addr));
@@ -306,16 +325,7 @@ fn failover_after_kill9_then_reprotect_sends_only_the_delta_and_failback() {
 /// that the next commit replaced and deleted meanwhile ("snapshot .dr-g-N not found").
 #[test]
 fn a_drill_that_overlaps_a_commit_gets_a_whole_point() {
-    let b = Daemon::start_with(DaemonOptions {
-        az: Some("az2".into()),
-        env: vec![("FAILPOINTS".into(), "dr-peer-drill=sleep(1500)".into())],
-        ..Default::default()
-    });
-    b.require_failpoints();
-    let a = az("az1");
-    let uris: Vec<String> = ["va", "vb"].iter().map(|v| a.create_volume(v, "8M").0).collect();
-    a.evsctl_ok(&["server", "create", "vm", "--volumes", "va,vb"]);
-    a.create_dr_group("g", &b, &format!("http://{}", b.api_addr), &[]);
+    let (a, _b, uris) = pair_of_azs_with(None, None, Some("dr-peer-drill=sleep(1500)"));
     protect(&a);
     let mut w = Writer::start(&uris);
     let mut points = Vec::new();
@@ -345,18 +355,7 @@ fn a_drill_that_overlaps_a_commit_gets_a_whole_point() {
 /// run after it. Before, the worker ran that one on the record it had listed.
 #[test]
 fn no_cycle_runs_after_dr_disable() {
-    let a = Daemon::start_with(DaemonOptions {
-        az: Some("az1".into()),
-        env: vec![("FAILPOINTS".into(), "dr-before-cycle-lock=sleep(2000)".into())],
-        ..Default::default()
-    });
-    a.require_failpoints();
-    let b = az("az2");
-    for v in ["va", "vb"] {
-        a.create_volume(v, "8M");
-    }
-    a.evsctl_ok(&["server", "create", "vm", "--volumes", "va,vb"]);
-    a.create_dr_group("g", &b, &format!("http://{}", b.api_addr), &[]);
+    let (a, _b, _) = pair_of_azs_with(None, Some("dr-before-cycle-lock=sleep(2000)"), None);
     protect(&a);
     let seq = status(&a)["point_seq"].as_u64().unwrap();
     point_after(&a, seq);
