@@ -453,6 +453,11 @@ impl QueueWorker {
                 since,
             );
         }
+        self.submit_read(head, req, len, since, chain, Op::ReadInto { spans, keep: mem });
+    }
+
+    /// Puts a read's op in flight: into guest memory, or into a bounce buffer.
+    fn submit_read(&mut self, head: u16, req: BlkRequest, len: usize, since: Instant, chain: Arc<Chain>, op: Op) {
         let slot = self.alloc_slot(InFlight::Read {
             head,
             data: req.data,
@@ -461,7 +466,7 @@ impl QueueWorker {
             start: since,
             _chain: chain,
         });
-        self.engine.as_mut().expect("engine").push(slot as u64, Op::ReadInto { spans, keep: mem });
+        self.engine.as_mut().expect("engine").push(slot as u64, op);
     }
 
     /// [`start_read`](Self::start_read) through a bounce buffer, copied into the guest at
@@ -497,15 +502,7 @@ impl QueueWorker {
             };
             return self.finish_inline(vring, head, req.status, st, w, o, since);
         }
-        let slot = self.alloc_slot(InFlight::Read {
-            head,
-            data: req.data,
-            status: req.status,
-            len,
-            start: since,
-            _chain: chain,
-        });
-        self.engine.as_mut().expect("engine").push(slot as u64, Op::Read { buf, segs });
+        self.submit_read(head, req, len, since, chain, Op::Read { buf, segs });
     }
 
     fn start_write(&mut self, vring: &Vring, head: u16, req: BlkRequest, offset: u64, len: usize, since: Instant) {
