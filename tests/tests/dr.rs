@@ -373,6 +373,47 @@ fn no_cycle_runs_after_dr_disable() {
     point_after(&a, after["point_seq"].as_u64().unwrap());
 }
 
+/// Two protects of one server into two groups at once. Each holds only its own group's lock,
+/// and the source holds every protect 1.5 s (`FAILPOINTS` `dr-protect-before-record`) between
+/// checking that the server is in no other group and recording it in this one: before, both
+/// passed the check and the server was replicated by both groups.
+#[test]
+fn one_server_protected_into_two_groups_at_once_lands_in_one() {
+    let (a, b, _) = pair_of_azs_with(None, Some("dr-protect-before-record=sleep(1500)"), None);
+    let target = format!("http://{}", b.api_addr);
+    a.create_dr_group("g2", &b, &target, &[]);
+    let outs: Vec<_> = thread::scope(|s| {
+        let hs: Vec<_> = ["g", "g2"]
+            .iter()
+            .map(|g| {
+                let a = &a;
+                s.spawn(move || a.evsctl(&["--output", "json", "dr", "protect", g, "--server", "vm", "--wait"]))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok: Vec<usize> = (0..2).filter(|&i| outs[i].status.success()).collect();
+    assert_eq!(
+        ok.len(),
+        1,
+        "not exactly one protect succeeded\n{}\n{}",
+        format_output(&outs[0]),
+        format_output(&outs[1])
+    );
+    let (won, lost) = if ok[0] == 0 { ("g", "g2") } else { ("g2", "g") };
+    let err = String::from_utf8_lossy(&outs[1 - ok[0]].stderr).to_string();
+    assert!(err.contains("\"vm\"") && err.contains(&format!("DR group \"{won}\"")), "{err}");
+    let winner = a.evsctl_json(&["dr", "status", won]);
+    assert_eq!(winner["pairs"].as_array().unwrap().len(), 2, "{winner}");
+    let loser = a.evsctl_json(&["dr", "status", lost]);
+    assert!(loser["pairs"].as_array().unwrap().is_empty(), "the server is in both groups: {loser}");
+    // The server can go into the other group once the winner lets it go.
+    a.evsctl_ok(&["dr", "unprotect", won, "--server", "vm"]);
+    let v = a.evsctl_json(&["dr", "protect", lost, "--server", "vm", "--wait"]);
+    assert_eq!(v["job"]["state"], "succeeded", "{v}");
+    assert_eq!(a.evsctl_json(&["dr", "status", lost])["pairs"].as_array().unwrap().len(), 2);
+}
+
 #[test]
 fn link_faults_mid_cycle_resume_without_a_full_resync() {
     let b = az("az2");

@@ -73,6 +73,11 @@ pub struct DrContext {
     wake: Mutex<Vec<String>>,
     /// Bytes of volume data the running cycle of each group has sent so far.
     progress: Mutex<HashMap<String, u64>>,
+    /// Servers (`tenant/server`) a `protect` is adding to a group (the value) right now: the
+    /// check that a server is in no other group and the record that puts it in this one are
+    /// apart by a call to the peer, and two protects into two groups each hold only their own
+    /// group's lock.
+    protecting: Mutex<HashMap<String, String>>,
     /// How long a peer's call waits for the group's lock before it answers busy
     /// ([`ControlPlane::with_group_locked`]).
     pub peer_lock_wait: std::time::Duration,
@@ -94,8 +99,35 @@ impl DrContext {
             throttles: Mutex::new(HashMap::new()),
             wake: Mutex::new(Vec::new()),
             progress: Mutex::new(HashMap::new()),
+            protecting: Mutex::new(HashMap::new()),
             peer_lock_wait: PEER_LOCK_WAIT,
         }
+    }
+}
+
+/// A server claimed by one `protect` until it returns ([`DrContext::claim_server`]).
+struct ServerClaim<'a> {
+    dr: &'a DrContext,
+    key: String,
+}
+
+impl Drop for ServerClaim<'_> {
+    fn drop(&mut self) {
+        self.dr.protecting.lock().remove(&self.key);
+    }
+}
+
+impl DrContext {
+    /// Claims `server` of `tenant` for a protect into `group`; fails while another protect
+    /// holds it.
+    fn claim_server(&self, tenant: &str, server: &str, group: &str) -> Result<ServerClaim<'_>, ApiError> {
+        let key = format!("{tenant}/{server}");
+        let mut p = self.protecting.lock();
+        if let Some(other) = p.get(&key) {
+            return Err(ApiError::BeingProtected { server: server.to_string(), group: other.clone() });
+        }
+        p.insert(key.clone(), group.to_string());
+        Ok(ServerClaim { dr: self, key })
     }
 }
 
@@ -659,6 +691,10 @@ impl ControlPlane {
         if g.servers.iter().any(|s| s == server) {
             return Err(ApiError::AlreadyProtected { server: server.to_string(), group: group.to_string() });
         }
+        let dr = self.dr()?;
+        // Held until the group's record lists the server: a protect into another group that
+        // starts meanwhile fails here, one that starts after finds it in the record below.
+        let _claim = dr.claim_server(owner, server, group)?;
         for (t, other) in self.all_groups()? {
             if t == owner && other.servers.iter().any(|s| s == server) {
                 return Err(ApiError::AlreadyProtected { server: server.to_string(), group: other.name });
@@ -680,11 +716,11 @@ impl ControlPlane {
             });
         }
         let specs: Vec<pb::PairSpec> = pairs.iter().map(PairRecord::spec).collect();
-        let dr = self.dr()?;
         let mut c = self.peer_client(&g)?;
         dr.rt
             .block_on(c.prepare_pairs(pb::PreparePairsRequest { pairs: specs }))
             .map_err(|s| peer_status("creating the replica volumes", s))?;
+        evs_snapshot::delay_point!("dr-protect-before-record");
         let g = self.update_group(owner, group, |g| {
             g.servers.push(server.to_string());
             g.pairs.extend(pairs);

@@ -103,6 +103,8 @@ pub enum ApiError {
     WrongRole { group: String, role: String, want: &'static str },
     #[error("server {server:?} is protected by DR group {group:?} already")]
     AlreadyProtected { server: String, group: String },
+    #[error("server {server:?} is being protected by DR group {group:?} right now")]
+    BeingProtected { server: String, group: String },
     #[error("server {server:?} is not protected by DR group {group:?}")]
     NotProtected { server: String, group: String },
     #[error("a drill of DR group {0:?} is running; stop it first")]
@@ -141,7 +143,8 @@ impl ApiError {
             | ApiError::ServerExists(_)
             | ApiError::PolicyExists(_)
             | ApiError::GroupExists(_)
-            | ApiError::AlreadyProtected { .. } => Code::AlreadyExists,
+            | ApiError::AlreadyProtected { .. }
+            | ApiError::BeingProtected { .. } => Code::AlreadyExists,
             ApiError::Attached(_)
             | ApiError::NoUnixSocket
             | ApiError::Connected { .. }
