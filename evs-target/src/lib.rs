@@ -5,6 +5,7 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod exports;
+mod in_flight;
 pub mod jobs;
 pub mod metrics;
 pub mod nbd;

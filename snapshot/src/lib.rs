@@ -53,6 +53,7 @@ pub use fail as __fail;
 pub use aligned_buf::AlignedBuf;
 pub use deletion::VolumeRemoval;
 pub use error::StoreError;
+pub use io_engine::slots::Slots;
 pub use io_engine::{Completion, EngineKind, HostSpan, IoEngine, Op, Segment, SegmentPool};
 pub use snapshots::{ChangedExtent, SnapshotInfo};
 pub use store::{BlockStore, StoreOptions, VolumeInfo};

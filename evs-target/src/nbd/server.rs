@@ -32,8 +32,8 @@ use std::time::{Duration, Instant};
 use evs_snapshot::io_engine::SendBuf;
 use evs_snapshot::volume::{Chain, PendingWrite, WriterGuard};
 use evs_snapshot::{
-    AlignedBuf, BlockStore, ChangedExtent, Completion, EngineKind, IoEngine, Op, Segment, SegmentPool, StoreError,
-    Volume, WritePlan,
+    AlignedBuf, BlockStore, ChangedExtent, Completion, EngineKind, IoEngine, Op, Segment, SegmentPool, Slots,
+    StoreError, Volume, WritePlan,
 };
 use parking_lot::{Condvar, Mutex};
 
@@ -42,6 +42,7 @@ use super::proto::{self, Command, MetaContext, Request};
 use super::tls;
 use crate::config::NbdTls;
 use crate::exports::{Closer, Export, ExportRegistry};
+use crate::in_flight::BufPool;
 use crate::qos::Cost;
 use crate::volume_io::VolumeIo;
 use crate::write_back::EarlyWrites;
@@ -57,8 +58,6 @@ const RECV_BUF: usize = 256 << 10;
 /// A receive buffer grown for large writes is kept up to this size (a stream of 1 MiB writes
 /// would otherwise allocate and fault in a fresh buffer per request).
 const RECV_BUF_KEEP: usize = 4 << 20;
-/// Buffers kept for reuse per connection (avoids page faults on fresh large buffers).
-const POOL_MAX: usize = 64;
 /// Requests started per turn of the event loop. The replies of one turn go out while the next
 /// turn's requests run, so client and server overlap instead of taking turns with whole queues
 /// (measured: see BENCHMARKS.md).
@@ -433,11 +432,9 @@ struct Transmission<'a> {
     /// The client sent DISC, closed its side, or broke the protocol: read nothing more.
     closing: bool,
 
-    slots: Vec<Option<InFlight>>,
-    free_slots: Vec<usize>,
-    in_flight: usize,
+    slots: Slots<InFlight>,
     bytes_in_flight: usize,
-    /// Writes among `in_flight` (they hold the volume's write gate open).
+    /// Writes among `slots` (they hold the volume's write gate open).
     writes_in_flight: usize,
     /// Writes among those replied to already.
     early: EarlyWrites,
@@ -452,7 +449,7 @@ struct Transmission<'a> {
     /// The socket failed: stop sending.
     broken: bool,
 
-    pool: Vec<AlignedBuf>,
+    pool: BufPool,
     /// Emptied segment lists of finished reads and gather lists of finished sends, reused:
     /// the steady state of a read allocates nothing.
     seg_lists: SegmentPool,
@@ -495,9 +492,7 @@ impl<'a> Transmission<'a> {
             header_only: false,
             payload: None,
             closing: false,
-            slots: Vec::new(),
-            free_slots: Vec::new(),
-            in_flight: 0,
+            slots: Slots::default(),
             bytes_in_flight: 0,
             writes_in_flight: 0,
             early: EarlyWrites::default(),
@@ -506,7 +501,7 @@ impl<'a> Transmission<'a> {
             big: Vec::new(),
             send_in_flight: false,
             broken: false,
-            pool: Vec::new(),
+            pool: BufPool::default(),
             seg_lists: SegmentPool::default(),
             send_lists: Vec::new(),
             store,
@@ -525,7 +520,7 @@ impl<'a> Transmission<'a> {
             let mut more = false;
             if !self.closing
                 && !self.recv_in_flight
-                && self.in_flight < MAX_IN_FLIGHT
+                && self.slots.len() < MAX_IN_FLIGHT
                 && self.bytes_in_flight < MAX_BYTES_IN_FLIGHT
             {
                 more = self.parse_and_dispatch();
@@ -533,14 +528,14 @@ impl<'a> Transmission<'a> {
                 if !more
                     && self.held.is_none()
                     && !self.closing
-                    && self.in_flight < MAX_IN_FLIGHT
+                    && self.slots.len() < MAX_IN_FLIGHT
                     && self.bytes_in_flight < MAX_BYTES_IN_FLIGHT
                 {
                     self.submit_recv();
                 }
             }
             self.submit_send();
-            if !self.recv_in_flight && !self.send_in_flight && self.in_flight == 0 && (self.closing || self.broken) {
+            if !self.recv_in_flight && !self.send_in_flight && self.slots.is_empty() && (self.closing || self.broken) {
                 if self.broken || (self.small.is_empty() && self.big.is_empty()) {
                     return Ok(());
                 }
@@ -653,7 +648,7 @@ impl<'a> Transmission<'a> {
                         if let Err(e) = other {
                             tracing::debug!(error = %e, "NBD recv failed");
                         }
-                        self.recycle(buf);
+                        self.pool.put(buf);
                         self.closing = true;
                     }
                 }
@@ -681,7 +676,7 @@ impl<'a> Transmission<'a> {
             let len = b.end - b.start;
             if n >= len {
                 n -= len;
-                self.recycle(b.data);
+                self.pool.put(b.data);
             } else {
                 b.start += n;
                 n = 0;
@@ -703,7 +698,7 @@ impl<'a> Transmission<'a> {
         let mut bufs = self.send_lists.pop().unwrap_or_default();
         bufs.append(&mut self.big);
         if !self.small.is_empty() {
-            let mut b = self.take_buf(self.small.len());
+            let mut b = self.pool.take(self.small.len());
             b.as_mut_slice().copy_from_slice(&self.small);
             let len = self.small.len();
             bufs.push(SendBuf { data: b, start: 0, end: len });
@@ -749,7 +744,7 @@ impl<'a> Transmission<'a> {
         let Some(mut rbuf) = self.rbuf.take() else { return false };
         let mut started = 0;
         let mut more = false;
-        while !self.closing && self.in_flight < MAX_IN_FLIGHT && self.bytes_in_flight < MAX_BYTES_IN_FLIGHT {
+        while !self.closing && self.slots.len() < MAX_IN_FLIGHT && self.bytes_in_flight < MAX_BYTES_IN_FLIGHT {
             if started == BATCH {
                 more = Self::complete_request_at(&rbuf[self.rpos..self.rend]);
                 break;
@@ -778,7 +773,7 @@ impl<'a> Transmission<'a> {
                 if payload >= DIRECT_RECV_MIN {
                     // The rest of a large write's payload goes straight into its own buffer.
                     let Some(since) = self.admit(&req) else { break };
-                    let mut buf = self.take_buf(payload.next_multiple_of(4096));
+                    let mut buf = self.pool.take(payload.next_multiple_of(4096));
                     let got = avail.len() - proto::REQUEST_LEN;
                     buf[..got].copy_from_slice(&avail[proto::REQUEST_LEN..]);
                     self.rpos = self.rend;
@@ -883,7 +878,7 @@ impl<'a> Transmission<'a> {
             proto::validate_request(&req, self.volume.size(), MAX_REQUEST_LEN, self.read_only, &self.flags)
         {
             if let Payload::Owned { buf, .. } = payload {
-                self.recycle(buf);
+                self.pool.put(buf);
             }
             tracing::debug!(cmd = ?req.cmd, flags = req.flags, offset = req.offset, len = req.len, errno, "NBD request refused");
             self.reply_error(req.cookie, errno, "invalid request");
@@ -899,8 +894,14 @@ impl<'a> Transmission<'a> {
                 Ok(WritePlan::Submit { op, mut pending }) => {
                     let len = req.len as usize;
                     let early = !fua && self.early.has_room(len) && self.volume.reply_early(&mut pending);
-                    let slot =
-                        self.alloc_slot(InFlight::Write { cookie: req.cookie, pending, fua, len, start: since, early });
+                    let slot = self.slots.insert(InFlight::Write {
+                        cookie: req.cookie,
+                        pending,
+                        fua,
+                        len,
+                        start: since,
+                        early,
+                    });
                     self.bytes_in_flight += len;
                     self.writes_in_flight += 1;
                     // The op goes to the kernel before the reply: both are submitted in order.
@@ -946,7 +947,7 @@ impl<'a> Transmission<'a> {
     fn plan_write(&mut self, offset: u64, payload: Payload<'_>) -> Result<WritePlan, StoreError> {
         match payload {
             Payload::InRecvBuf(data) => loop {
-                let buf = self.take_buf(data.len().next_multiple_of(4096));
+                let buf = self.pool.take(data.len().next_multiple_of(4096));
                 let segs = self.seg_lists.take();
                 match self.volume.plan_write_in(offset, data, buf, segs) {
                     Err(StoreError::Frozen) => {
@@ -994,18 +995,18 @@ impl<'a> Transmission<'a> {
             return false;
         }
         let hdr = if self.structured { proto::OFFSET_DATA_HEADER_LEN } else { proto::SIMPLE_REPLY_LEN };
-        let mut buf = self.take_buf(hdr + len);
+        let mut buf = self.pool.take(hdr + len);
         let mut segs = self.seg_lists.take();
         let chain = match self.volume.read_data_segments(req.offset, len as u64, hdr, &mut buf, &mut segs) {
             Ok(chain) => chain,
             Err(e) => {
                 self.seg_lists.put(segs);
-                self.recycle(buf);
+                self.pool.put(buf);
                 self.reply_store_error(req.cookie, &e);
                 return false;
             }
         };
-        let slot = self.alloc_slot(InFlight::Read {
+        let slot = self.slots.insert(InFlight::Read {
             cookie: req.cookie,
             offset: req.offset,
             len,
@@ -1019,18 +1020,16 @@ impl<'a> Transmission<'a> {
     }
 
     fn request_done(&mut self, slot: usize, c: Completion) {
-        let Some(state) = self.slots.get_mut(slot).and_then(Option::take) else {
+        let Some(state) = self.slots.take(slot) else {
             tracing::error!(slot, "completion for an unknown request slot");
             return;
         };
-        self.free_slots.push(slot);
-        self.in_flight -= 1;
         if let InFlight::Write { early: true, pending, len, .. } = state {
             // Answered already (and counted then): only the map bits, or the failure.
             self.bytes_in_flight -= len;
             self.writes_in_flight -= 1;
             let Op::Write { buf, segs } = c.op else { unreachable!("write slot on another op") };
-            self.recycle(buf);
+            self.pool.put(buf);
             self.seg_lists.put(segs);
             self.early.completed(slot, &self.volume, pending, &c.result, &self.io.stats);
             return;
@@ -1056,7 +1055,7 @@ impl<'a> Transmission<'a> {
                     }
                     Err(e) => {
                         stats.errors.fetch_add(1, Ordering::Relaxed);
-                        self.recycle(buf);
+                        self.pool.put(buf);
                         self.reply_io_error(cookie, &e);
                     }
                 }
@@ -1065,7 +1064,7 @@ impl<'a> Transmission<'a> {
                 self.bytes_in_flight -= len;
                 self.writes_in_flight -= 1;
                 let Op::Write { buf, segs } = c.op else { unreachable!("write slot on another op") };
-                self.recycle(buf);
+                self.pool.put(buf);
                 self.seg_lists.put(segs);
                 match c.result {
                     Ok(_) => {
@@ -1147,35 +1146,6 @@ impl<'a> Transmission<'a> {
         match &self.changed[&id] {
             Ok(e) => Ok(e),
             Err(e) => Err(e.to_string()),
-        }
-    }
-
-    fn alloc_slot(&mut self, s: InFlight) -> usize {
-        self.in_flight += 1;
-        match self.free_slots.pop() {
-            Some(i) => {
-                self.slots[i] = Some(s);
-                i
-            }
-            None => {
-                self.slots.push(Some(s));
-                self.slots.len() - 1
-            }
-        }
-    }
-
-    fn take_buf(&mut self, len: usize) -> AlignedBuf {
-        if let Some(i) = self.pool.iter().position(|b| b.capacity() >= len && b.capacity() <= len * 2 + 8192) {
-            let mut b = self.pool.swap_remove(i);
-            b.set_len(len);
-            return b;
-        }
-        AlignedBuf::zeroed(len)
-    }
-
-    fn recycle(&mut self, b: AlignedBuf) {
-        if self.pool.len() < POOL_MAX && b.capacity() <= 4 << 20 {
-            self.pool.push(b);
         }
     }
 

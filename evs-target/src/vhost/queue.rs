@@ -25,9 +25,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use evs_snapshot::volume::{Chain, PendingWrite, WriterGuard};
-use evs_snapshot::{
-    AlignedBuf, Completion, EngineKind, HostSpan, IoEngine, Op, SegmentPool, StoreError, Volume, WritePlan,
-};
+use evs_snapshot::{Completion, EngineKind, HostSpan, IoEngine, Op, SegmentPool, Slots, StoreError, Volume, WritePlan};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -35,6 +33,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 use super::blk::{self, BlkOp, BlkRequest, Desc, GuestRange};
 use super::guest_read;
 use crate::exports::Export;
+use crate::in_flight::BufPool;
 use crate::qos::Cost;
 use crate::volume_io::VolumeIo;
 use crate::write_back::EarlyWrites;
@@ -42,8 +41,6 @@ use crate::write_back::EarlyWrites;
 pub(crate) type GuestMem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 pub(crate) type Vring = VringRwLock<GuestMem>;
 
-/// Buffers kept for reuse per queue.
-const POOL_MAX: usize = 64;
 /// While writes completed early are in flight, the ring is looked at again this often.
 const EARLY_RECHECK: std::time::Duration = std::time::Duration::from_micros(20);
 
@@ -94,12 +91,10 @@ pub(crate) struct QueueWorker {
     kind: EngineKind,
     engine: Option<Box<dyn IoEngine>>,
     mem: GuestMem,
-    slots: Vec<Option<InFlight>>,
-    free_slots: Vec<usize>,
-    in_flight: usize,
+    slots: Slots<InFlight>,
     writes_in_flight: usize,
     held: Option<Held>,
-    pool: Vec<AlignedBuf>,
+    pool: BufPool,
     /// Recycled segment lists of the ops (a request allocates none).
     seg_lists: SegmentPool,
     /// Recycled span lists of the reads that land in guest memory.
@@ -136,12 +131,10 @@ impl QueueWorker {
             kind,
             engine: None,
             mem,
-            slots: Vec::new(),
-            free_slots: Vec::new(),
-            in_flight: 0,
+            slots: Slots::default(),
             writes_in_flight: 0,
             held: None,
-            pool: Vec::new(),
+            pool: BufPool::default(),
             seg_lists: SegmentPool::default(),
             span_lists: Vec::new(),
             desc_lists: Vec::new(),
@@ -185,7 +178,7 @@ impl QueueWorker {
                 self.start(vring, h.head, &h.descs, h.req, h.since);
             }
             self.signal(vring)?;
-            if self.in_flight == 0 {
+            if self.slots.is_empty() {
                 if let Some(h) = &self.held {
                     let now = Instant::now();
                     if h.deadline > now {
@@ -458,7 +451,7 @@ impl QueueWorker {
 
     /// Puts a read's op in flight: into guest memory, or into a bounce buffer.
     fn submit_read(&mut self, head: u16, req: BlkRequest, len: usize, since: Instant, chain: Arc<Chain>, op: Op) {
-        let slot = self.alloc_slot(InFlight::Read {
+        let slot = self.slots.insert(InFlight::Read {
             head,
             data: req.data,
             status: req.status,
@@ -480,13 +473,13 @@ impl QueueWorker {
         len: usize,
         since: Instant,
     ) {
-        let mut buf = self.take_buf(len);
+        let mut buf = self.pool.take(len);
         let mut segs = self.seg_lists.take();
         let chain = match self.volume.read_data_segments(offset, len as u64, 0, &mut buf, &mut segs) {
             Ok(chain) => chain,
             Err(e) => {
                 self.seg_lists.put(segs);
-                self.recycle(buf);
+                self.pool.put(buf);
                 let (st, w, o) = self.store_error("read", &e);
                 return self.finish_inline(vring, head, req.status, st, w, o, since);
             }
@@ -495,7 +488,7 @@ impl QueueWorker {
             self.seg_lists.put(segs);
             // All holes: no engine op needed.
             let r = self.scatter(&req.data, &buf[..len]);
-            self.recycle(buf);
+            self.pool.put(buf);
             let (st, w, o) = match r {
                 Ok(n) => (blk::STATUS_OK, n as u32, Outcome::Read(len as u64)),
                 Err(_) => (blk::STATUS_IOERR, 0, Outcome::Error),
@@ -507,11 +500,11 @@ impl QueueWorker {
 
     fn start_write(&mut self, vring: &Vring, head: u16, req: BlkRequest, offset: u64, len: usize, since: Instant) {
         // Copied once, out of guest memory into the op's own aligned buffer.
-        let mut buf = self.take_buf(len.next_multiple_of(4096));
+        let mut buf = self.pool.take(len.next_multiple_of(4096));
         let gathered = self.gather_into(&req.data, &mut buf[..len]);
         recycle_list(&mut self.range_lists, req.data);
         if gathered.is_err() {
-            self.recycle(buf);
+            self.pool.put(buf);
             return self.finish_inline(vring, head, req.status, blk::STATUS_IOERR, 0, Outcome::Error, since);
         }
         let gate = loop {
@@ -529,7 +522,7 @@ impl QueueWorker {
                 self.volume.plan_write_filled(gate, offset, len, buf, segs)
             }
             Err(e) => {
-                self.recycle(buf);
+                self.pool.put(buf);
                 Err(e)
             }
         };
@@ -537,7 +530,7 @@ impl QueueWorker {
             Ok(WritePlan::Submit { op, mut pending }) => {
                 let early = self.early.has_room(len) && self.volume.reply_early(&mut pending);
                 let slot =
-                    self.alloc_slot(InFlight::Write { head, status: req.status, pending, len, start: since, early });
+                    self.slots.insert(InFlight::Write { head, status: req.status, pending, len, start: since, early });
                 self.writes_in_flight += 1;
                 // The op is submitted before the guest hears of it: both go out at the next wait.
                 self.engine.as_mut().expect("engine").push(slot as u64, op);
@@ -599,19 +592,17 @@ impl QueueWorker {
 
     fn complete(&mut self, vring: &Vring, c: Completion) {
         let slot = c.tag as usize;
-        let Some(state) = self.slots.get_mut(slot).and_then(Option::take) else {
+        let Some(state) = self.slots.take(slot) else {
             tracing::error!(slot, "vhost-user: completion for an unknown slot");
             return;
         };
-        self.free_slots.push(slot);
-        self.in_flight -= 1;
         let io = self.io.clone();
         let stats = &io.stats;
         if let InFlight::Write { early: true, pending, .. } = state {
             // Completed to the guest already (and counted then): only the map, or the failure.
             self.writes_in_flight -= 1;
             let Op::Write { buf, segs } = c.op else { unreachable!("write slot on another op") };
-            self.recycle(buf);
+            self.pool.put(buf);
             self.seg_lists.put(segs);
             self.early.completed(slot, &self.volume, pending, &c.result, stats);
             return;
@@ -650,7 +641,7 @@ impl QueueWorker {
                     stats.errors.fetch_add(1, Ordering::Relaxed);
                 }
                 if let Some(buf) = buf {
-                    self.recycle(buf);
+                    self.pool.put(buf);
                 }
                 recycle_list(&mut self.range_lists, data);
                 self.write_status(vring, head, status, st, written);
@@ -658,7 +649,7 @@ impl QueueWorker {
             InFlight::Write { head, status, pending, len, start, .. } => {
                 self.writes_in_flight -= 1;
                 let Op::Write { buf, segs } = c.op else { unreachable!("write slot on another op") };
-                self.recycle(buf);
+                self.pool.put(buf);
                 self.seg_lists.put(segs);
                 let st = match c.result {
                     Ok(_) => {
@@ -739,34 +730,5 @@ impl QueueWorker {
             vring.signal_used_queue()?;
         }
         Ok(())
-    }
-
-    fn alloc_slot(&mut self, s: InFlight) -> usize {
-        self.in_flight += 1;
-        match self.free_slots.pop() {
-            Some(i) => {
-                self.slots[i] = Some(s);
-                i
-            }
-            None => {
-                self.slots.push(Some(s));
-                self.slots.len() - 1
-            }
-        }
-    }
-
-    fn take_buf(&mut self, len: usize) -> AlignedBuf {
-        if let Some(i) = self.pool.iter().position(|b| b.capacity() >= len && b.capacity() <= len * 2 + 8192) {
-            let mut b = self.pool.swap_remove(i);
-            b.set_len(len);
-            return b;
-        }
-        AlignedBuf::zeroed(len)
-    }
-
-    fn recycle(&mut self, b: AlignedBuf) {
-        if self.pool.len() < POOL_MAX && b.capacity() <= 4 << 20 {
-            self.pool.push(b);
-        }
     }
 }

@@ -13,6 +13,7 @@
 
 pub mod faulty;
 pub mod portable;
+pub mod slots;
 pub mod uring;
 
 use std::io;

@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
+use super::slots::Slots;
 use super::{Completion, EngineKind, IoEngine, Op};
 
 const SEG_BITS: u32 = 24;
@@ -44,12 +45,10 @@ struct Slot {
 
 pub struct UringEngine {
     ring: IoUring,
-    slots: Vec<Option<Slot>>,
-    free: Vec<usize>,
+    slots: Slots<Slot>,
     /// SQEs that did not fit in the submission queue yet.
     backlog: VecDeque<squeue::Entry>,
     done: Vec<Completion>,
-    live: usize,
     /// Slots whose last SQE completed, in completion order (reaped without scanning them all).
     finished: Vec<usize>,
     /// Emptied per-op vectors and send headers, reused so that the steady state allocates
@@ -85,28 +84,13 @@ impl UringEngine {
         let ring = IoUring::builder().setup_cqsize(entries * 4).build(entries)?;
         Ok(UringEngine {
             ring,
-            slots: Vec::new(),
-            free: Vec::new(),
+            slots: Slots::default(),
             backlog: VecDeque::new(),
             done: Vec::new(),
-            live: 0,
             finished: Vec::new(),
             progress_pool: Vec::new(),
             send_pool: Vec::new(),
         })
-    }
-
-    fn alloc_slot(&mut self, slot: Slot) -> usize {
-        match self.free.pop() {
-            Some(i) => {
-                self.slots[i] = Some(slot);
-                i
-            }
-            None => {
-                self.slots.push(Some(slot));
-                self.slots.len() - 1
-            }
-        }
     }
 
     /// The SQE for segment `seg` of slot `idx`, from its current progress.
@@ -194,15 +178,13 @@ impl UringEngine {
             resubmit.extend(Self::on_cqe(&mut self.slots, &cqe, &mut self.finished));
         }
         for (idx, seg) in resubmit {
-            let slot = self.slots[idx].as_mut().expect("live slot");
+            let slot = self.slots.get_mut(idx).expect("live slot");
             let e = Self::segment_sqe(slot, idx, seg);
             self.backlog.push_back(e);
         }
         // Finished slots become completions.
         for idx in self.finished.drain(..) {
-            let s = self.slots[idx].take().expect("finished slot is live");
-            self.free.push(idx);
-            self.live -= 1;
+            let s = self.slots.take(idx).expect("finished slot is live");
             let mut progress = s.progress;
             progress.clear();
             self.progress_pool.push(progress);
@@ -215,9 +197,9 @@ impl UringEngine {
 
     /// Accounts one CQE; returns a segment to resubmit after a short file transfer, and adds
     /// the slot to `finished` when this was its last outstanding SQE.
-    fn on_cqe(slots: &mut [Option<Slot>], cqe: &cqueue::Entry, finished: &mut Vec<usize>) -> Option<(usize, usize)> {
+    fn on_cqe(slots: &mut Slots<Slot>, cqe: &cqueue::Entry, finished: &mut Vec<usize>) -> Option<(usize, usize)> {
         let idx = (cqe.user_data() >> SEG_BITS) as usize;
-        let slot = slots.get_mut(idx)?.as_mut()?;
+        let slot = slots.get_mut(idx)?;
         let resubmit = Self::account(slot, cqe);
         if resubmit.is_none() && slot.outstanding == 0 {
             finished.push(idx);
@@ -314,10 +296,9 @@ impl IoEngine for UringEngine {
         let mut progress = self.progress_pool.pop().unwrap_or_default();
         progress.resize(nsegs, 0);
         let slot = Slot { tag, op, progress, outstanding: nsegs, result: Ok(0), send };
-        let idx = self.alloc_slot(slot);
-        self.live += 1;
+        let idx = self.slots.insert(slot);
         for seg in 0..nsegs {
-            let slot = self.slots[idx].as_mut().expect("just stored");
+            let slot = self.slots.get_mut(idx).expect("just stored");
             let e = Self::segment_sqe(slot, idx, seg);
             self.backlog.push_back(e);
         }
@@ -326,7 +307,7 @@ impl IoEngine for UringEngine {
     fn wait(&mut self, min_complete: usize) -> io::Result<()> {
         loop {
             self.fill_sq();
-            let want = if self.done.len() >= min_complete || self.live == 0 { 0 } else { 1 };
+            let want = if self.done.len() >= min_complete || self.slots.is_empty() { 0 } else { 1 };
             match self.ring.submit_and_wait(want) {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -335,7 +316,7 @@ impl IoEngine for UringEngine {
                 Err(e) => return Err(e),
             }
             self.reap();
-            if self.done.len() >= min_complete || self.live == 0 {
+            if self.done.len() >= min_complete || self.slots.is_empty() {
                 self.fill_sq();
                 if !self.backlog.is_empty() || !self.ring.submission().is_empty() {
                     self.ring.submit()?;
@@ -372,7 +353,7 @@ impl IoEngine for UringEngine {
     }
 
     fn in_flight(&self) -> usize {
-        self.live + self.done.len()
+        self.slots.len() + self.done.len()
     }
 
     fn kind(&self) -> EngineKind {
@@ -384,7 +365,7 @@ impl Drop for UringEngine {
     fn drop(&mut self) {
         // Buffers of ops still in the kernel must outlive them (a ReadInto's guest memory
         // too): wait for every one. A signal or a full completion queue is no reason to stop.
-        while self.live > 0 {
+        while !self.slots.is_empty() {
             self.fill_sq();
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
@@ -392,7 +373,7 @@ impl Drop for UringEngine {
                 Err(e) => {
                     // The ring cannot be waited on any more: leak the slots (their buffers and
                     // mappings) rather than free memory the kernel may still write.
-                    tracing::error!(error = %e, live = self.live, "io_uring: cannot wait for ops in flight; leaking their buffers");
+                    tracing::error!(error = %e, live = self.slots.len(), "io_uring: cannot wait for ops in flight; leaking their buffers");
                     std::mem::forget(std::mem::take(&mut self.slots));
                     break;
                 }
