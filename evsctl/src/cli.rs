@@ -6,6 +6,15 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::size::parse_size;
 
+/// A clap usage error as the one line SPEC.md asks for: clap's message (its first paragraph,
+/// which names the problem, such as the missing arguments listed under it) on one line and
+/// where to look next, without its usage block and tips.
+pub fn usage_error_line(e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    let message: Vec<&str> = rendered.lines().map(str::trim).take_while(|l| !l.is_empty()).collect();
+    format!("{} (see --help)", message.join(" "))
+}
+
 /// The API endpoint when neither --endpoint nor EVS_ENDPOINT is given.
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:10810";
 /// The token file tried when neither --token nor EVS_TOKEN is given (the daemon's default
@@ -280,7 +289,8 @@ pub enum TenantCommand {
     /// Create a tenant and print its token (shown only this once).
     Create {
         name: String,
-        /// Most volumes the tenant may own [default: the daemon's [quotas]; 0 = unlimited].
+        /// Most volumes the tenant may own [default, and with 0: the daemon's [quotas]; `tenant
+        /// set-quota` with 0 lifts the limit].
         #[arg(long, value_name = "N")]
         max_volumes: Option<u64>,
         /// Most provisioned capacity (sum of volume sizes) [default: the daemon's [quotas]].
@@ -410,12 +420,13 @@ pub enum SnapshotCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum VolumeCommand {
-    /// Create a thin volume (or an instant clone of a snapshot).
+    /// Create a thin volume, an instant clone of a snapshot, or a volume restored from a backup.
     Create {
         name: String,
         /// Size: bytes, or with a K, M, G, T suffix (binary units): 512M, 10G, 1T. With
-        /// --from-snapshot it defaults to the snapshot's size.
-        #[arg(long, value_parser = parse_size, required_unless_present = "from_snapshot")]
+        /// --from-snapshot or --from-backup it defaults to the snapshot's or backed-up volume's
+        /// size, and may only be larger.
+        #[arg(long, value_parser = parse_size, required_unless_present_any = ["from_snapshot", "from_backup"])]
         size: Option<u64>,
         /// Performance tier: common, high, gpssd, ultra-high, essd, unlimited [default: gpssd].
         #[arg(long)]
@@ -423,9 +434,14 @@ pub enum VolumeCommand {
         /// Clone of a snapshot: instant, shares its data until written.
         #[arg(long, value_name = "VOLUME@SNAP", conflicts_with = "from_backup")]
         from_snapshot: Option<String>,
-        /// Restore of a backup (not supported yet).
+        /// Restore of a volume backup (an id from `backup list`): the volume is created at
+        /// once in state "restoring" and a restore job fills it; a failed restore removes it.
         #[arg(long, value_name = "BACKUP_ID")]
         from_backup: Option<String>,
+        /// With --from-backup: follow the restore job to its end (progress bar; exit code as
+        /// `job wait`).
+        #[arg(long, requires = "from_backup")]
+        wait: bool,
     },
     /// List the tenant's volumes.
     List,
@@ -538,5 +554,22 @@ mod tests {
         }
         let e = parse(&["volume", "create", "db", "--size", "ten"]).unwrap_err().to_string();
         assert!(e.contains("--size") && e.contains("\"ten\""), "{e}");
+    }
+
+    #[test]
+    fn a_usage_error_is_one_line_that_names_the_problem() {
+        for (args, want) in [
+            (&["volume", "create", "x"][..], "--size"),
+            (&["volume", "create", "x", "--size", "1M", "--wait"], "--from-backup"),
+            (&["volume", "list", "--bogus"], "--bogus"),
+            (&["--output", "yaml", "volume", "list"], "yaml"),
+        ] {
+            let line = usage_error_line(&parse(args).unwrap_err());
+            assert_eq!(line.lines().count(), 1, "{args:?}: {line}");
+            assert!(
+                line.starts_with("error: ") && line.contains(want) && line.ends_with("(see --help)"),
+                "{args:?}: {line}"
+            );
+        }
     }
 }

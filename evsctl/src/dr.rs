@@ -5,7 +5,8 @@
 //! * a group (`dr group create | show`, `dr status`, `dr enable | disable | unprotect`):
 //!   `{"name","role","state","az","peer_endpoint","peer_az","interval_seconds",
 //!   "bandwidth_limit_bytes_per_second","enabled","servers","pairs":[{"server","volume",
-//!   "state","size_bytes","synced_bytes"}],"point_seq","point_unix_ms","rpo_seconds",
+//!   "state","size_bytes","synced_bytes","point_seq","point_unix_ms","rpo_seconds",
+//!   "bytes_transferred","bytes_replicated"}],"point_seq","point_unix_ms","rpo_seconds",
 //!   "bytes_transferred","bytes_replicated","cycles","last_error","drill"}`;
 //!   `dr group list`: `{"groups": [...]}`;
 //! * `dr protect | switchover | failover | reprotect`: `{"job": job}` (as it ended with
@@ -31,6 +32,11 @@ struct PairView {
     state: String,
     size_bytes: u64,
     synced_bytes: u64,
+    point_seq: u64,
+    point_unix_ms: u64,
+    rpo_seconds: f64,
+    bytes_transferred: u64,
+    bytes_replicated: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -78,6 +84,11 @@ impl From<pb::Group> for GroupView {
                     state: p.state,
                     size_bytes: p.size_bytes,
                     synced_bytes: p.synced_bytes,
+                    point_seq: p.point_seq,
+                    point_unix_ms: p.point_unix_ms,
+                    rpo_seconds: p.rpo_seconds,
+                    bytes_transferred: p.bytes_transferred,
+                    bytes_replicated: p.bytes_replicated,
                 })
                 .collect(),
             point_seq: g.point_seq,
@@ -148,17 +159,25 @@ fn group_detail(g: &GroupView) -> String {
         let _ = writeln!(out, "error:     {e}");
     }
     if !g.pairs.is_empty() {
-        let header = ["SERVER", "VOLUME", "STATE", "SIZE", "SYNCED"].map(String::from).to_vec();
+        let header = ["SERVER", "VOLUME", "STATE", "SIZE", "SYNCED", "POINT", "RPO", "SENT"].map(String::from).to_vec();
         let rows: Vec<Vec<String>> = g
             .pairs
             .iter()
             .map(|p| {
+                let (point, rpo) = match p.point_seq {
+                    0 => ("-".to_string(), "-".to_string()),
+                    n if g.role == "source" => (n.to_string(), format!("{:.1} s", p.rpo_seconds)),
+                    n => (n.to_string(), "-".to_string()),
+                };
                 vec![
                     p.server.clone(),
                     p.volume.clone(),
                     p.state.clone(),
                     format_size(p.size_bytes),
                     format_size(p.synced_bytes),
+                    point,
+                    rpo,
+                    format_size(p.bytes_transferred),
                 ]
             })
             .collect();

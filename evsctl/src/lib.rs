@@ -26,8 +26,8 @@ use evs_proto::v1 as pb;
 use cli::{Cli, Command, JobCommand, OutputFormat, SnapshotCommand, VolumeCommand};
 use client::{JobClient, ServerError, SnapshotClient, VolumeClient};
 use output::{
-    AttachView, DeleteView, DetachView, DiffView, JobList, JobView, SnapshotList, SnapshotView, VolumeDeleteView,
-    VolumeList, VolumeView,
+    AttachView, DeleteView, DetachView, DiffView, JobList, JobView, RestoredVolumeView, SnapshotList, SnapshotView,
+    VolumeDeleteView, VolumeList, VolumeView,
 };
 
 /// Runs one command. The error, printed with `{:#}`, is the one-line message for stderr.
@@ -75,6 +75,59 @@ fn one_volume(v: VolumeView, format: OutputFormat) -> String {
     }
 }
 
+/// `volume create --from-backup`: the volume and its restore job (followed with `wait`, then
+/// the volume as it is after the restore). A restore that did not succeed is the command's
+/// error, after its output is printed.
+async fn restored_volume(
+    c: &mut VolumeClient,
+    jobs: &mut JobClient,
+    volume: VolumeView,
+    backup: &str,
+    job: pb::Job,
+    wait: bool,
+    format: OutputFormat,
+) -> anyhow::Result<String> {
+    let id = job.id;
+    let what = format!("restoring backup {backup} into volume {}", volume.name);
+    let (volume, job, result) = if wait {
+        let job = wait::wait_job(jobs, id).await?;
+        let result = wait::job_result(&job, &format!("{what} (job {id})"));
+        let volume = match result {
+            Ok(()) => {
+                let r = c
+                    .get_volume(pb::GetVolumeRequest { name: volume.name.clone() })
+                    .await
+                    .map_err(ServerError::from)?;
+                volume_of(r.into_inner().volume)?
+            }
+            Err(_) => volume,
+        };
+        (volume, job, result)
+    } else {
+        (volume, job, Ok(()))
+    };
+    let out = match format {
+        OutputFormat::Json => output::json(&RestoredVolumeView { volume, restore_job: job.into() }),
+        OutputFormat::Table => {
+            let mut s = output::volume_detail(&volume);
+            if !wait {
+                s.push_str(&format!("{what}: job {id} (follow it with `evsctl job wait {id}`)\n"));
+            } else if result.is_ok() {
+                for n in &job.notes {
+                    s.push_str(n);
+                    s.push('\n');
+                }
+            }
+            s
+        }
+    };
+    if let Err(e) = result {
+        emit(&out)?;
+        return Err(e.into());
+    }
+    Ok(out)
+}
+
 async fn volume(
     c: &mut VolumeClient,
     jobs: &mut JobClient,
@@ -82,18 +135,24 @@ async fn volume(
     format: OutputFormat,
 ) -> anyhow::Result<String> {
     Ok(match cmd {
-        VolumeCommand::Create { name, size, tier, from_snapshot, from_backup } => {
+        VolumeCommand::Create { name, size, tier, from_snapshot, from_backup, wait } => {
             let r = c
                 .create_volume(pb::CreateVolumeRequest {
-                    name,
+                    name: name.clone(),
                     size_bytes: size.unwrap_or(0),
                     tier: tier.unwrap_or_default(),
                     from_snapshot: from_snapshot.unwrap_or_default(),
-                    from_backup: from_backup.unwrap_or_default(),
+                    from_backup: from_backup.clone().unwrap_or_default(),
                 })
                 .await
-                .map_err(ServerError::from)?;
-            one_volume(volume_of(r.into_inner().volume)?, format)
+                .map_err(ServerError::from)?
+                .into_inner();
+            let volume = volume_of(r.volume)?;
+            match (from_backup, r.job) {
+                (Some(backup), Some(job)) => restored_volume(c, jobs, volume, &backup, job, wait, format).await?,
+                (Some(_), None) => anyhow::bail!("the server's reply carries no restore job"),
+                (None, _) => one_volume(volume, format),
+            }
         }
         VolumeCommand::List => {
             let r = c.list_volumes(pb::ListVolumesRequest {}).await.map_err(ServerError::from)?;

@@ -2,12 +2,29 @@
 
 use std::process::ExitCode;
 
+use clap::error::ErrorKind;
 use clap::Parser;
-use evsctl::cli::Cli;
+use evsctl::cli::{usage_error_line, Cli};
 
 fn main() -> ExitCode {
-    // clap exits with 2 on usage errors (and 0 for --help/--version) by itself.
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Help and version (and the help shown for a missing subcommand) as clap prints them.
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) =>
+        {
+            e.exit()
+        }
+        Err(e) => {
+            eprintln!("{}", usage_error_line(&e));
+            return ExitCode::from(2);
+        }
+    };
     match evsctl::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -131,6 +131,14 @@ pub struct VolumeDeleteView {
     pub job: JobView,
 }
 
+/// `volume create --from-backup`: the volume's fields, plus its restore job.
+#[derive(Debug, Serialize)]
+pub struct RestoredVolumeView {
+    #[serde(flatten)]
+    pub volume: VolumeView,
+    pub restore_job: JobView,
+}
+
 /// A job as printed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct JobView {

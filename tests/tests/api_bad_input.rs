@@ -772,16 +772,29 @@ fn cases(ctx: &Ctx) -> Vec<Case> {
     );
     add(
         "VolumeService/CreateVolume",
-        "from_backup",
+        "from_backup and from_snapshot",
         a,
         call!(VolC.create_volume(CreateVolumeRequest {
             name: s("fb"),
-            size_bytes: MIB,
+            from_backup: ctx.backup_id.clone(),
+            from_snapshot: s("x@s"),
+            ..Default::default()
+        })),
+        ia,
+        &["not both"],
+    );
+    add(
+        "VolumeService/CreateVolume",
+        "from_backup smaller",
+        t,
+        call!(VolC.create_volume(CreateVolumeRequest {
+            name: s("fb"),
+            size_bytes: 512,
             from_backup: ctx.backup_id.clone(),
             ..Default::default()
         })),
-        Code::Unimplemented,
-        &["from_backup"],
+        ia,
+        &["smaller than"],
     );
     for (p, unix, msg) in [
         ("iscsi", false, "unknown protocol \"iscsi\""),

@@ -447,6 +447,78 @@ fn policies_back_up_on_schedule_and_retention_prunes() {
     assert_eq!(r["jobs"].as_array().unwrap().len(), 1, "{r}");
 }
 
+fn volume_names(d: &Daemon) -> Vec<String> {
+    let v = d.evsctl_json(&["volume", "list"]);
+    v["volumes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no volumes in {v}"))
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `volume create --from-backup` (SPEC): the volume exists at once, in state "restoring", and
+/// its restore job fills it; larger than the backed-up volume on request, never smaller; bad
+/// requests are refused with the reason and create nothing.
+#[test]
+fn volume_create_from_backup_restores_into_the_new_volume() {
+    let d = s3_daemon(&S3Env::unique_prefix("fromb"), "az1", "");
+    let mut rng = Rng::from_env_or_time("volume create --from-backup");
+    let (uri, _) = d.create_volume("src", "64M");
+    scatter(&uri, &mut rng, 12, 64 * MIB);
+    let copy = image(&d, "src", "src.raw");
+    let b = id(&backup(&d, "src", &[]));
+
+    // Waited for: the volume as it is after the restore.
+    let v = d.evsctl_json(&["volume", "create", "same", "--from-backup", &b, "--wait"]);
+    assert_eq!((v["name"].as_str(), v["state"].as_str()), (Some("same"), Some("available")), "{v}");
+    assert_eq!(v["restore_job"]["state"], "succeeded", "{v}");
+    assert_eq!(v["size_bytes"].as_u64(), Some(64 * MIB), "{v}");
+    assert_same(&d, "same", &copy);
+
+    // Not waited for: "restoring" in the reply, then the job's result.
+    let v = d.evsctl_json(&["volume", "create", "bigger", "--from-backup", &b, "--size", "96M", "--tier", "essd"]);
+    assert_eq!(v["state"], "restoring", "{v}");
+    assert_eq!((v["size_bytes"].as_u64(), v["tier"].as_str()), (Some(96 * MIB), Some("essd")), "{v}");
+    let job = v["restore_job"]["id"].as_u64().unwrap_or_else(|| panic!("no restore job id in {v}"));
+    let out = d.evsctl(&["job", "wait", &job.to_string()]);
+    assert!(out.status.success(), "{}", format_output(&out));
+    let shown = d.show_volume("bigger");
+    assert_eq!(shown["state"], "available", "{shown}");
+    // The backed-up 64 MiB, then zeros.
+    let big = image(&d, "bigger", "bigger.raw");
+    let got = std::fs::read(&big).unwrap();
+    assert_eq!(got.len() as u64, 96 * MIB);
+    assert!(got[..64 * MIB as usize] == std::fs::read(&copy).unwrap()[..], "the restored part differs");
+    assert!(got[64 * MIB as usize..].iter().all(|&x| x == 0), "past the backup's end it does not read as zeros");
+
+    // Refusals name the problem and create nothing.
+    d.evsctl_ok(&["server", "create", "srv", "--volumes", "src"]);
+    let sv = d.evsctl_json(&["backup", "create-server", "srv", "--wait"]);
+    let sbk = sv["backup_id"].as_str().unwrap_or_else(|| panic!("no backup_id in {sv}")).to_string();
+    let before = volume_names(&d);
+    for (args, code, want) in [
+        (vec!["--from-backup", sbk.as_str()], 1, "is a server backup"),
+        (vec!["--from-backup", b.as_str(), "--size", "32M"], 1, "smaller than"),
+        (vec!["--from-backup", "bk-20260101T000000000Z-000000"], 1, "not found"),
+        (vec!["--from-backup", "../x"], 1, "invalid backup id"),
+        (vec!["--from-backup", b.as_str(), "--tier", "fast"], 1, "unknown tier"),
+        (vec!["--from-backup", b.as_str(), "--from-snapshot", "src@s"], 2, "cannot be used with"),
+        (vec!["--size", "1M", "--wait"], 2, "--from-backup"),
+    ] {
+        let mut a = vec!["volume", "create", "nope"];
+        a.extend_from_slice(&args);
+        let out = d.evsctl(&a);
+        assert_eq!(out.status.code(), Some(code), "{a:?}: {}", format_output(&out));
+        assert!(String::from_utf8_lossy(&out.stderr).contains(want), "{a:?}: {}", format_output(&out));
+    }
+    let out = d.evsctl(&["volume", "create", "same", "--from-backup", &b]);
+    assert_eq!(out.status.code(), Some(1), "{}", format_output(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"), "{}", format_output(&out));
+    assert_eq!(volume_names(&d), before, "a refused create changed the volume list");
+    assert_same(&d, "same", &copy);
+}
+
 #[test]
 fn limits_refuse_clearly() {
     let d = file_daemon("max_per_volume = 2\n");
@@ -503,6 +575,12 @@ fn encrypted_backups_need_their_key() {
     let out = d.evsctl(&["backup", "restore", &id(&enc), "--to", "nokey", "--wait"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("encrypted"), "{}", format_output(&out));
+    // The same through `volume create --from-backup`: the job fails, and the volume it
+    // started from goes again.
+    let out = d.evsctl(&["volume", "create", "nokey2", "--from-backup", &id(&enc), "--wait"]);
+    assert_eq!(out.status.code(), Some(1), "{}", format_output(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("encrypted"), "{}", format_output(&out));
+    wait_gone(&d, "nokey2");
     // The key never reaches the logs or the audit log.
     assert!(!d.log().contains(&key));
     let audit = d.evsctl_ok(&["--output", "json", "audit", "list"]);

@@ -70,3 +70,24 @@ fn a_bad_config_file_names_its_file_line_and_key_and_the_daemon_exits_2() {
     }
     assert!(failures.is_empty(), "{} problems:\n{}", failures.len(), failures.join("\n"));
 }
+
+/// Bad flags get one line naming the flag (SPEC.md), exit status 2, and nothing is created.
+#[test]
+fn a_bad_flag_gets_one_line_and_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, needle) in [
+        (vec!["--bogus"], "--bogus"),
+        (vec!["--io-backend", "magic"], "magic"),
+        (vec!["--nbd-tls", "maybe"], "maybe"),
+        (vec!["--data-dir"], "--data-dir"),
+    ] {
+        let mut cmd = std::process::Command::new(bin_path("evs-target"));
+        cmd.current_dir(dir.path()).args(&args).env("NO_COLOR", "1");
+        let out = output_with_timeout(&mut cmd, Duration::from_secs(30));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}\n{}", format_output(&out));
+        assert_eq!(err.lines().count(), 1, "{args:?}: not one line\n{err}");
+        assert!(err.starts_with("evs-target: error: ") && err.contains(needle), "{args:?}: {err}");
+    }
+    assert!(!dir.path().join("evs-data").exists(), "a bad flag created the data directory");
+}

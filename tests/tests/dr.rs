@@ -206,6 +206,19 @@ fn a_drill_is_a_consistent_point_while_replication_goes_on() {
     let s = status(&a);
     assert!(s["bytes_transferred"].as_u64().unwrap() > 0 && s["cycles"].as_u64().unwrap() > 2, "{s}");
     assert!(s["rpo_seconds"].as_f64().unwrap() < 10.0, "{s}");
+    // Per pair (SPEC: state, last consistent point, RPO, bytes sent): the group's point, and
+    // the bytes of each pair, which add up to the group's.
+    let pairs = s["pairs"].as_array().unwrap();
+    for p in pairs {
+        assert_eq!((&p["point_seq"], &p["point_unix_ms"]), (&s["point_seq"], &s["point_unix_ms"]), "{s}");
+        assert!(p["rpo_seconds"].as_f64().unwrap() >= 0.0 && p["rpo_seconds"].as_f64().unwrap() < 10.0, "{s}");
+        assert!(p["bytes_transferred"].as_u64().unwrap() > 0 && p["bytes_replicated"].as_u64().unwrap() > 0, "{s}");
+    }
+    let sum = |k: &str| pairs.iter().map(|p| p[k].as_u64().unwrap()).sum::<u64>();
+    assert_eq!(sum("bytes_transferred"), s["bytes_transferred"].as_u64().unwrap(), "{s}");
+    assert_eq!(sum("bytes_replicated"), s["bytes_replicated"].as_u64().unwrap(), "{s}");
+    let table = a.evsctl_ok(&["dr", "status", "g"]);
+    assert!(table.contains("POINT") && table.contains("RPO") && table.contains("SENT"), "{table}");
     // The same figures as metrics, on both sides.
     let m = a.metrics();
     let l = [("group", "g"), ("role", "source")];

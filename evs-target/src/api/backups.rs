@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
 use super::jobs::job_to_pb;
-use super::validate::{validate_volume_name, ValidationError};
+use super::validate::{validate_volume_name, validate_volume_size, ValidationError};
 use super::{ApiError, ControlPlane, VolumeApi};
 use crate::config::BackupSettings;
 use crate::jobs::{JobContext, JobError, JobKind, JobRecord};
@@ -524,6 +524,67 @@ impl ControlPlane {
         )?)
     }
 
+    /// Creates volume `name` from the volume backup `id`: the volume exists when this returns,
+    /// in state "restoring", and the returned restore job fills it (removing it again if the
+    /// restore fails or is cancelled). `size` 0 means the backed-up volume's size.
+    pub fn create_volume_from_backup(
+        &self,
+        owner: &str,
+        name: &str,
+        size: u64,
+        tier: &str,
+        id: &str,
+    ) -> Result<(pb::Volume, JobRecord), ApiError> {
+        validate_volume_name(name)?;
+        if size != 0 {
+            validate_volume_size(size)?;
+        }
+        let tier = self.tier_for(owner, tier)?;
+        self.backups()?;
+        let b = self.find_backup(owner, id)?;
+        if b.kind == "server" {
+            return Err(ValidationError::ServerBackupToVolume(id.to_string()).into());
+        }
+        if size != 0 && size < b.size_bytes {
+            let why = format!("smaller than the {} bytes of the volume in backup {id}", b.size_bytes);
+            return Err(ValidationError::Size { size, why }.into());
+        }
+        let size = if size == 0 { b.size_bytes } else { size };
+        // Held until the volume is marked as this job's: the job looks under the same lock, so
+        // it never finds the volume unmarked (and refuses it as someone else's).
+        let _g = self.mutations.lock();
+        let mut volume = self.create_volume_locked(owner, name, size, tier, "")?;
+        let kind = JobKind::Restore {
+            backup_id: id.to_string(),
+            to: name.to_string(),
+            in_place: false,
+            tier: tier.to_string(),
+        };
+        let marked = self.jobs.submit(owner, kind).map_err(ApiError::from).and_then(|job| {
+            match self.set_restoring(volume.id, Some(job.id)) {
+                Ok(()) => Ok(job),
+                Err(e) => {
+                    // The job cannot have got past its look at the volume (it waits for this
+                    // lock), and stops there.
+                    let _ = self.jobs.cancel(owner, job.id);
+                    Err(e.into())
+                }
+            }
+        });
+        let job = match marked {
+            Ok(job) => job,
+            Err(e) => {
+                // Nothing half-done: the volume goes again.
+                if let Err(e2) = self.store.delete_volume(volume.id) {
+                    tracing::error!(volume = name, error = %e2, "cannot remove a volume whose restore did not start");
+                }
+                return Err(e);
+            }
+        };
+        volume.state = super::jobs::VOLUME_RESTORING.to_string();
+        Ok((volume, job))
+    }
+
     /// Forgets a deleted volume's base (its snapshots went with it) and policy bindings.
     pub(super) fn forget_volume_backups(&self, volume_id: u64) -> Result<(), StoreError> {
         self.set_base(volume_id, None)?;
@@ -862,11 +923,20 @@ impl ControlPlane {
                 (info.id, false)
             } else {
                 let name = if b.kind == "server" { format!("{to}-{}", p.volume) } else { to.clone() };
-                let id = match self.find(tenant, &name) {
-                    // A restart cut this restore off: the volume is ours if `restoring` says so.
-                    Ok(info) if self.restoring_job(info.id) == Some(job.id) => info.id,
-                    Ok(_) => return Err(job_failed(ApiError::VolumeExists(name))),
-                    Err(_) => {
+                let found = {
+                    // The lock `create_volume_from_backup` holds from creating a volume for
+                    // this job until marking it.
+                    let _g = self.mutations.lock();
+                    // Cancelled there when the volume could not be marked (and is gone).
+                    ctx.check_cancelled()?;
+                    self.find(tenant, &name).ok().map(|info| (info.id, self.restoring_job(info.id)))
+                };
+                let id = match found {
+                    // Made for this job (`volume create --from-backup`), or a restart cut this
+                    // restore off: the volume is ours if `restoring` says so.
+                    Some((id, marked)) if marked == Some(job.id) => id,
+                    Some(_) => return Err(job_failed(ApiError::VolumeExists(name))),
+                    None => {
                         let v = self.create_volume(tenant, &name, manifest.volume_size, tier).map_err(job_failed)?;
                         v.id
                     }
@@ -906,7 +976,7 @@ impl ControlPlane {
         Ok(())
     }
 
-    fn restoring_job(&self, volume_id: u64) -> Option<u64> {
+    pub(super) fn restoring_job(&self, volume_id: u64) -> Option<u64> {
         let r = self.store.catalog().begin_read().ok()?;
         let t = r.open_table(RESTORING).ok()?;
         t.get(volume_id).ok()?.map(|g| g.value())

@@ -169,6 +169,12 @@ pub struct PairRecord {
     /// Initial sync progress (bytes of the first cycle that carries it).
     #[serde(default)]
     pub synced_bytes: u64,
+    /// What the acknowledged cycles sent of this pair (source side): encoded bytes on the
+    /// wire, and the bytes of volume data they described.
+    #[serde(default)]
+    pub bytes_transferred: u64,
+    #[serde(default)]
+    pub bytes_replicated: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -448,6 +454,12 @@ impl ControlPlane {
     fn describe_group(&self, g: &GroupRecord) -> pb::Group {
         let now = now_ms();
         let state = self.group_state(g);
+        let rpo = if g.role == Role::Source && g.point_ms > 0 && !g.failed_over {
+            now.saturating_sub(g.point_ms) as f64 / 1000.0
+        } else {
+            0.0
+        };
+        let holds = |p: &PairRecord| g.point_seq > 0 && p.since_seq.is_some_and(|since| since <= g.point_seq);
         let pairs = g
             .pairs
             .iter()
@@ -461,6 +473,12 @@ impl ControlPlane {
                 },
                 size_bytes: p.size,
                 synced_bytes: if p.since_seq.is_some() { p.size } else { p.synced_bytes.min(p.size) },
+                // The group's point, once it holds this pair.
+                point_seq: if holds(p) { g.point_seq } else { 0 },
+                point_unix_ms: if holds(p) { g.point_ms } else { 0 },
+                rpo_seconds: if holds(p) { rpo } else { 0.0 },
+                bytes_transferred: p.bytes_transferred,
+                bytes_replicated: p.bytes_replicated,
             })
             .collect();
         pb::Group {
@@ -476,11 +494,7 @@ impl ControlPlane {
             pairs,
             point_seq: g.point_seq,
             point_unix_ms: g.point_ms,
-            rpo_seconds: if g.role == Role::Source && g.point_ms > 0 && !g.failed_over {
-                now.saturating_sub(g.point_ms) as f64 / 1000.0
-            } else {
-                0.0
-            },
+            rpo_seconds: rpo,
             bytes_transferred: g.bytes_transferred,
             bytes_replicated: g.bytes_replicated,
             cycles: g.cycles,
@@ -713,6 +727,8 @@ impl ControlPlane {
                 tier: self.tier_of(*id)?,
                 since_seq: None,
                 synced_bytes: 0,
+                bytes_transferred: 0,
+                bytes_replicated: 0,
             });
         }
         let specs: Vec<pb::PairSpec> = pairs.iter().map(PairRecord::spec).collect();
@@ -931,6 +947,8 @@ impl ControlPlane {
         let encoder = FrameEncoder::default();
         let source = PointSource(views);
         let key = group_key(tenant, name);
+        // Per pair (by volume id): bytes on the wire and of data, counted once acknowledged.
+        let mut per_pair: Vec<(u64, u64, u64)> = Vec::with_capacity(plans.len());
         let sent = (|| -> std::io::Result<()> {
             send(begin)?;
             for (i, ranges) in plans.iter().enumerate() {
@@ -939,7 +957,13 @@ impl ControlPlane {
                     dr.progress.lock().insert(key.clone(), s.bytes_replicated);
                     send(pb::ApplyMessage { body: Some(pb::apply_message::Body::Frames(batch)) })
                 };
+                let before = stats;
                 encoder.encode_pair(i as u16, ranges, &source, &mut emit, &mut stats)?;
+                per_pair.push((
+                    g.pairs[i].volume_id,
+                    stats.bytes_sent - before.bytes_sent,
+                    stats.bytes_replicated - before.bytes_replicated,
+                ));
             }
             send(pb::ApplyMessage {
                 body: Some(pb::apply_message::Body::Commit(pb::ApplyCommit { seq, frames: stats.frames })),
@@ -970,6 +994,12 @@ impl ControlPlane {
             g.cycles += 1;
             g.last_error = None;
             g.last_cycle_ms = started_ms;
+            for (id, sent, replicated) in &per_pair {
+                if let Some(p) = g.pairs.iter_mut().find(|p| p.volume_id == *id) {
+                    p.bytes_transferred += sent;
+                    p.bytes_replicated += replicated;
+                }
+            }
             for p in g.pairs.iter_mut() {
                 if p.since_seq.is_none() {
                     p.since_seq = Some(seq);

@@ -27,6 +27,8 @@ const MIN_PACED_STEP: u64 = 1 << 20;
 pub const VOLUME_AVAILABLE: &str = "available";
 /// `Volume.state` while a delete job is queued or running.
 pub const VOLUME_DELETING: &str = "deleting";
+/// `Volume.state` while a restore job writes the volume.
+pub const VOLUME_RESTORING: &str = "restoring";
 
 /// The punch size for a pace of `rate` bytes per second: about four steps a second, so the
 /// progress moves smoothly and the pacing sleeps stay short.
@@ -75,6 +77,8 @@ impl ControlPlane {
     pub(super) fn volume_state(&self, id: u64) -> &'static str {
         if self.delete_job_of(id).is_some() {
             VOLUME_DELETING
+        } else if self.restoring_job(id).is_some() {
+            VOLUME_RESTORING
         } else {
             VOLUME_AVAILABLE
         }

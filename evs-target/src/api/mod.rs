@@ -432,11 +432,30 @@ impl ControlPlane {
         if from_snapshot.is_empty() || size != 0 {
             validate_volume_size(size)?;
         }
+        let tier = self.tier_for(owner, tier)?;
+        let _g = self.mutations.lock();
+        self.create_volume_locked(owner, name, size, tier, from_snapshot)
+    }
+
+    /// `tier` checked, and allowed to `owner`.
+    pub(super) fn tier_for(&self, owner: &str, tier: &str) -> Result<&'static str, ApiError> {
         let tier = validate_tier(tier)?;
         if tier == UNLIMITED_TIER && owner != ADMIN_TENANT {
             return Err(ApiError::TierDenied);
         }
-        let _g = self.mutations.lock();
+        Ok(tier)
+    }
+
+    /// The body of [`create_volume_from`](Self::create_volume_from), its input validated and
+    /// `mutations` held by the caller.
+    pub(super) fn create_volume_locked(
+        &self,
+        owner: &str,
+        name: &str,
+        size: u64,
+        tier: &'static str,
+        from_snapshot: &str,
+    ) -> Result<pb::Volume, ApiError> {
         let created = if from_snapshot.is_empty() {
             self.check_quota(owner, 1, size)?;
             self.store.create_volume(owner, name, size)
@@ -821,15 +840,19 @@ impl VolumeService for VolumeApi {
     ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
         let m = req.get_ref().clone();
         let target = format!("volume {}", m.name);
-        let volume = self
+        let (volume, job) = self
             .run_mut(&req, "VolumeService/CreateVolume", target, move |cp, owner| {
-                if !m.from_backup.is_empty() {
-                    return Err(ApiError::Unsupported("creating a volume from a backup (from_backup)"));
+                if m.from_backup.is_empty() {
+                    return Ok((cp.create_volume_from(owner, &m.name, m.size_bytes, &m.tier, &m.from_snapshot)?, None));
                 }
-                cp.create_volume_from(owner, &m.name, m.size_bytes, &m.tier, &m.from_snapshot)
+                if !m.from_snapshot.is_empty() {
+                    return Err(ValidationError::TwoSources.into());
+                }
+                let (v, job) = cp.create_volume_from_backup(owner, &m.name, m.size_bytes, &m.tier, &m.from_backup)?;
+                Ok((v, Some(jobs::job_to_pb(&job))))
             })
             .await?;
-        Ok(Response::new(pb::CreateVolumeResponse { volume: Some(volume) }))
+        Ok(Response::new(pb::CreateVolumeResponse { volume: Some(volume), job }))
     }
 
     async fn list_volumes(

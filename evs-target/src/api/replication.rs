@@ -168,6 +168,8 @@ impl ControlPlane {
                     tier: p.tier,
                     since_seq: None,
                     synced_bytes: 0,
+                    bytes_transferred: 0,
+                    bytes_replicated: 0,
                 });
             }
         })?;

@@ -47,6 +47,10 @@ pub enum ValidationError {
     ListFilter,
     #[error("a restore needs exactly one of --to NEW_VOLUME and --in-place")]
     RestoreTarget,
+    #[error("a volume starts from a snapshot or from a backup, not both (--from-snapshot, --from-backup)")]
+    TwoSources,
+    #[error("backup {0:?} is a server backup: restore it with `evsctl backup restore {0} --to NAME` (one volume per disk of the server)")]
+    ServerBackupToVolume(String),
     #[error("invalid label {name:?}: {why}")]
     Label { name: String, why: &'static str },
     #[error("invalid policy name {name:?}: {why}")]
