@@ -186,13 +186,7 @@ async fn job_outcome(
 ) -> anyhow::Result<String> {
     let job = job.context("the server's reply carries no job")?;
     let id = job.id;
-    let (job, result) = if wait {
-        let job = wait::wait_job(jobs, id).await?;
-        let r = wait::job_result(&job, &format!("{what} (job {id})"));
-        (job, r)
-    } else {
-        (job, Ok(()))
-    };
+    let (job, result) = wait::follow(jobs, job, wait, what).await?;
     let view: JobView = job.clone().into();
     let out = match format {
         OutputFormat::Json => match created {

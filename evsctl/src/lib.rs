@@ -89,22 +89,13 @@ async fn restored_volume(
 ) -> anyhow::Result<String> {
     let id = job.id;
     let what = format!("restoring backup {backup} into volume {}", volume.name);
-    let (volume, job, result) = if wait {
-        let job = wait::wait_job(jobs, id).await?;
-        let result = wait::job_result(&job, &format!("{what} (job {id})"));
-        let volume = match result {
-            Ok(()) => {
-                let r = c
-                    .get_volume(pb::GetVolumeRequest { name: volume.name.clone() })
-                    .await
-                    .map_err(ServerError::from)?;
-                volume_of(r.into_inner().volume)?
-            }
-            Err(_) => volume,
-        };
-        (volume, job, result)
+    let (job, result) = wait::follow(jobs, job, wait, &what).await?;
+    // After a restore that was waited for, the volume as it is now.
+    let volume = if wait && result.is_ok() {
+        let r = c.get_volume(pb::GetVolumeRequest { name: volume.name.clone() }).await.map_err(ServerError::from)?;
+        volume_of(r.into_inner().volume)?
     } else {
-        (volume, job, Ok(()))
+        volume
     };
     let out = match format {
         OutputFormat::Json => output::json(&RestoredVolumeView { volume, restore_job: job.into() }),
@@ -170,13 +161,7 @@ async fn volume(
             let r = c.delete_volume(pb::DeleteVolumeRequest { name: name.clone() }).await.map_err(ServerError::from)?;
             let job = r.into_inner().job.context("the server's reply carries no delete job")?;
             let id = job.id;
-            let (job, result) = if no_wait {
-                (job, Ok(()))
-            } else {
-                let job = wait::wait_job(jobs, id).await?;
-                let result = wait::job_result(&job, &format!("deleting volume {name} (job {id})"));
-                (job, result)
-            };
+            let (job, result) = wait::follow(jobs, job, !no_wait, &format!("deleting volume {name}")).await?;
             let deleted = result.is_ok() && !no_wait;
             let out = match format {
                 OutputFormat::Json => {

@@ -62,6 +62,23 @@ pub fn job_result(job: &pb::Job, what: &str) -> Result<(), JobEnded> {
     }
 }
 
+/// `job` as the command reports it: with `wait`, followed to its end and its result (`what`
+/// names it, the job id is added); without, as it is now and Ok.
+pub async fn follow(
+    c: &mut JobClient,
+    job: pb::Job,
+    wait: bool,
+    what: &str,
+) -> anyhow::Result<(pb::Job, Result<(), JobEnded>)> {
+    if !wait {
+        return Ok((job, Ok(())));
+    }
+    let id = job.id;
+    let job = wait_job(c, id).await?;
+    let result = job_result(&job, &format!("{what} (job {id})"));
+    Ok((job, result))
+}
+
 /// Polls job `id` until it has ended and returns it. With a terminal on stderr, shows its
 /// progress there meanwhile; otherwise prints nothing.
 pub async fn wait_job(c: &mut JobClient, id: u64) -> anyhow::Result<pb::Job> {
