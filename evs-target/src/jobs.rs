@@ -140,6 +140,9 @@ pub enum JobKind {
         in_place: bool,
         #[serde(default)]
         tier: String,
+        /// The new volume's size (`volume create --from-backup --size`); 0 = the backup's.
+        #[serde(default)]
+        size: u64,
     },
     /// Delete a backup (or a server backup and its volume backups).
     DeleteBackup { backup_id: String },

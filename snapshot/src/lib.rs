@@ -56,7 +56,7 @@ pub use error::StoreError;
 pub use io_engine::slots::Slots;
 pub use io_engine::{Completion, EngineKind, HostSpan, IoEngine, Op, Segment, SegmentPool};
 pub use snapshots::{ChangedExtent, SnapshotInfo};
-pub use store::{BlockStore, StoreOptions, VolumeInfo};
+pub use store::{BlockStore, StoreOptions, VolumeInfo, WithVolume};
 pub use volume::{Extent, GateGuard, Volume, WritePlan};
 
 /// Granularity of allocation maps, copy-on-write and O_DIRECT writes.

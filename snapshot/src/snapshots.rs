@@ -24,7 +24,7 @@ use crate::alloc_map::BlockState;
 use crate::catalog::{self, LayerRecord, SnapshotRecord, VolumeRecord, LAYERS, SNAPSHOTS, SNAPSHOT_NAMES, VOLUMES};
 use crate::error::StoreError;
 use crate::layer::Layer;
-use crate::store::{now_unix, BlockStore, VolumeInfo};
+use crate::store::{now_unix, BlockStore, VolumeInfo, WithVolume};
 use crate::volume::{Chain, Volume};
 use crate::BLOCK_SIZE;
 
@@ -401,6 +401,18 @@ impl BlockStore {
         snap: u64,
         size: Option<u64>,
     ) -> Result<VolumeInfo, StoreError> {
+        self.clone_snapshot_with(owner, name, snap, size, &|_, _| Ok(()))
+    }
+
+    /// [`Store::clone_snapshot`], with the caller's rows for the clone in the same transaction.
+    pub fn clone_snapshot_with(
+        &self,
+        owner: &str,
+        name: &str,
+        snap: u64,
+        size: Option<u64>,
+        rows: WithVolume<'_>,
+    ) -> Result<VolumeInfo, StoreError> {
         let sr = self.snapshot_record(snap)?;
         let size = size.unwrap_or(sr.size);
         if size < sr.size {
@@ -409,7 +421,7 @@ impl BlockStore {
                 why: format!("smaller than the snapshot ({} bytes)", sr.size),
             });
         }
-        self.create_volume_on(owner, name, size, Some(snap))
+        self.create_volume_on(owner, name, size, Some(snap), rows)
     }
 
     /// The snapshots of the same volume that `snap` descends from (valid `from` of a diff

@@ -23,6 +23,10 @@ use crate::catalog::{
 use crate::error::StoreError;
 use crate::io_engine::EngineKind;
 use crate::layer::{self, Layer};
+
+/// The caller's own catalog rows for a volume being created (given its id), written in the
+/// transaction that creates it.
+pub type WithVolume<'a> = &'a dyn Fn(&WriteTransaction, u64) -> Result<(), StoreError>;
 use crate::volume::{Chain, Volume};
 use crate::MAX_VOLUME_SIZE;
 
@@ -312,17 +316,30 @@ impl BlockStore {
 
     /// Creates a thin volume of `size` bytes (a multiple of 512, at most MAX_VOLUME_SIZE).
     pub fn create_volume(&self, owner: &str, name: &str, size: u64) -> Result<VolumeInfo, StoreError> {
-        self.create_volume_on(owner, name, size, None)
+        self.create_volume_on(owner, name, size, None, &|_, _| Ok(()))
+    }
+
+    /// [`Store::create_volume`], with the caller's own catalog rows for the new volume
+    /// committed in the same transaction: a crash leaves both or neither.
+    pub fn create_volume_with(
+        &self,
+        owner: &str,
+        name: &str,
+        size: u64,
+        rows: WithVolume<'_>,
+    ) -> Result<VolumeInfo, StoreError> {
+        self.create_volume_on(owner, name, size, None, rows)
     }
 
     /// Creates a volume; with `from` (a snapshot id), a clone of it: a new empty head over the
-    /// snapshot's chain, which it shares.
+    /// snapshot's chain, which it shares. `rows` adds the caller's rows to the transaction.
     pub(crate) fn create_volume_on(
         &self,
         owner: &str,
         name: &str,
         size: u64,
         from: Option<u64>,
+        rows: WithVolume<'_>,
     ) -> Result<VolumeInfo, StoreError> {
         validate_size(size)?;
         validate_name(name)?;
@@ -371,6 +388,13 @@ impl BlockStore {
             catalog::put(&mut layers, layer_id, &lr)?;
             catalog::put(&mut txn.open_table(VOLUMES)?, vol_id, &rec)?;
             names.insert(key.as_str(), vol_id)?;
+            drop((names, layers));
+            if let Err(e) = rows(&txn, vol_id) {
+                drop(head);
+                drop(txn);
+                self.unlink_layers(&[layer_id]);
+                return Err(e);
+            }
             (rec, head)
         };
         if let Err(e) = txn.commit() {

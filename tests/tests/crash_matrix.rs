@@ -11,7 +11,9 @@
 //!   stays deleted, the merge finishes after the restart;
 //! * backup: no backup is half-visible (every listed one verifies), the resumed job completes
 //!   and its backup restores byte for byte;
-//! * restore: the resumed job completes and the volume reads as the backup;
+//! * restore: the resumed job completes and the volume reads as the backup, also when the
+//!   crash came right after the restore's volume was made, or (`volume create --from-backup`)
+//!   before or after the call made the volume for the job it queued;
 //! * replication: the target comes back, replication resumes, a drill reads what the source
 //!   held;
 //! * switchover: the old source never serves writes next to the promoted one; running
@@ -335,6 +337,47 @@ fn crash_points_in_backup_and_restore_never_show_half_a_backup() {
         recover(&mut d);
         assert_job_succeeded(&d, &job, "restore");
         assert_image(&read_volume(&d, &to, size), &image, &format!("volume {to} restored from {id}"));
+        // Crashes around a restore's volume: right after a restore job made it, and in
+        // `volume create --from-backup` before and after it made the volume for its job. The call may
+        // see its connection drop; after the restart the job makes (or finds) the volume,
+        // marked as its own, and fills it: never an empty volume that looks restored.
+        let points = [
+            ("restore-after-create", false),
+            ("create-from-backup-after-submit", true),
+            ("create-from-backup-after-create", true),
+        ];
+        for (point, from_backup) in points {
+            restores += 1;
+            let to = format!("r{restores}");
+            arm(&mut d, point, 0);
+            let out = if from_backup {
+                d.evsctl(&["volume", "create", &to, "--from-backup", &id, "--size", "32M"])
+            } else {
+                d.evsctl(&["backup", "restore", &id, "--to", &to])
+            };
+            assert!(
+                out.status.success() || String::from_utf8_lossy(&out.stderr).contains("connection"),
+                "{point}: {}",
+                format_output(&out)
+            );
+            expect_crash(&mut d, point);
+            recover(&mut d);
+            let target = format!("backup {id} to {to}");
+            let jobs = d.evsctl_json(&["job", "list"]);
+            let job = jobs["jobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|j| j["target"] == target.as_str())
+                .unwrap_or_else(|| panic!("{point}: no job for {target} in {jobs}"));
+            assert_job_succeeded(&d, &job["id"].to_string(), point);
+            let want = if from_backup { 32 * MIB } else { size };
+            let shown = d.evsctl_json(&["volume", "show", &to]);
+            assert_eq!(shown["size_bytes"].as_u64(), Some(want), "{point}: {shown}");
+            let mut image = image.clone();
+            image.resize(want as usize, 0);
+            assert_image(&read_volume(&d, &to, want), &image, &format!("{point}: volume {to} restored from {id}"));
+        }
     }
     // Every backup made through a crash restores byte for byte; gc keeps what they need.
     let gc = d.evsctl_json(&["backup", "gc", "--wait"]);

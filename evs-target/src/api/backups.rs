@@ -520,7 +520,13 @@ impl ControlPlane {
         }
         Ok(self.jobs.submit(
             owner,
-            JobKind::Restore { backup_id: id.to_string(), to: to.to_string(), in_place, tier: tier.to_string() },
+            JobKind::Restore {
+                backup_id: id.to_string(),
+                to: to.to_string(),
+                in_place,
+                tier: tier.to_string(),
+                size: 0,
+            },
         )?)
     }
 
@@ -550,39 +556,36 @@ impl ControlPlane {
             return Err(ValidationError::Size { size, why }.into());
         }
         let size = if size == 0 { b.size_bytes } else { size };
-        // Held until the volume is marked as this job's: the job looks under the same lock, so
-        // it never finds the volume unmarked (and refuses it as someone else's).
+        // Held from the checks to the volume's creation; the job looks for its volume under
+        // the same lock, so it finds it made and marked as its own (or, after a crash between
+        // the two, makes it itself).
         let _g = self.mutations.lock();
-        let mut volume = self.create_volume_locked(owner, name, size, tier, "")?;
+        if self.find(owner, name).is_ok() {
+            return Err(ApiError::VolumeExists(name.to_string()));
+        }
+        self.check_quota(owner, 1, size)?;
         let kind = JobKind::Restore {
             backup_id: id.to_string(),
             to: name.to_string(),
             in_place: false,
             tier: tier.to_string(),
+            size,
         };
-        let marked = self.jobs.submit(owner, kind).map_err(ApiError::from).and_then(|job| {
-            match self.set_restoring(volume.id, Some(job.id)) {
-                Ok(()) => Ok(job),
-                Err(e) => {
-                    // The job cannot have got past its look at the volume (it waits for this
-                    // lock), and stops there.
-                    let _ = self.jobs.cancel(owner, job.id);
-                    Err(e.into())
-                }
+        let job = self.jobs.submit(owner, kind)?;
+        evs_snapshot::crash_point!("create-from-backup-after-submit");
+        match self.create_volume_locked(owner, name, size, tier, "", Some(job.id)) {
+            Ok(mut volume) => {
+                evs_snapshot::crash_point!("create-from-backup-after-create");
+                volume.state = super::jobs::VOLUME_RESTORING.to_string();
+                Ok((volume, job))
             }
-        });
-        let job = match marked {
-            Ok(job) => job,
             Err(e) => {
-                // Nothing half-done: the volume goes again.
-                if let Err(e2) = self.store.delete_volume(volume.id) {
-                    tracing::error!(volume = name, error = %e2, "cannot remove a volume whose restore did not start");
-                }
-                return Err(e);
+                // The job has not got past its look for the volume (it waits for this lock)
+                // and stops there.
+                let _ = self.jobs.cancel(owner, job.id);
+                Err(e)
             }
-        };
-        volume.state = super::jobs::VOLUME_RESTORING.to_string();
-        Ok((volume, job))
+        }
     }
 
     /// Forgets a deleted volume's base (its snapshots went with it) and policy bindings.
@@ -900,7 +903,7 @@ impl ControlPlane {
         ctx: &JobContext,
         created: &mut Vec<(String, u64)>,
     ) -> Result<(), JobError> {
-        let JobKind::Restore { backup_id, to, in_place, tier } = &job.kind else {
+        let JobKind::Restore { backup_id, to, in_place, tier, size } = &job.kind else {
             unreachable!("run_restore of another kind")
         };
         ctx.check_cancelled()?;
@@ -923,22 +926,26 @@ impl ControlPlane {
                 (info.id, false)
             } else {
                 let name = if b.kind == "server" { format!("{to}-{}", p.volume) } else { to.clone() };
-                let found = {
-                    // The lock `create_volume_from_backup` holds from creating a volume for
-                    // this job until marking it.
+                let id = {
+                    // The lock `create_volume_from_backup` holds from its checks until it has
+                    // made this job's volume.
                     let _g = self.mutations.lock();
-                    // Cancelled there when the volume could not be marked (and is gone).
+                    // Cancelled there when the volume could not be made.
                     ctx.check_cancelled()?;
-                    self.find(tenant, &name).ok().map(|info| (info.id, self.restoring_job(info.id)))
-                };
-                let id = match found {
-                    // Made for this job (`volume create --from-backup`), or a restart cut this
-                    // restore off: the volume is ours if `restoring` says so.
-                    Some((id, marked)) if marked == Some(job.id) => id,
-                    Some(_) => return Err(job_failed(ApiError::VolumeExists(name))),
-                    None => {
-                        let v = self.create_volume(tenant, &name, manifest.volume_size, tier).map_err(job_failed)?;
-                        v.id
+                    match self.find(tenant, &name) {
+                        // Made for this job (`volume create --from-backup`), or by this job
+                        // before a restart cut it off: `restoring` says which volume is ours.
+                        Ok(info) if self.restoring_job(info.id) == Some(job.id) => info.id,
+                        Ok(_) => return Err(job_failed(ApiError::VolumeExists(name))),
+                        Err(_) => {
+                            let tier = self.tier_for(tenant, tier).map_err(job_failed)?;
+                            let size = (*size).max(manifest.volume_size);
+                            let v = self
+                                .create_volume_locked(tenant, &name, size, tier, "", Some(job.id))
+                                .map_err(job_failed)?;
+                            evs_snapshot::crash_point!("restore-after-create");
+                            v.id
+                        }
                     }
                 };
                 created.push((name, id));

@@ -159,6 +159,30 @@ pub enum OpenError {
     Bootstrap(#[from] auth::BootstrapError),
 }
 
+/// This layer's rows of a new volume, written in the transaction that creates it
+/// (`BlockStore::create_volume_with`): a crash never leaves a volume without its tier, nor one
+/// that looks whole and ready while its restore or replication has not begun.
+pub(super) struct VolumeRows<'a> {
+    pub tier: &'a str,
+    /// The restore job that is to fill the volume.
+    pub restoring: Option<u64>,
+    /// The protection group (key) the volume is a replica in.
+    pub replica_of: Option<&'a str>,
+}
+
+impl VolumeRows<'_> {
+    pub fn write(&self, w: &redb::WriteTransaction, id: u64) -> Result<(), StoreError> {
+        w.open_table(VOLUME_TIERS)?.insert(id, self.tier)?;
+        if let Some(job) = self.restoring {
+            w.open_table(backups::RESTORING)?.insert(id, job)?;
+        }
+        if let Some(key) = self.replica_of {
+            w.open_table(dr::DR_REPLICAS)?.insert(id, key)?;
+        }
+        Ok(())
+    }
+}
+
 impl ControlPlane {
     /// Creates the control plane's tables if needed, creates the admin tenant on first start
     /// (token in `<data_dir>/admin.token`) and reloads the persisted attachments into
@@ -434,7 +458,7 @@ impl ControlPlane {
         }
         let tier = self.tier_for(owner, tier)?;
         let _g = self.mutations.lock();
-        self.create_volume_locked(owner, name, size, tier, from_snapshot)
+        self.create_volume_locked(owner, name, size, tier, from_snapshot, None)
     }
 
     /// `tier` checked, and allowed to `owner`.
@@ -455,15 +479,17 @@ impl ControlPlane {
         size: u64,
         tier: &'static str,
         from_snapshot: &str,
+        restoring: Option<u64>,
     ) -> Result<pb::Volume, ApiError> {
+        let rows = |w: &redb::WriteTransaction, id: u64| VolumeRows { tier, restoring, replica_of: None }.write(w, id);
         let created = if from_snapshot.is_empty() {
             self.check_quota(owner, 1, size)?;
-            self.store.create_volume(owner, name, size)
+            self.store.create_volume_with(owner, name, size, &rows)
         } else {
             let snap = self.snapshot_ref(owner, from_snapshot)?;
             let snap_size = self.store.snapshot_info(snap)?.size;
             self.check_quota(owner, 1, size.max(snap_size))?;
-            self.store.clone_snapshot(owner, name, snap, (size != 0).then_some(size))
+            self.store.clone_snapshot_with(owner, name, snap, (size != 0).then_some(size), &rows)
         };
         let info = match created {
             Err(StoreError::VolumeExists(_)) => {
@@ -475,13 +501,6 @@ impl ControlPlane {
             }
             other => other?,
         };
-        if let Err(e) = self.set_tier_row(info.id, tier) {
-            // Nothing half-done: a volume whose tier could not be recorded is removed again.
-            if let Err(e2) = self.store.delete_volume(info.id) {
-                tracing::error!(volume = name, error = %e2, "cannot remove a half-created volume");
-            }
-            return Err(e.into());
-        }
         tracing::info!(owner, volume = name, id = info.id, size, tier, "volume created");
         Ok(self.describe(&info, tier.to_string()))
     }

@@ -149,9 +149,13 @@ impl ControlPlane {
                 } else {
                     ""
                 };
-                let info = self.store.create_volume(tenant, &p.volume, p.size_bytes)?;
-                self.set_tier_row(info.id, super::validate::validate_tier(tier)?)?;
-                self.set_replica(info.id, Some(&key))?;
+                let rows = super::VolumeRows {
+                    tier: super::validate::validate_tier(tier)?,
+                    restoring: None,
+                    replica_of: Some(&key),
+                };
+                let info =
+                    self.store.create_volume_with(tenant, &p.volume, p.size_bytes, &|w, id| rows.write(w, id))?;
                 added.push((p.clone(), info.id));
             }
         }

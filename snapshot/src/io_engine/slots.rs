@@ -7,20 +7,19 @@
 #[derive(Debug)]
 pub struct Slots<T> {
     slots: Vec<Option<T>>,
+    /// Slots that hold nothing, reused last-freed first.
     free: Vec<usize>,
-    len: usize,
 }
 
 impl<T> Default for Slots<T> {
     fn default() -> Self {
-        Slots { slots: Vec::new(), free: Vec::new(), len: 0 }
+        Slots { slots: Vec::new(), free: Vec::new() }
     }
 }
 
 impl<T> Slots<T> {
     /// Stores `s` and returns its slot (the op's tag).
     pub fn insert(&mut self, s: T) -> usize {
-        self.len += 1;
         match self.free.pop() {
             Some(i) => {
                 self.slots[i] = Some(s);
@@ -37,7 +36,6 @@ impl<T> Slots<T> {
     pub fn take(&mut self, slot: usize) -> Option<T> {
         let s = self.slots.get_mut(slot).and_then(Option::take)?;
         self.free.push(slot);
-        self.len -= 1;
         Some(s)
     }
 
@@ -48,12 +46,12 @@ impl<T> Slots<T> {
 
     /// Requests in flight.
     pub fn len(&self) -> usize {
-        self.len
+        self.slots.len() - self.free.len()
     }
 
     /// No request in flight.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 }
 
