@@ -19,8 +19,12 @@ use clap::Parser;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::api::validate::validate_tier_name;
 use crate::jobs::{JobOptions, DEFAULT_MAX_RUNNING_PER_TENANT};
-use crate::qos::{default_tiers, TierSpec, MB};
+use crate::qos::{default_tiers, RateSpec, TierSpec, DEFAULT_BURST_SECONDS, MB};
+
+/// For messages about `[tiers.NAME]`.
+const BUILT_IN_TIERS: &str = "common, high, gpssd, ultra-high and essd";
 
 pub const DEFAULT_DATA_DIR: &str = "./evs-data";
 pub const DEFAULT_AZ: &str = "az1";
@@ -606,18 +610,17 @@ impl FileConfig {
             Some(tables) => {
                 let mut tiers = default_tiers();
                 for (name, t) in tables {
-                    let Some(tier) = tiers.iter_mut().find(|x| &x.name == name.get_ref()) else {
-                        return Err(value_err(
-                            "tiers",
-                            name.span().start,
-                            format!(
-                                "unknown tier {:?} (the tiers are common, high, gpssd, ultra-high and essd; \
-                                 unlimited has no limits to set)",
-                                name.get_ref()
-                            ),
-                        ));
-                    };
-                    apply_tier(tier, t, name.span().start, &value_err)?;
+                    let at = name.span().start;
+                    let name = name.into_inner();
+                    if let Some(tier) = tiers.iter_mut().find(|x| x.name == name) {
+                        apply_tier(tier, t, at, &value_err)?;
+                        continue;
+                    }
+                    if let Err(why) = validate_tier_name(&name) {
+                        return Err(value_err("tiers", at, format!("invalid tier name {name:?}: {why}")));
+                    }
+                    let tier = new_tier(name, t, at, &value_err)?;
+                    tiers.push(tier);
                 }
                 Some(tiers)
             }
@@ -743,6 +746,39 @@ impl FileConfig {
             lines,
         })
     }
+}
+
+/// A tier the config file adds (`[tiers.NAME]` of a name not built in). It must give
+/// `iops_max` and `mbps_max`; the keys it leaves out make a flat limit: the baseline is the
+/// max (0 when it gives a per-GiB rate), no per-GiB growth, no burst.
+fn new_tier(
+    name: String,
+    t: RawTier,
+    at: usize,
+    err: &impl Fn(&'static str, usize, String) -> ConfigError,
+) -> Result<TierSpec, ConfigError> {
+    let value = |v: &Option<Spanned<f64>>| v.as_ref().map(|v| *v.get_ref());
+    let (Some(iops), Some(mbps)) = (value(&t.iops_max), value(&t.mbps_max)) else {
+        return Err(err(
+            "tiers",
+            at,
+            format!("new tier {name:?} needs iops_max and mbps_max (the built-in tiers are {BUILT_IN_TIERS})"),
+        ));
+    };
+    let rate = |max: f64, per_gib: &Option<Spanned<f64>>| RateSpec {
+        baseline: if per_gib.is_some() { 0.0 } else { max },
+        per_gib: 0.0,
+        max,
+        burst: 0.0,
+    };
+    let mut tier = TierSpec {
+        iops: rate(iops, &t.iops_per_gib),
+        bandwidth: rate(mbps * MB, &t.mbps_per_gib),
+        name,
+        burst_seconds: DEFAULT_BURST_SECONDS,
+    };
+    apply_tier(&mut tier, t, at, err)?;
+    Ok(tier)
 }
 
 /// Applies one `[tiers.NAME]` table to `tier`, checking every value.
@@ -1487,9 +1523,34 @@ allow_plaintext = true
         assert_eq!(c.tiers.iter().find(|t| t.name == "essd"), default_tiers().iter().find(|t| t.name == "essd"));
         assert_eq!(c.default_quota, Quota { max_volumes: 3, max_capacity: 10 << 30 });
 
+        // A new tier needs its two maxima; the keys it leaves out make a flat limit.
         let e = with_file("\n[tiers.fast]\niops_max = 1\n", &[]).unwrap_err();
         assert!(matches!(e, ConfigError::Value { line: 2, key: "tiers", .. }), "{e}");
-        assert!(e.to_string().contains("unknown tier \"fast\""), "{e}");
+        assert!(e.to_string().contains("new tier \"fast\" needs iops_max and mbps_max"), "{e}");
+        let c = with_file("[tiers.fast]\niops_max = 900\nmbps_max = 50\n\n[tiers.slow]\niops_max = 90\niops_per_gib = 2\nmbps_max = 5\nmbps_burst = 9\nburst_seconds = 10\n", &[]).unwrap();
+        assert_eq!(c.tiers.len(), default_tiers().len() + 2);
+        let fast = c.tiers.iter().find(|t| t.name == "fast").unwrap();
+        assert_eq!(
+            (fast.iops, fast.bandwidth),
+            (
+                RateSpec { baseline: 900.0, per_gib: 0.0, max: 900.0, burst: 0.0 },
+                RateSpec { baseline: 50e6, per_gib: 0.0, max: 50e6, burst: 0.0 }
+            )
+        );
+        assert_eq!(fast.burst_seconds, DEFAULT_BURST_SECONDS);
+        let slow = c.tiers.iter().find(|t| t.name == "slow").unwrap();
+        assert_eq!(
+            slow.iops,
+            RateSpec { baseline: 0.0, per_gib: 2.0, max: 90.0, burst: 0.0 },
+            "a per-GiB rate starts from 0"
+        );
+        assert_eq!((slow.bandwidth.baseline, slow.bandwidth.burst, slow.burst_seconds), (5e6, 9e6, 10.0));
+        assert_eq!(slow.limits(10 << 30).iops, 20.0);
+        let e = with_file("[tiers.\"no good\"]\niops_max = 1\nmbps_max = 1\n", &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::Value { line: 1, key: "tiers", .. }), "{e}");
+        assert!(e.to_string().contains("invalid tier name \"no good\""), "{e}");
+        let e = with_file("[tiers.unlimited]\niops_max = 1\nmbps_max = 1\n", &[]).unwrap_err();
+        assert!(e.to_string().contains("the tier without limits"), "{e}");
         let e = with_file("[tiers.high]\n\niops_max = -3\n", &[]).unwrap_err();
         assert!(matches!(e, ConfigError::Value { line: 3, key: "iops_max", .. }), "{e}");
         // A zero limit names the key that made it zero, on its line.

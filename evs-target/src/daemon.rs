@@ -277,7 +277,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || ControlPlane::open(store, exports, &dir, endpoints, opts))
             .await
             .context("opening the control plane")?
-            .context("cannot open the control plane tables in the catalog")?
+            .context("cannot open the control plane")?
     };
     if let Some(path) = &report.admin_token_created {
         tracing::info!(token_file = %path.display(), "created tenant admin");

@@ -428,7 +428,8 @@ pub enum VolumeCommand {
         /// size, and may only be larger.
         #[arg(long, value_parser = parse_size, required_unless_present_any = ["from_snapshot", "from_backup"])]
         size: Option<u64>,
-        /// Performance tier: common, high, gpssd, ultra-high, essd, unlimited [default: gpssd].
+        /// Performance tier: common, high, gpssd, ultra-high, essd, unlimited, or one the daemon's
+        /// config file adds [default: gpssd].
         #[arg(long)]
         tier: Option<String>,
         /// Clone of a snapshot: instant, shares its data until written.

@@ -5,8 +5,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use evs_tests::bin_path;
 use evs_tests::tools::{format_output, output_with_timeout};
+use evs_tests::util::{Rng, MIB};
+use evs_tests::{bin_path, Daemon, DaemonOptions, NbdClient};
 
 /// `(what, file text with the bad line marked by a trailing "# <-", things the message names)`.
 fn cases() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
@@ -21,7 +22,9 @@ fn cases() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
         ("bad listen address", "api_listen = \"not-an-address\" # <-\n", &["api_listen"]),
         ("bad io backend", "io_backend = \"magic\" # <-\n", &["io_backend", "magic"]),
         ("bad nbd_tls", "nbd_tls = \"maybe\" # <-\n", &["nbd_tls", "maybe"]),
-        ("unknown tier", "[tiers.turbo] # <-\niops_max = 5\n", &["tiers", "turbo"]),
+        ("new tier without its limits", "[tiers.turbo] # <-\niops_max = 5\n", &["tiers", "turbo", "mbps_max"]),
+        ("bad tier name", "[tiers.Turbo] # <-\niops_max = 5\nmbps_max = 5\n", &["tiers", "Turbo", "lowercase"]),
+        ("limits for unlimited", "[tiers.unlimited] # <-\niops_max = 5\nmbps_max = 5\n", &["unlimited"]),
         ("unknown tier key", "[tiers.gpssd]\niops = 5 # <-\n", &["iops"]),
         ("tier value of the wrong type", "[tiers.gpssd]\niops_max = \"fast\" # <-\n", &["iops_max"]),
         ("negative tier value", "[tiers.gpssd]\niops_baseline = 100\niops_max = -5 # <-\n", &["iops_max"]),
@@ -90,4 +93,55 @@ fn a_bad_flag_gets_one_line_and_exit_2() {
         assert!(err.starts_with("evs-target: error: ") && err.contains(needle), "{args:?}: {err}");
     }
     assert!(!dir.path().join("evs-data").exists(), "a bad flag created the data directory");
+}
+
+const GOLD: &str = "[tiers.gold]\niops_max = 800\nmbps_max = 35\n";
+
+/// A tier the config file adds is a tier like the built-in ones (create, set-tier, the limits
+/// `volume show` prints, the list in errors); taking it out of the file while a volume has it
+/// stops the daemon at start-up, naming the volume and the tier, and changes nothing.
+#[test]
+fn a_tier_the_config_adds_serves_volumes_and_cannot_vanish_under_them() {
+    let mut d = Daemon::start_with(DaemonOptions { config: Some(GOLD.into()), ..Default::default() });
+    d.evsctl_ok(&["volume", "create", "v", "--size", "10G", "--tier", "gold"]);
+    let q = &d.show_volume("v")["qos"];
+    // Flat: the baseline is the max, no per-GiB growth, no burst.
+    assert_eq!((q["iops_limit"].as_f64(), q["bandwidth_limit"].as_f64()), (Some(800.0), Some(35e6)), "{q}");
+    assert_eq!(q["iops_burst_capacity"].as_f64(), Some(0.0), "{q}");
+    d.evsctl_ok(&["volume", "create", "w", "--size", "1G"]);
+    d.evsctl_ok(&["volume", "set-tier", "w", "--tier", "gold"]);
+    assert_eq!(d.show_volume("w")["tier"], "gold");
+    let out = d.evsctl(&["volume", "create", "x", "--size", "1G", "--tier", "platinum"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("essd, gold, unlimited"), "{}", format_output(&out));
+
+    let mut rng = Rng::from_env_or_time("custom tier");
+    let data = rng.bytes(MIB as usize);
+    let mut c = NbdClient::connect(&d.attach("v")).expect("connect");
+    c.write(0, &data).expect("write");
+    c.flush().expect("flush");
+    c.disconnect().expect("disconnect");
+    // What the served volume's limiter holds (the data path's), not only what a tier computes.
+    assert_eq!(d.show_volume("v")["qos"]["iops_limit"].as_f64(), Some(800.0));
+    assert!(d.terminate().success());
+
+    // Without [tiers.gold] the volumes would run unlimited: refused.
+    std::fs::write(d.config_path(), "az = \"az1\"\n").unwrap();
+    let out = output_with_timeout(&mut d.command(), Duration::from_secs(30));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}", format_output(&out));
+    assert!(
+        err.contains("tier \"gold\"") && err.contains("volume \"") && err.contains("[tiers.gold]"),
+        "the error names neither the volume nor the tier: {err}"
+    );
+
+    // With it back, all is as it was.
+    std::fs::write(d.config_path(), GOLD).unwrap();
+    d.restart();
+    for v in ["v", "w"] {
+        assert_eq!(d.show_volume(v)["tier"], "gold", "{v}");
+    }
+    let mut c = NbdClient::connect(&d.attach("v")).expect("connect");
+    assert!(c.read_all(0, MIB, 1 << 20).expect("read") == data, "volume v after the refused start");
+    c.disconnect().expect("disconnect");
 }

@@ -486,7 +486,7 @@ impl ControlPlane {
         if in_place != to.is_empty() {
             return Err(ValidationError::RestoreTarget.into());
         }
-        let tier = super::validate::validate_tier(tier)?;
+        let tier = super::validate::validate_tier(tier, &self.tiers)?;
         let _g = self.mutations.lock();
         let volumes: Vec<String> = if b.kind == "server" {
             b.volumes.iter().map(|v| v.volume.clone()).collect()

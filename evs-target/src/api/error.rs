@@ -273,7 +273,10 @@ mod tests {
     #[test]
     fn api_errors_map_to_codes() {
         assert_eq!(status(AuthError::Missing).code(), Code::Unauthenticated);
-        assert_eq!(status(ValidationError::Tier("x".into())).code(), Code::InvalidArgument);
+        assert_eq!(
+            status(ValidationError::Tier { name: "x".into(), known: String::new() }).code(),
+            Code::InvalidArgument
+        );
         let s = status(ApiError::Attached("db".into()));
         assert_eq!(s.code(), Code::FailedPrecondition);
         assert_eq!(s.message(), "volume \"db\" is attached; detach it first");

@@ -157,6 +157,12 @@ pub enum OpenError {
     Catalog(#[from] StoreError),
     #[error(transparent)]
     Bootstrap(#[from] auth::BootstrapError),
+    /// Its QoS limits would be gone: refused rather than serve the volume unlimited.
+    #[error(
+        "volume {volume:?} of tenant {tenant:?} has tier {tier:?}, which the config file no longer defines \
+         (the tiers are {known}): define [tiers.{tier}] again, or set-tier its volumes before removing it"
+    )]
+    UnknownTier { volume: String, tenant: String, tier: String, known: String },
 }
 
 /// This layer's rows of a new volume, written in the transaction that creates it
@@ -212,6 +218,7 @@ impl ControlPlane {
         w.open_table(dr::DR_REPLICAS).map_err(StoreError::from)?;
         w.commit().map_err(StoreError::from)?;
 
+        Self::check_tiers(&store, &opts.tiers)?;
         let tenants = Tenants::load(db)?;
         let audit = AuditLog::open(db)?;
         let mut report =
@@ -240,6 +247,34 @@ impl ControlPlane {
         let executor: Arc<dyn crate::jobs::JobExecutor> = cp.clone();
         cp.jobs.start(Arc::downgrade(&executor));
         Ok((cp, report))
+    }
+
+    /// Every volume's tier is one of `tiers` (or `unlimited`): a tier taken out of the config
+    /// file while volumes still had it would leave them without limits.
+    fn check_tiers(store: &BlockStore, tiers: &[TierSpec]) -> Result<(), OpenError> {
+        let rows: Vec<(u64, String)> = {
+            let r = store.catalog().begin_read().map_err(StoreError::from)?;
+            let t = r.open_table(VOLUME_TIERS).map_err(StoreError::from)?;
+            let mut rows = Vec::new();
+            for row in t.iter().map_err(StoreError::from)? {
+                let (id, tier) = row.map_err(StoreError::from)?;
+                rows.push((id.value(), tier.value().to_string()));
+            }
+            rows
+        };
+        for (id, tier) in rows {
+            if validate_tier(&tier, tiers).is_err() {
+                let (volume, tenant) = match store.volume_info(id) {
+                    Ok(info) => (info.name, info.owner),
+                    // A row left by a volume that is gone (deleted before tier rows went with
+                    // it) limits nothing.
+                    Err(StoreError::VolumeNotFound(_)) => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                return Err(OpenError::UnknownTier { volume, tenant, tier, known: validate::tier_names(tiers) });
+            }
+        }
+        Ok(())
     }
 
     /// Mirrors the `attachments` table into the export registry. Rows whose volume is gone
@@ -462,8 +497,8 @@ impl ControlPlane {
     }
 
     /// `tier` checked, and allowed to `owner`.
-    pub(super) fn tier_for(&self, owner: &str, tier: &str) -> Result<&'static str, ApiError> {
-        let tier = validate_tier(tier)?;
+    pub(super) fn tier_for(&self, owner: &str, tier: &str) -> Result<&str, ApiError> {
+        let tier = validate_tier(tier, &self.tiers)?;
         if tier == UNLIMITED_TIER && owner != ADMIN_TENANT {
             return Err(ApiError::TierDenied);
         }
@@ -477,7 +512,7 @@ impl ControlPlane {
         owner: &str,
         name: &str,
         size: u64,
-        tier: &'static str,
+        tier: &str,
         from_snapshot: &str,
         restoring: Option<u64>,
     ) -> Result<pb::Volume, ApiError> {
@@ -579,9 +614,9 @@ impl ControlPlane {
     pub fn set_volume_tier(&self, owner: &str, name: &str, tier: &str) -> Result<pb::Volume, ApiError> {
         validate_volume_name(name)?;
         if tier.is_empty() {
-            return Err(ValidationError::Tier(String::new()).into());
+            return Err(ValidationError::Tier { name: String::new(), known: validate::tier_names(&self.tiers) }.into());
         }
-        let tier = validate_tier(tier)?;
+        let tier = validate_tier(tier, &self.tiers)?;
         if tier == UNLIMITED_TIER && owner != ADMIN_TENANT {
             return Err(ApiError::TierDenied);
         }

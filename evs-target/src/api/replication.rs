@@ -144,13 +144,13 @@ impl ControlPlane {
             let bytes = new.iter().try_fold(0u64, |acc, p| acc.checked_add(p.size_bytes));
             self.check_quota(tenant, new.len() as u64, bytes.unwrap_or(u64::MAX))?;
             for p in new {
-                let tier = if super::validate::validate_tier(&p.tier).is_ok() && p.tier != "unlimited" {
+                let tier = if super::validate::validate_tier(&p.tier, &self.tiers).is_ok() && p.tier != "unlimited" {
                     p.tier.as_str()
                 } else {
                     ""
                 };
                 let rows = super::VolumeRows {
-                    tier: super::validate::validate_tier(tier)?,
+                    tier: super::validate::validate_tier(tier, &self.tiers)?,
                     restoring: None,
                     replica_of: Some(&key),
                 };

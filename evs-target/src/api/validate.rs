@@ -5,8 +5,10 @@ use std::fmt;
 
 use evs_snapshot::MAX_VOLUME_SIZE;
 
-/// The performance tiers of the service description, in the order of the SPEC's table.
-pub const TIERS: [&str; 6] = ["common", "high", "gpssd", "ultra-high", "essd", "unlimited"];
+use crate::qos::TierSpec;
+
+/// Longest tier name (tiers the config file adds are named like volumes, shorter).
+pub const MAX_TIER_NAME_LEN: usize = 32;
 /// The tier of a volume created without `--tier`.
 pub const DEFAULT_TIER: &str = "gpssd";
 /// The tier without QoS, reserved for the admin tenant (benchmarks, infrastructure volumes).
@@ -23,8 +25,8 @@ pub enum ValidationError {
     Name { name: String, why: &'static str },
     #[error("invalid size {size} bytes: {why}")]
     Size { size: u64, why: String },
-    #[error("unknown tier {0:?} (expected one of: common, high, gpssd, ultra-high, essd, unlimited)")]
-    Tier(String),
+    #[error("unknown tier {name:?} (expected one of: {known})")]
+    Tier { name: String, known: String },
     #[error("invalid snapshot name {name:?}: {why}")]
     SnapshotName { name: String, why: &'static str },
     #[error("invalid snapshot reference {0:?}: expected VOLUME@SNAP")]
@@ -181,12 +183,43 @@ pub fn validate_volume_size(size: u64) -> Result<(), ValidationError> {
     Ok(())
 }
 
-/// The canonical tier name for `tier`; the empty string means the default tier.
-pub fn validate_tier(tier: &str) -> Result<&'static str, ValidationError> {
+/// The canonical name of `tier` among the configured `tiers` and `unlimited`; the empty
+/// string means the default tier.
+pub fn validate_tier<'a>(tier: &str, tiers: &'a [TierSpec]) -> Result<&'a str, ValidationError> {
     if tier.is_empty() {
         return Ok(DEFAULT_TIER);
     }
-    TIERS.iter().copied().find(|t| *t == tier).ok_or_else(|| ValidationError::Tier(tier.to_string()))
+    if tier == UNLIMITED_TIER {
+        return Ok(UNLIMITED_TIER);
+    }
+    tiers
+        .iter()
+        .map(|t| t.name.as_str())
+        .find(|t| *t == tier)
+        .ok_or_else(|| ValidationError::Tier { name: tier.to_string(), known: tier_names(tiers) })
+}
+
+/// The tiers a volume can have, for messages: "common, high, …, unlimited".
+pub fn tier_names(tiers: &[TierSpec]) -> String {
+    tiers.iter().map(|t| t.name.as_str()).chain([UNLIMITED_TIER]).collect::<Vec<_>>().join(", ")
+}
+
+/// A name for a tier the config file adds: 1 to 32 of `a-z`, `0-9` and `-`, starting with a
+/// letter (so it reads well in `volume list` and metric labels); `unlimited` is taken.
+pub fn validate_tier_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name.len() > MAX_TIER_NAME_LEN {
+        return Err("a tier name has 1 to 32 characters");
+    }
+    if !name.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return Err("a tier name starts with a lowercase letter");
+    }
+    if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+        return Err("a tier name has only a-z, 0-9 and '-'");
+    }
+    if name == UNLIMITED_TIER {
+        return Err("unlimited is the tier without limits; it has none to set");
+    }
+    Ok(())
 }
 
 /// Bytes in binary units for messages ("10 GiB", "1.5 MiB", "4096 B").
@@ -271,12 +304,39 @@ mod tests {
 
     #[test]
     fn tiers() {
-        assert_eq!(validate_tier(""), Ok("gpssd"));
-        for t in TIERS {
-            assert_eq!(validate_tier(t), Ok(t));
+        let mut tiers = crate::qos::default_tiers();
+        assert_eq!(validate_tier("", &tiers), Ok("gpssd"));
+        for t in ["common", "high", "gpssd", "ultra-high", "essd", "unlimited"] {
+            assert_eq!(validate_tier(t, &tiers), Ok(t));
         }
-        assert_eq!(validate_tier("GPSSD"), Err(ValidationError::Tier("GPSSD".into())));
-        assert!(validate_tier("fast").unwrap_err().to_string().contains("\"fast\""));
+        let known = "common, high, gpssd, ultra-high, essd, unlimited".to_string();
+        assert_eq!(validate_tier("GPSSD", &tiers), Err(ValidationError::Tier { name: "GPSSD".into(), known }));
+        assert!(validate_tier("fast", &tiers).unwrap_err().to_string().contains("\"fast\""));
+        // A tier of the config file is known, and listed in the error.
+        tiers.push(TierSpec { name: "fast".into(), ..tiers[0].clone() });
+        assert_eq!(validate_tier("fast", &tiers), Ok("fast"));
+        let msg = validate_tier("slow", &tiers).unwrap_err().to_string();
+        assert!(msg.ends_with("(expected one of: common, high, gpssd, ultra-high, essd, fast, unlimited)"), "{msg}");
+    }
+
+    #[test]
+    fn tier_names() {
+        for ok in ["gold", "nvme-2", "a", &"x".repeat(32)] {
+            assert_eq!(validate_tier_name(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("", "1 to 32"),
+            (&"x".repeat(33), "1 to 32"),
+            ("2fast", "starts with"),
+            ("-x", "starts with"),
+            ("Gold", "starts with"),
+            ("go ld", "only a-z"),
+            ("gold!", "only a-z"),
+            ("unlimited", "without limits"),
+        ] {
+            let e = validate_tier_name(bad).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
     }
 
     #[test]
