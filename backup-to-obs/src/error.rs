@@ -37,6 +37,8 @@ pub enum StoreError {
     InvalidKey { key: String, why: &'static str },
     #[error("object store configuration: {0}")]
     Config(String),
+    #[error("invalid backup store URL {url:?}: {why}")]
+    Url { url: String, why: String },
 }
 
 impl StoreError {

@@ -36,6 +36,7 @@ pub mod fixed_index;
 pub mod layout;
 pub mod manifest;
 pub mod object_store;
+pub mod store_url;
 
 pub use chunk::{decode_chunk, encode_chunk, ChunkId};
 pub use crypto::{key_fingerprint, TenantKeys};
@@ -50,3 +51,4 @@ pub use manifest::{parse_manifest, BackupKind, BackupStats, Manifest, ServerMani
 pub use object_store::{
     FaultEffect, FaultRule, FaultyStore, ObjectMeta, ObjectStore, OpendalStore, StoreConfig, StoreTuning,
 };
+pub use store_url::StoreUrl;

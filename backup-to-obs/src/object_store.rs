@@ -63,7 +63,7 @@ impl std::fmt::Debug for StoreConfig {
     }
 }
 
-/// The variables a URL's credentials come from (`StoreConfig::from_url_env`).
+/// The variables a URL's credentials come from (`StoreUrl::with_env_keys`).
 pub const ENV_ACCESS_KEY: &str = "AWS_ACCESS_KEY_ID";
 pub const ENV_SECRET_KEY: &str = "AWS_SECRET_ACCESS_KEY";
 
@@ -77,92 +77,6 @@ impl StoreConfig {
             StoreConfig::Obs { bucket, prefix, endpoint, .. } => format!("obs://{bucket}/{prefix} at {endpoint}"),
         }
     }
-
-    /// Parses a store URL: `file:///path`, `s3://bucket[/prefix]?endpoint=URL&region=R`
-    /// (endpoint defaults to AWS's for the region), `obs://bucket[/prefix]?endpoint=URL`.
-    /// S3 and OBS need both keys. Pure: the caller reads the keys (see `from_url_env`).
-    pub fn parse_url(url: &str, access_key: Option<&str>, secret_key: Option<&str>) -> Result<StoreConfig, StoreError> {
-        let bad = |why: String| Err(StoreError::Config(format!("backup store URL {url:?}: {why}")));
-        let Some((scheme, rest)) = url.split_once("://") else {
-            return bad("expected file:///PATH, s3://BUCKET/PREFIX?… or obs://BUCKET/PREFIX?…".into());
-        };
-        if scheme == "file" {
-            if !rest.starts_with('/') || rest.contains('?') {
-                return bad("a file URL needs an absolute path (file:///var/lib/evs/obs)".into());
-            }
-            return Ok(StoreConfig::File { path: PathBuf::from(rest) });
-        }
-        if scheme != "s3" && scheme != "obs" {
-            return bad(format!("unknown scheme {scheme:?} (file, s3 or obs)"));
-        }
-        let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let (bucket, prefix) = location.split_once('/').unwrap_or((location, ""));
-        if bucket.is_empty() || !bucket.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_')) {
-            return bad(format!("invalid bucket name {bucket:?}"));
-        }
-        let prefix = prefix.trim_matches('/');
-        if prefix.split('/').any(|c| c == "." || c == "..") || prefix.contains("//") {
-            return bad(format!("invalid key prefix {prefix:?}"));
-        }
-        let (mut endpoint, mut region) = (None, None);
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let v = match percent_decode(v) {
-                Some(v) if !v.is_empty() => v,
-                _ => return bad(format!("bad value for {k:?}")),
-            };
-            match k {
-                "endpoint" => endpoint = Some(v),
-                "region" if scheme == "s3" => region = Some(v),
-                _ => return bad(format!("unknown parameter {k:?}")),
-            }
-        }
-        if let Some(e) = &endpoint {
-            if !(e.starts_with("http://") || e.starts_with("https://")) {
-                return bad(format!("endpoint {e:?} must start with http:// or https://"));
-            }
-        }
-        let (Some(access_key), Some(secret_key)) = (access_key, secret_key) else {
-            return bad(format!("{scheme} credentials are missing: set {ENV_ACCESS_KEY} and {ENV_SECRET_KEY}"));
-        };
-        let (access_key, secret_key) = (access_key.to_string(), secret_key.to_string());
-        let (bucket, prefix) = (bucket.to_string(), prefix.to_string());
-        if scheme == "obs" {
-            let Some(endpoint) = endpoint else {
-                return bad("an obs URL needs endpoint=https://obs.REGION.myhuaweicloud.com".into());
-            };
-            return Ok(StoreConfig::Obs { bucket, prefix, endpoint, access_key, secret_key });
-        }
-        let Some(region) = region else {
-            return bad("an s3 URL needs region=R (for Garage, its s3_region)".into());
-        };
-        let endpoint = endpoint.unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
-        Ok(StoreConfig::S3 { bucket, prefix, endpoint, region, access_key, secret_key })
-    }
-
-    /// `parse_url` with the keys from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
-    pub fn from_url_env(url: &str) -> Result<StoreConfig, StoreError> {
-        let a = std::env::var(ENV_ACCESS_KEY).ok().filter(|v| !v.is_empty());
-        let s = std::env::var(ENV_SECRET_KEY).ok().filter(|v| !v.is_empty());
-        StoreConfig::parse_url(url, a.as_deref(), s.as_deref())
-    }
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// Checks an object key: relative, '/'-separated, no empty, `.` or `..` components.
@@ -536,62 +450,6 @@ impl ObjectStore for FaultyStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls() {
-        let c = StoreConfig::parse_url("file:///var/lib/evs/obs", None, None).unwrap();
-        assert_eq!(c, StoreConfig::File { path: "/var/lib/evs/obs".into() });
-        let c = StoreConfig::parse_url(
-            "s3://evs-backups/a/b/?endpoint=http%3A%2F%2F127.0.0.1%3A3900&region=garage",
-            Some("GK1"),
-            Some("secret"),
-        )
-        .unwrap();
-        assert_eq!(
-            c,
-            StoreConfig::S3 {
-                bucket: "evs-backups".into(),
-                prefix: "a/b".into(),
-                endpoint: "http://127.0.0.1:3900".into(),
-                region: "garage".into(),
-                access_key: "GK1".into(),
-                secret_key: "secret".into()
-            }
-        );
-        assert!(!format!("{c:?}").contains("secret"));
-        let c = StoreConfig::parse_url("s3://b?region=eu-west-1&endpoint=http://h:1", Some("a"), Some("s")).unwrap();
-        assert!(
-            matches!(c, StoreConfig::S3 { ref prefix, ref endpoint, .. } if prefix.is_empty() && endpoint == "http://h:1")
-        );
-        let c = StoreConfig::parse_url("s3://b?region=eu-west-1", Some("a"), Some("s")).unwrap();
-        assert!(matches!(c, StoreConfig::S3 { ref endpoint, .. } if endpoint == "https://s3.eu-west-1.amazonaws.com"));
-        let c =
-            StoreConfig::parse_url("obs://b/p?endpoint=https://obs.cn-north-4.myhuaweicloud.com", Some("a"), Some("s"))
-                .unwrap();
-        assert!(matches!(c, StoreConfig::Obs { .. }));
-    }
-
-    #[test]
-    fn bad_urls_are_refused_clearly() {
-        let cases: &[(&str, &str)] = &[
-            ("/var/lib/evs", "expected file:///PATH"),
-            ("file://relative", "absolute path"),
-            ("ftp://x", "unknown scheme"),
-            ("s3://?region=r", "invalid bucket"),
-            ("s3://b/../x?region=r", "invalid key prefix"),
-            ("s3://b?region=r&color=blue", "unknown parameter \"color\""),
-            ("s3://b", "needs region"),
-            ("s3://b?region=r&endpoint=127.0.0.1:3900", "must start with http"),
-            ("s3://b?region=", "bad value"),
-            ("obs://b", "needs endpoint"),
-        ];
-        for (url, want) in cases {
-            let e = StoreConfig::parse_url(url, Some("a"), Some("s")).unwrap_err().to_string();
-            assert!(e.contains(want), "{url}: {e}");
-        }
-        let e = StoreConfig::parse_url("s3://b?region=r", None, Some("s")).unwrap_err().to_string();
-        assert!(e.contains("AWS_ACCESS_KEY_ID"), "{e}");
-    }
 
     #[test]
     fn keys() {

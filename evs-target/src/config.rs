@@ -13,11 +13,12 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use clap::Parser;
 use serde::Deserialize;
 use toml::Spanned;
+
+use evs_backup::StoreUrl;
 
 use crate::api::validate::validate_tier_name;
 use crate::jobs::{JobOptions, DEFAULT_MAX_RUNNING_PER_TENANT};
@@ -64,10 +65,10 @@ pub struct Flags {
     /// Prometheus metrics listen address, GET /metrics [default: 127.0.0.1:10811].
     #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
     pub metrics_listen: Option<ListenAddr>,
-    /// Backup object store: file:///PATH, s3://BUCKET/PREFIX?endpoint=URL&region=R or
-    /// obs://BUCKET/PREFIX?endpoint=URL&region=R [default: file://<data-dir>/obs].
+    /// Backup object store: file:///PATH, s3://BUCKET/PREFIX?region=R&endpoint=URL or
+    /// obs://BUCKET/PREFIX?endpoint=URL [default: file://<data-dir>/obs].
     #[arg(long, value_name = "URL", value_parser = parse_backup_store)]
-    pub backup_store: Option<BackupStore>,
+    pub backup_store: Option<StoreUrl>,
     /// I/O backend of the data path [default: auto = io_uring if the kernel allows it].
     #[arg(long, value_name = "uring|portable|auto", value_parser = parse_io_backend)]
     pub io_backend: Option<IoBackend>,
@@ -112,7 +113,7 @@ pub struct Config {
     pub vhost_user_dir: PathBuf,
     pub api_listen: ListenAddr,
     pub metrics_listen: ListenAddr,
-    pub backup_store: BackupStore,
+    pub backup_store: StoreUrl,
     pub io_backend: IoBackend,
     pub direct_writes: bool,
     /// Snapshots one volume may have (config file `max_snapshots_per_volume`, default 128).
@@ -262,10 +263,8 @@ impl Config {
         };
         let origins = Origins::new(&flags, &file);
         let data_dir = flags.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-        let backup_store = flags
-            .backup_store
-            .or(file.backup_store)
-            .unwrap_or_else(|| BackupStore::File { path: data_dir.join("obs") });
+        let backup_store =
+            flags.backup_store.or(file.backup_store).unwrap_or_else(|| StoreUrl::File { path: data_dir.join("obs") });
         let tls = match (flags.tls_cert.or(file.tls_cert), flags.tls_key.or(file.tls_key)) {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
             (None, None) => None,
@@ -444,7 +443,7 @@ struct FileConfig {
     vhost_user_dir: Option<PathBuf>,
     api_listen: Option<ListenAddr>,
     metrics_listen: Option<ListenAddr>,
-    backup_store: Option<BackupStore>,
+    backup_store: Option<StoreUrl>,
     io_backend: Option<IoBackend>,
     direct_writes: Option<OnOff>,
     max_snapshots: Option<usize>,
@@ -1027,142 +1026,10 @@ pub fn parse_log(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-/// Where backups go. Only validated and kept for now: the backup issue uses it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BackupStore {
-    /// A local directory.
-    File { path: PathBuf },
-    /// An S3-compatible bucket; credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
-    S3(Bucket),
-    /// A Huawei Cloud OBS bucket.
-    Obs(Bucket),
-}
-
-/// A bucket, a key prefix inside it, and how to reach it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Bucket {
-    pub bucket: String,
-    /// Without leading or trailing '/'; empty for the bucket's root.
-    pub prefix: String,
-    pub endpoint: Option<String>,
-    pub region: Option<String>,
-}
-
-impl fmt::Display for BackupStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (scheme, b) = match self {
-            BackupStore::File { path } => return write!(f, "file://{}", path.display()),
-            BackupStore::S3(b) => ("s3", b),
-            BackupStore::Obs(b) => ("obs", b),
-        };
-        write!(f, "{scheme}://{}", b.bucket)?;
-        if !b.prefix.is_empty() {
-            write!(f, "/{}", b.prefix)?;
-        }
-        let mut sep = '?';
-        if let Some(e) = &b.endpoint {
-            write!(f, "{sep}endpoint={e}")?;
-            sep = '&';
-        }
-        if let Some(r) = &b.region {
-            write!(f, "{sep}region={r}")?;
-        }
-        Ok(())
-    }
-}
-
-impl FromStr for BackupStore {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        parse_backup_store(s)
-    }
-}
-
-pub fn parse_backup_store(s: &str) -> Result<BackupStore, String> {
-    let msg = |why: String| format!("invalid backup store {s:?}: {why}");
-    let bad = |why: String| Err(msg(why));
-    let Some((scheme, rest)) = s.split_once("://") else {
-        return bad("expected file:///PATH, s3://BUCKET/PREFIX?endpoint=URL&region=R or obs://BUCKET/PREFIX".into());
-    };
-    match scheme {
-        "file" => {
-            // file:///abs/path (empty host) or file://localhost/abs/path; a bare relative path
-            // (file://evs-data/obs) is accepted too, relative to the working directory, which
-            // is what the default `file://<data-dir>/obs` gives for a relative data dir.
-            let path = rest.strip_prefix("localhost/").map(|p| format!("/{p}")).unwrap_or_else(|| rest.to_string());
-            if path.is_empty() || path == "/" {
-                return bad("no directory after file://".into());
-            }
-            if path.contains('?') || path.contains('#') {
-                return bad("a file:// store takes no query or fragment".into());
-            }
-            Ok(BackupStore::File { path: PathBuf::from(path) })
-        }
-        "s3" | "obs" => {
-            let bucket = parse_bucket(rest).map_err(msg)?;
-            Ok(if scheme == "s3" { BackupStore::S3(bucket) } else { BackupStore::Obs(bucket) })
-        }
-        other => bad(format!("unsupported scheme {other:?} (expected file, s3 or obs)")),
-    }
-}
-
-/// `BUCKET[/PREFIX][?endpoint=URL&region=R]`.
-fn parse_bucket(rest: &str) -> Result<Bucket, String> {
-    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
-    let (bucket, prefix) = path.split_once('/').unwrap_or((path, ""));
-    // The S3 (and OBS) bucket naming rules.
-    if bucket.len() < 3 || bucket.len() > 63 {
-        return Err(format!("bucket name {bucket:?} must be 3 to 63 characters"));
-    }
-    if !bucket.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
-        || !bucket.starts_with(|c: char| c.is_ascii_alphanumeric())
-        || !bucket.ends_with(|c: char| c.is_ascii_alphanumeric())
-    {
-        return Err(format!(
-            "bucket name {bucket:?} must be lowercase letters, digits, '.' and '-', starting and ending with a letter or digit"
-        ));
-    }
-    let mut b = Bucket {
-        bucket: bucket.to_string(),
-        prefix: prefix.trim_matches('/').to_string(),
-        endpoint: None,
-        region: None,
-    };
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = percent_decode(v).ok_or_else(|| format!("bad percent-encoding in {pair:?}"))?;
-        if v.is_empty() {
-            return Err(format!("{k} has no value"));
-        }
-        match k {
-            "endpoint" => {
-                if !(v.starts_with("http://") || v.starts_with("https://")) || v.len() <= "https://".len() {
-                    return Err(format!("endpoint {v:?} must be an http:// or https:// URL"));
-                }
-                b.endpoint = Some(v);
-            }
-            "region" => b.region = Some(v),
-            other => return Err(format!("unknown parameter {other:?} (expected endpoint or region)")),
-        }
-    }
-    Ok(b)
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
+/// `--backup-store` and `backup_store`: the backup engine's own URL parser, so what the flag
+/// accepts is what the engine opens.
+pub fn parse_backup_store(s: &str) -> Result<StoreUrl, String> {
+    StoreUrl::parse(s).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -1192,7 +1059,7 @@ mod tests {
         assert_eq!(c.api_listen.0, "127.0.0.1:10810");
         assert_eq!(c.metrics_listen.0, "127.0.0.1:10811");
         assert_eq!(c.nbd_socket, None);
-        assert_eq!(c.backup_store, BackupStore::File { path: PathBuf::from("./evs-data/obs") });
+        assert_eq!(c.backup_store, StoreUrl::File { path: PathBuf::from("./evs-data/obs") });
         assert_eq!(c.backup_store.to_string(), "file://./evs-data/obs");
         assert_eq!(c.io_backend, IoBackend::Auto);
         assert!(c.direct_writes);
@@ -1304,12 +1171,12 @@ allow_plaintext = true
         assert!(c.direct_writes, "the flag wins");
         assert_eq!(
             c.backup_store,
-            BackupStore::S3(Bucket {
+            StoreUrl::S3 {
                 bucket: "backups".into(),
                 prefix: "evs/node1".into(),
                 endpoint: Some("http://127.0.0.1:3900".into()),
-                region: Some("garage".into()),
-            })
+                region: "garage".into(),
+            }
         );
         let c = with_file("direct_writes = \"off\"\n", &[]).unwrap();
         assert!(!c.direct_writes);
@@ -1363,36 +1230,24 @@ allow_plaintext = true
         }
     }
 
+    /// The flag takes exactly what the backup engine opens (its parser's own tests cover the
+    /// URL forms): an incomplete S3 or OBS URL is a usage error at start, not a failure later.
     #[test]
-    fn backup_store_urls() {
-        assert_eq!(parse_backup_store("file:///srv/obs"), Ok(BackupStore::File { path: "/srv/obs".into() }));
-        assert_eq!(parse_backup_store("file://localhost/srv/obs"), Ok(BackupStore::File { path: "/srv/obs".into() }));
-        let s3 = parse_backup_store("s3://bucket-1").unwrap();
-        assert_eq!(
-            s3,
-            BackupStore::S3(Bucket { bucket: "bucket-1".into(), prefix: String::new(), endpoint: None, region: None })
-        );
-        assert_eq!(s3.to_string(), "s3://bucket-1");
-        let obs =
-            parse_backup_store("obs://evs-backup/p/?region=cn-north-4&endpoint=https%3A%2F%2Fobs.example").unwrap();
-        assert_eq!(obs.to_string(), "obs://evs-backup/p?endpoint=https://obs.example&region=cn-north-4");
+    fn backup_store_flag_uses_the_engines_parser() {
+        let c = Config::load(flags(&["--backup-store", "file:///srv/obs"])).unwrap();
+        assert_eq!(c.backup_store, StoreUrl::File { path: "/srv/obs".into() });
         let round = "s3://b12/x/y?endpoint=http://127.0.0.1:3900&region=garage";
-        assert_eq!(parse_backup_store(round).unwrap().to_string(), round);
-
+        assert_eq!(Config::load(flags(&["--backup-store", round])).unwrap().backup_store.to_string(), round);
         for (bad, why) in [
-            ("/srv/obs", "expected file://"),
-            ("ftp://host/x", "unsupported scheme \"ftp\""),
-            ("file://", "no directory"),
-            ("s3://", "3 to 63"),
-            ("s3://Upper", "lowercase"),
-            ("s3://bucket?endpoint=ftp://x", "http://"),
-            ("s3://bucket?token=1", "unknown parameter \"token\""),
-            ("s3://bucket?region=", "region has no value"),
-            ("obs://b-", "3 to 63"),
+            ("s3://bucket-1", "needs region"),
+            ("obs://evs-backup", "needs endpoint"),
+            ("obs://evs-backup?endpoint=https://obs.example&region=cn-north-4", "takes no region"),
+            ("ftp://host/x", "unsupported scheme"),
         ] {
-            let e = parse_backup_store(bad).unwrap_err();
-            assert!(e.contains(why), "{bad}: {e}");
-            assert!(e.contains(bad), "{bad}: {e}");
+            let e = Flags::try_parse_from(["evs-target", "--backup-store", bad]).unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains(bad), "{bad}: {e}");
+            let e = with_file(&format!("backup_store = \"{bad}\"\n"), &[]).unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains("backup_store"), "{bad}: {e}");
         }
     }
 

@@ -113,16 +113,16 @@ fn choose_engine(backend: IoBackend) -> anyhow::Result<EngineKind> {
 /// The backup engine over `--backup-store`. S3 and OBS keys come from the environment
 /// (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY); a missing one stops the start, named.
 fn open_backup_engine(config: &Config) -> anyhow::Result<evs_backup::Engine> {
-    use crate::config::BackupStore;
+    use evs_backup::StoreUrl;
     let store = match &config.backup_store {
         // A relative path (the default under a relative data dir) is made absolute here: the
         // store takes absolute paths only.
-        BackupStore::File { path } => evs_backup::StoreConfig::File {
+        StoreUrl::File { path } => evs_backup::StoreConfig::File {
             path: std::path::absolute(path)
                 .with_context(|| format!("cannot resolve the backup store path {}", path.display()))?,
         },
-        // The URL was checked when the flag was parsed; the engine's parser adds the keys.
-        other => evs_backup::StoreConfig::from_url_env(&other.to_string())?,
+        // The URL was checked when the flag was parsed; only the keys are left to add.
+        other => other.with_env_keys()?,
     };
     let s = &config.backups;
     let opts = evs_backup::EngineOptions {

@@ -15,6 +15,22 @@ pub fn usage_error_line(e: &clap::Error) -> String {
     format!("{} (see --help)", message.join(" "))
 }
 
+/// `evsctl` or `evsctl volume` alone (clap would print the whole help): one line naming the
+/// command that needs a subcommand and its choices. `args` as the process got them.
+pub fn missing_subcommand_line<I: IntoIterator<Item = String>>(args: I) -> String {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let mut path = vec![cmd.get_name().to_string()];
+    for arg in args.into_iter().skip(1) {
+        if let Some(sub) = cmd.find_subcommand(&arg).cloned() {
+            path.push(arg);
+            cmd = sub;
+        }
+    }
+    let choices: Vec<&str> = cmd.get_subcommands().filter(|c| !c.is_hide_set()).map(|c| c.get_name()).collect();
+    format!("error: {} needs a subcommand: {} (see --help)", path.join(" "), choices.join(", "))
+}
+
 /// The API endpoint when neither --endpoint nor EVS_ENDPOINT is given.
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:10810";
 /// The token file tried when neither --token nor EVS_TOKEN is given (the daemon's default
@@ -555,6 +571,27 @@ mod tests {
         }
         let e = parse(&["volume", "create", "db", "--size", "ten"]).unwrap_err().to_string();
         assert!(e.contains("--size") && e.contains("\"ten\""), "{e}");
+    }
+
+    #[test]
+    fn a_missing_subcommand_is_one_line_with_the_choices() {
+        for (args, want) in [
+            (&[][..], "error: evsctl needs a subcommand: volume, snapshot, tenant"),
+            (&["volume"], "error: evsctl volume needs a subcommand: create, list, show, delete, extend"),
+            (&["--output", "json", "dr", "drill"], "error: evsctl dr drill needs a subcommand: "),
+        ] {
+            assert_eq!(
+                parse(args).unwrap_err().kind(),
+                clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand,
+                "{args:?}"
+            );
+            let argv = std::iter::once("evsctl").chain(args.iter().copied()).map(String::from);
+            let line = missing_subcommand_line(argv);
+            assert!(
+                line.starts_with(want) && line.ends_with("(see --help)") && !line.contains('\n'),
+                "{args:?}: {line}"
+            );
+        }
     }
 
     #[test]

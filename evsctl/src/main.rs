@@ -4,21 +4,17 @@ use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::Parser;
-use evsctl::cli::{usage_error_line, Cli};
+use evsctl::cli::{missing_subcommand_line, usage_error_line, Cli};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        // Help and version (and the help shown for a missing subcommand) as clap prints them.
-        Err(e)
-            if matches!(
-                e.kind(),
-                ErrorKind::DisplayHelp
-                    | ErrorKind::DisplayVersion
-                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-            ) =>
-        {
-            e.exit()
+        // Help and version as clap prints them.
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => e.exit(),
+        // A usage error like any other (SPEC.md: one line), not clap's whole help.
+        Err(e) if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            eprintln!("{}", missing_subcommand_line(std::env::args()));
+            return ExitCode::from(2);
         }
         Err(e) => {
             eprintln!("{}", usage_error_line(&e));

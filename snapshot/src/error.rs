@@ -40,6 +40,10 @@ pub enum StoreError {
     Corrupt { what: String, why: String },
     #[error("catalog: {0}")]
     Catalog(String),
+    /// Zeroing was asked for only if quick (NBD FAST_ZERO), and it would mean writing the
+    /// zeros: the filesystem under the volume cannot zero a range in place.
+    #[error("zeroing this range in place is not supported here; it would mean writing the zeros")]
+    SlowZeroes,
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
 }
@@ -52,8 +56,11 @@ impl StoreError {
             StoreError::NoSpace => libc::ENOSPC,
             StoreError::ReadOnly => libc::EPERM,
             StoreError::Frozen => libc::EAGAIN,
+            StoreError::SlowZeroes => libc::ENOTSUP,
+            // The NBD specification: EDQUOT and EFBIG SHOULD be reported as ENOSPC.
             StoreError::Io(e) => match e.raw_os_error() {
-                Some(libc::ENOSPC) | Some(libc::EDQUOT) => libc::ENOSPC,
+                Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => libc::ENOSPC,
+                Some(libc::EPERM | libc::EACCES | libc::EROFS) => libc::EPERM,
                 Some(libc::EINVAL) => libc::EINVAL,
                 _ => libc::EIO,
             },

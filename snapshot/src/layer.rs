@@ -155,10 +155,20 @@ impl Layer {
         self.fallocate(FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len)
     }
 
-    /// Zeroes a block-aligned byte range, keeping it allocated.
-    pub fn zero_range(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+    /// Zeroes a block-aligned byte range in place (the filesystem's ZERO_RANGE), keeping it
+    /// allocated; [`StoreError::SlowZeroes`] where the filesystem cannot.
+    pub fn zero_range_in_place(&self, offset: u64, len: u64) -> Result<(), StoreError> {
         match self.fallocate(FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE, offset, len) {
-            Err(StoreError::Io(e)) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            Err(StoreError::Io(e)) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Err(StoreError::SlowZeroes),
+            other => other,
+        }
+    }
+
+    /// Zeroes a block-aligned byte range, keeping it allocated: in place where the
+    /// filesystem can, else by writing the zeros.
+    pub fn zero_range(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        match self.zero_range_in_place(offset, len) {
+            Err(StoreError::SlowZeroes) => {
                 // Filesystems without ZERO_RANGE: write the zeros.
                 let zeros = vec![0u8; (1 << 20).min(len as usize)];
                 let mut off = offset;

@@ -617,6 +617,17 @@ impl Volume {
 
     /// Makes the range read as zeros; with `no_hole` the blocks stay allocated.
     pub fn write_zeroes(&self, offset: u64, len: u64, no_hole: bool) -> Result<(), StoreError> {
+        self.zeroes(offset, len, no_hole, false)
+    }
+
+    /// `write_zeroes` only if it is quick (NBD FAST_ZERO): where it would have to write the
+    /// zeros (`no_hole` on a filesystem that cannot zero a range in place) it fails with
+    /// [`StoreError::SlowZeroes`] before changing anything, so the client can write them itself.
+    pub fn write_zeroes_fast(&self, offset: u64, len: u64, no_hole: bool) -> Result<(), StoreError> {
+        self.zeroes(offset, len, no_hole, true)
+    }
+
+    fn zeroes(&self, offset: u64, len: u64, no_hole: bool, fast_only: bool) -> Result<(), StoreError> {
         self.check_range(offset, len)?;
         let _gate = self.enter()?;
         if len == 0 {
@@ -624,6 +635,15 @@ impl Volume {
         }
         let blocks = self.inner_blocks(offset, len);
         let end = offset + len;
+        let body = (blocks.start * BLOCK_SIZE, (blocks.end - blocks.start) * BLOCK_SIZE);
+        if no_hole && fast_only && !blocks.is_empty() {
+            // The body first: the only part that could be slow.
+            let chain = self.chain();
+            let head = chain.head();
+            head.zero_range_in_place(body.0, body.1)?;
+            head.map.set_data(blocks.clone());
+            head.mark_changed();
+        }
         // Partial blocks at the edges: read-modify-write zeros.
         let head_part = offset..(blocks.start * BLOCK_SIZE).min(end);
         if !head_part.is_empty() {
@@ -636,10 +656,12 @@ impl Volume {
         if blocks.is_empty() {
             return Ok(());
         }
-        if no_hole {
+        if no_hole && fast_only {
+            Ok(()) // zeroed above
+        } else if no_hole {
             let chain = self.chain();
             let head = chain.head();
-            head.zero_range(blocks.start * BLOCK_SIZE, (blocks.end - blocks.start) * BLOCK_SIZE)?;
+            head.zero_range(body.0, body.1)?;
             head.map.set_data(blocks);
             head.mark_changed();
             Ok(())

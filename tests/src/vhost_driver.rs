@@ -3,7 +3,8 @@
 //! here in guest memory made of memfds shared with the backend, as a guest's driver would. One
 //! request at a time, each chain built from the data ranges the test chooses, so a test can
 //! place buffers where a guest could (across two memory regions, outside guest memory, split
-//! in odd lengths) and check the bytes and status that come back.
+//! in odd lengths) and check the bytes and status that come back. It negotiates VERSION_1
+//! only: no FLUSH, so the device owes it stable writes on completion.
 
 use std::fs::File;
 use std::path::Path;
@@ -18,8 +19,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub const VIRTIO_BLK_T_IN: u32 = 0;
 pub const VIRTIO_BLK_T_OUT: u32 = 1;
+pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
+pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
 pub const STATUS_OK: u8 = 0;
 pub const STATUS_IOERR: u8 = 1;
+pub const STATUS_UNSUPP: u8 = 2;
 
 const QUEUE_SIZE: u16 = 64;
 // The ring and the request header live in the first region (guest physical addresses).

@@ -194,6 +194,8 @@ fn errors_are_reported_and_change_nothing() {
         (vec!["volume", "frobnicate"], "frobnicate"),
         (vec!["volume", "create", "two", "--from-snapshot", "a@b", "--from-backup", "bk-1"], "cannot be used with"),
         (vec!["--output", "yaml", "volume", "list"], "yaml"),
+        (vec!["volume"], "evsctl volume needs a subcommand: create, list"),
+        (vec!["dr", "drill"], "evsctl dr drill needs a subcommand"),
     ] {
         let o = d.evsctl(&args);
         assert_eq!(o.status.code(), Some(2), "{args:?}\n{}", format_output(&o));

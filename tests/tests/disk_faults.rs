@@ -8,11 +8,14 @@
 //!   failed writes get NBD_EIO, the other connections and volumes are served throughout,
 //!   flushed data reads back intact and writes succeed again when the fault stops. An
 //!   overwrite replied to before its op failed (write-back) fails the next flush instead, once.
+//! * FAST_ZERO where zeroing is slow: tmpfs cannot zero a range in place, so a write-zeroes
+//!   that must stay allocated (NO_HOLE) and may only be quick (FAST_ZERO) gets NBD_ENOTSUP and
+//!   changes nothing; without FAST_ZERO, or with holes allowed, it zeroes.
 
 use std::path::PathBuf;
 use std::process::Command;
 
-use evs_tests::nbd_client::consts::{EIO, ENOSPC};
+use evs_tests::nbd_client::consts::{CMD_FLAG_FAST_ZERO, CMD_FLAG_NO_HOLE, EIO, ENOSPC, ENOTSUP};
 use evs_tests::tools::{format_output, run_tool};
 use evs_tests::util::{Rng, BLOCK, MIB};
 use evs_tests::{Daemon, DaemonOptions, NbdClient};
@@ -128,6 +131,30 @@ fn enospc_fails_writes_cleanly_keeps_flushed_data_and_service_resumes_when_space
     }
     let at = (failed_at * MIB) as usize;
     assert!(all[at..at + MIB as usize] == fresh[..], "the write after freeing space");
+}
+
+#[test]
+fn a_fast_zero_that_would_write_the_zeros_is_refused_with_enotsup_and_changes_nothing() {
+    let fs = SmallFs::mount(32 * MIB);
+    let d = Daemon::start_with(DaemonOptions { data_dir: Some(fs.path()), ..Default::default() });
+    let (uri, _) = d.create_volume("z", "4M");
+    let mut rng = Rng::from_env_or_time("fast-zero");
+    let data = rng.bytes((4 * MIB) as usize);
+    let mut c = NbdClient::connect(&uri).unwrap();
+    c.write(0, &data).unwrap();
+    c.flush().unwrap();
+    let (off, len) = (MIB + 512, (MIB + 3 * BLOCK) as u32);
+    let e = c.write_zeroes(off, len, CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO).unwrap_err();
+    assert_eq!(e.errno(), Some(ENOTSUP), "{e}");
+    assert_eq!(c.read_all(0, 4 * MIB, MIB as u32).unwrap(), data, "a refused fast zero changed the volume");
+    // Without FAST_ZERO the server writes the zeros; with holes allowed it is quick anyway.
+    let mut model = data;
+    c.write_zeroes(off, len, CMD_FLAG_NO_HOLE).unwrap();
+    model[off as usize..off as usize + len as usize].fill(0);
+    c.write_zeroes(3 * MIB, MIB as u32, CMD_FLAG_FAST_ZERO).unwrap();
+    model[3 * MIB as usize..].fill(0);
+    c.flush().unwrap();
+    assert_eq!(c.read_all(0, 4 * MIB, MIB as u32).unwrap(), model);
 }
 
 /// Stops the daemon and starts it again with the `io-write-fault` fail point set to `rule`.

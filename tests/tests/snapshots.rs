@@ -130,8 +130,8 @@ fn snapshot_clone_rollback_and_changed_blocks_over_nbd() {
     );
     assert_eq!(cmp.status.code(), Some(1), "the volume moved on since s2: {}", format_output(&cmp));
 
-    // Changed blocks s1 → s2 over NBD (meta context evs:changed:s1) and through the CLI.
-    let m = map(&s2_uri, "evs:changed:s1");
+    // Changed blocks s1 → s2 over NBD (meta context x-evs:changed:s1) and through the CLI.
+    let m = map(&s2_uri, "x-evs:changed:s1");
     let changed = ranges_with(&m, 1);
     assert_eq!(changed, vec![(512 * 1024, 256 * 1024), (8 * MIB, 64 * 1024), (32 * MIB, MIB)], "{m:?}");
     assert_eq!(ranges_with(&m, 2), vec![(8 * MIB, 64 * 1024)], "the discarded range is flagged: {m:?}");

@@ -194,6 +194,23 @@ fn quotas_refuse_clearly_and_change_nothing() {
     // Only the admin may use the unlimited tier.
     let err = refused(&run(&["volume", "set-tier", "a", "--tier", "unlimited"]), "unlimited tier");
     assert!(err.contains("reserved for the admin"), "{err}");
+    // Nor by restoring a backup: refused when asked, before any job is queued.
+    d.evsctl_ok(&["tenant", "set-quota", "erin", "--max-volumes", "5", "--max-capacity", "8G"]);
+    let b = ok_json(run(&["--output", "json", "backup", "create", "a", "--wait"]), "backup");
+    assert_eq!(b["job"]["state"], "succeeded", "{b}");
+    let id = b["backup_id"].as_str().unwrap().to_string();
+    let jobs = |what| ok_json(run(&["--output", "json", "job", "list"]), what)["jobs"].as_array().unwrap().len();
+    let before = jobs("jobs before");
+    for (args, what) in [
+        (vec!["backup", "restore", &id, "--to", "r1", "--tier", "unlimited"], "restore to unlimited"),
+        (vec!["volume", "create", "r2", "--from-backup", &id, "--tier", "unlimited"], "create from backup unlimited"),
+    ] {
+        let err = refused(&run(&args), what);
+        assert!(err.contains("reserved for the admin"), "{what}: {err}");
+    }
+    assert_eq!(jobs("jobs after"), before, "a refused restore queued a job");
+    let v = ok_json(run(&["--output", "json", "volume", "list"]), "list");
+    assert_eq!(volume_list(&v).len(), 3, "{v}");
 }
 
 #[test]

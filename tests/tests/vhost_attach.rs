@@ -233,3 +233,69 @@ fn guest_buffers_anywhere_read_and_write_the_volume() {
     let got = c.read(6 * MIB, 8192).unwrap();
     assert!(got == bytes, "the vhost-user write reads back over NBD");
 }
+
+/// A driver that did not negotiate FLUSH (this one) takes a completed write as stable: after a
+/// kill -9 it is there. Discard and write-zeroes payloads the device cannot honour get UNSUPP
+/// (unmap on a discard, unknown flags) or IOERR (longer than its one segment, refused before
+/// it is read), change nothing, and the queue serves on.
+#[test]
+fn without_flush_a_completed_write_is_stable_and_bad_discards_change_nothing() {
+    use evs_tests::util::Rng;
+    use evs_tests::vhost_driver::{
+        VhostDriver, FREE_FROM, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_OUT,
+        VIRTIO_BLK_T_WRITE_ZEROES,
+    };
+    use evs_tests::NbdClient;
+    const MIB: u64 = 1 << 20;
+
+    let mut d = Daemon::start();
+    d.evsctl_ok(&["volume", "create", "v", "--size", "16M"]);
+    let sock = PathBuf::from(vhost_attach(&d, "v")["vhost_user_socket"].as_str().unwrap().to_string());
+    let mut drv = VhostDriver::connect(&sock, &[(0, 2 * MIB as usize)]);
+    let mut rng = Rng::new(11);
+    let buf = (FREE_FROM, 65536u32);
+    let mut written = Vec::new();
+    for i in 0..8u64 {
+        let bytes = rng.bytes(buf.1 as usize);
+        drv.scatter(&[buf], &bytes);
+        let off = i * MIB + i * 4096;
+        assert_eq!(drv.request(VIRTIO_BLK_T_OUT, off / 512, &[buf]).0, STATUS_OK, "write {i}");
+        written.push((off, bytes));
+    }
+    let seg = |sectors: u32, flags: u32| {
+        let mut b = [0u8; 16];
+        b[8..12].copy_from_slice(&sectors.to_le_bytes());
+        b[12..16].copy_from_slice(&flags.to_le_bytes());
+        b
+    };
+    let at = (FREE_FROM, 16u32);
+    for (ty, flags, what) in [
+        (VIRTIO_BLK_T_DISCARD, 1, "unmap on a discard"),
+        (VIRTIO_BLK_T_WRITE_ZEROES, 4, "an unknown write-zeroes flag"),
+        (VIRTIO_BLK_T_DISCARD, 2, "an unknown discard flag"),
+    ] {
+        drv.scatter(&[at], &seg(128, flags));
+        assert_eq!(drv.request(ty, 0, &[at]).0, STATUS_UNSUPP, "{what}");
+    }
+    // One segment followed by a megabyte the device must not copy.
+    drv.scatter(&[at], &seg(128, 0));
+    assert_eq!(drv.request(VIRTIO_BLK_T_DISCARD, 0, &[at, (MIB, MIB as u32)]).0, STATUS_IOERR);
+    // The queue still works: a valid write-zeroes of the last written range.
+    let last = written.pop().unwrap();
+    drv.scatter(&[at], &{
+        let mut s = seg(128, 0);
+        s[0..8].copy_from_slice(&(last.0 / 512).to_le_bytes());
+        s
+    });
+    assert_eq!(drv.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, &[at]).0, STATUS_OK);
+    written.push((last.0, vec![0u8; 65536]));
+
+    // No flush was ever sent: every completed write and the write-zeroes survive a kill -9.
+    drop(drv);
+    d.kill9();
+    d.restart();
+    let mut c = NbdClient::connect(&d.attach("v")).unwrap();
+    for (off, bytes) in &written {
+        assert!(c.read(*off, bytes.len() as u32).unwrap() == *bytes, "the 64 KiB at {off} after kill -9");
+    }
+}

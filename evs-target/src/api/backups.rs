@@ -486,7 +486,8 @@ impl ControlPlane {
         if in_place != to.is_empty() {
             return Err(ValidationError::RestoreTarget.into());
         }
-        let tier = super::validate::validate_tier(tier, &self.tiers)?;
+        // Checked here, as `volume create` does, not only when the job makes the volume.
+        let tier = self.tier_for(owner, tier)?;
         let _g = self.mutations.lock();
         let volumes: Vec<String> = if b.kind == "server" {
             b.volumes.iter().map(|v| v.volume.clone()).collect()

@@ -578,30 +578,25 @@ impl ControlPlane {
             req.metadata_mut().insert("authorization", bearer);
             c.register_group(req).await.map(|r| r.into_inner()).map_err(|s| peer_status("registering the group", s))
         })?;
-        if !target_az.is_empty() && reply.az != target_az {
-            // Undo the registration: the operator named another AZ.
-            let g = GroupRecord::new(
-                name,
-                Role::Source,
-                target,
-                &reply.az,
-                &reply.tenant,
-                &secret,
-                ca.clone(),
-                interval,
-                bandwidth,
-            );
-            if let Ok(mut c) = self.peer_client(&g) {
+        let g =
+            GroupRecord::new(name, Role::Source, target, &reply.az, &reply.tenant, &secret, ca, interval, bandwidth);
+        // Takes the registration back when the group cannot be made here: nothing half-done.
+        let undo = |g: &GroupRecord| {
+            if let Ok(mut c) = self.peer_client(g) {
                 let _ = dr.rt.block_on(c.unregister_group(pb::UnregisterGroupRequest { delete_replicas: true }));
             }
+        };
+        if !target_az.is_empty() && reply.az != target_az {
+            undo(&g);
             return Err(ValidationError::Dr(format!("the target is in AZ {:?}, not {target_az:?}", reply.az)).into());
         }
         if reply.az == dr.az {
             tracing::warn!(group = name, az = %dr.az, "the DR target is in this daemon's own AZ");
         }
-        let g =
-            GroupRecord::new(name, Role::Source, target, &reply.az, &reply.tenant, &secret, ca, interval, bandwidth);
-        self.put_group(owner, &g)?;
+        if let Err(e) = self.put_group(owner, &g) {
+            undo(&g);
+            return Err(e.into());
+        }
         tracing::info!(owner, group = name, target, target_az = %reply.az, "DR group created");
         Ok(self.describe_group(&g))
     }

@@ -235,6 +235,7 @@ pub fn store_code(e: &StoreError) -> Code {
         | StoreError::InvalidSize { .. }
         | StoreError::OutOfRange { .. } => Code::InvalidArgument,
         StoreError::NoSpace => Code::ResourceExhausted,
+        StoreError::SlowZeroes => Code::Unimplemented,
         StoreError::Io(io) if matches!(io.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) => {
             Code::ResourceExhausted
         }

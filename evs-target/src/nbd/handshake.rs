@@ -58,7 +58,8 @@ pub const PREFERRED_BLOCK_SIZE: u32 = 4096;
 /// stops one from keeping a connection (and its thread) in haggling forever.
 pub const MAX_OPTIONS: usize = 1000;
 /// Largest option data read into memory. The biggest legitimate option is a meta-context
-/// request with a few 4 KiB strings; anything larger gets `NBD_REP_ERR_TOO_BIG`.
+/// request with a few 4 KiB strings; anything larger gets `NBD_REP_ERR_TOO_BIG`
+/// (`NBD_REP_ERR_UNSUP` if the option is one we do not implement).
 pub const MAX_OPTION_LEN: u32 = 64 << 10;
 /// Largest too-big option data that is read and thrown away so haggling can continue; above
 /// this the client is treated as hostile and disconnected (which the specification allows
@@ -316,6 +317,22 @@ fn haggle<S: Read + Write, T>(
     }
 }
 
+/// Options this server answers (any other gets `NBD_REP_ERR_UNSUP`).
+fn is_implemented(opt: u32) -> bool {
+    matches!(
+        opt,
+        NBD_OPT_EXPORT_NAME
+            | NBD_OPT_ABORT
+            | NBD_OPT_LIST
+            | NBD_OPT_STARTTLS
+            | NBD_OPT_INFO
+            | NBD_OPT_GO
+            | NBD_OPT_STRUCTURED_REPLY
+            | NBD_OPT_LIST_META_CONTEXT
+            | NBD_OPT_SET_META_CONTEXT
+    )
+}
+
 /// Handles one option: reads its data and queues the replies in `conn.out`.
 fn option<S: Read + Write, T>(
     conn: &mut Conn<'_, S>,
@@ -347,7 +364,13 @@ fn option<S: Read + Write, T>(
             return Err(HandshakeError::OptionTooLarge { option: opt, len });
         }
         conn.discard(len)?;
-        conn.error(opt, NBD_REP_ERR_TOO_BIG, "option data too large");
+        // An option we do not implement is unsupported whatever its size (the specification:
+        // such options MUST get NBD_REP_ERR_UNSUP).
+        if is_implemented(opt) {
+            conn.error(opt, NBD_REP_ERR_TOO_BIG, "option data too large");
+        } else {
+            conn.error(opt, NBD_REP_ERR_UNSUP, "option not supported");
+        }
         return Ok(Step::Continue);
     }
     // Bounded by MAX_OPTION_LEN above.
@@ -1130,6 +1153,12 @@ mod tests {
         assert!(r.unwrap().is_some());
         let mut s = s.greeting();
         s.expect(NBD_OPT_GO, NBD_REP_ERR_TOO_BIG);
+        s.expect(NBD_OPT_GO, NBD_REP_INFO);
+        // An unknown option is unsupported, however large.
+        let (r, s) = Client::new(FIXED).opt(0x1234_5678, &big).go("vol", &[]).run();
+        assert!(r.unwrap().is_some());
+        let mut s = s.greeting();
+        s.expect(0x1234_5678, NBD_REP_ERR_UNSUP);
         s.expect(NBD_OPT_GO, NBD_REP_INFO);
 
         // Far too large: disconnect without reading it.

@@ -665,17 +665,17 @@ pub fn parse_option_reply_header(buf: &[u8]) -> Result<Option<OptionReplyHeader>
 pub enum MetaContext {
     /// `base:allocation`: extents flagged with [`NBD_STATE_HOLE`] / [`NBD_STATE_ZERO`].
     BaseAllocation,
-    /// `evs:changed:<snapshot>` on a snapshot export: extents flagged [`EVS_STATE_CHANGED`]
+    /// `x-evs:changed:<snapshot>` on a snapshot export: extents flagged [`EVS_STATE_CHANGED`]
     /// where the export differs from that older snapshot (and also [`EVS_STATE_DISCARDED`]
     /// where it was discarded), in the spirit of `qemu:dirty-bitmap:<name>`.
     Changed(String),
 }
 
 /// Namespace and leaf prefix of the changed-block contexts.
-pub const EVS_CHANGED_PREFIX: &str = "evs:changed:";
-/// `evs:changed:*` flag: the extent differs from the base snapshot.
+pub const EVS_CHANGED_PREFIX: &str = "x-evs:changed:";
+/// `x-evs:changed:*` flag: the extent differs from the base snapshot.
 pub const EVS_STATE_CHANGED: u32 = 1;
-/// `evs:changed:*` flag: the extent was discarded since the base snapshot (reads as zeros).
+/// `x-evs:changed:*` flag: the extent was discarded since the base snapshot (reads as zeros).
 pub const EVS_STATE_DISCARDED: u32 = 2;
 
 impl MetaContext {
@@ -888,9 +888,11 @@ pub fn transmission_flags(read_only: bool, structured_replies: bool) -> u16 {
 ///   set"); DF only on reads with `NBD_FLAG_SEND_DF`; NO_HOLE and FAST_ZERO (with
 ///   `NBD_FLAG_SEND_FAST_ZERO`) only on write-zeroes; REQ_ONE only on block status.
 /// * Flush with a nonzero offset or length: `NBD_EINVAL` (both are reserved, must be zero).
-/// * Lengths above `max_len` (the advertised maximum block size) for read, write, cache and
-///   write-zeroes without FAST_ZERO: `NBD_EINVAL`. Trim, fast write-zeroes and block status
-///   may legitimately exceed it (their length is not a payload).
+/// * Lengths above `max_len` (the advertised maximum block size) for read and write:
+///   `NBD_EINVAL`. The specification also holds cache and write-zeroes without FAST_ZERO to
+///   it, but leaves refusing them to the server (SHOULD): we serve them, as clients (nbdcopy,
+///   qemu) send them over larger ranges and they carry no payload. Trim, fast write-zeroes
+///   and block status may exceed it anyway.
 /// * Zero-length block status: `NBD_EINVAL` (no valid non-empty descriptor could answer it
 ///   under REQ_ONE; the specification leaves the behaviour to the server).
 /// * Ranges past the end of the export: `NBD_ENOSPC` for write and write-zeroes, `NBD_EINVAL`

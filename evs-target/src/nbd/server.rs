@@ -464,7 +464,7 @@ struct Transmission<'a> {
     errors: u64,
     /// A reserved request waiting for its QoS deadline.
     held: Option<Held>,
-    /// Changed extents per `evs:changed:*` context id, computed on first use (a snapshot
+    /// Changed extents per `x-evs:changed:*` context id, computed on first use (a snapshot
     /// never changes).
     changed: HashMap<u32, Result<Vec<ChangedExtent>, StoreError>>,
 }
@@ -922,8 +922,13 @@ impl<'a> Transmission<'a> {
             }
             Command::WriteZeroes => {
                 let no_hole = req.flags & proto::NBD_CMD_FLAG_NO_HOLE != 0;
-                self.while_frozen(|v| v.write_zeroes(req.offset, req.len as u64, no_hole))
-                    .and_then(|()| self.flush_if(fua))
+                let (off, len) = (req.offset, req.len as u64);
+                if req.flags & proto::NBD_CMD_FLAG_FAST_ZERO != 0 {
+                    self.while_frozen(|v| v.write_zeroes_fast(off, len, no_hole))
+                } else {
+                    self.while_frozen(|v| v.write_zeroes(off, len, no_hole))
+                }
+                .and_then(|()| self.flush_if(fua))
             }
             Command::Cache => self.volume.prefetch(req.offset, req.len as u64),
             Command::BlockStatus => {
@@ -1201,7 +1206,7 @@ fn push_desc(descs: &mut Vec<proto::Extent>, mut len: u64, flags: u32) {
     }
 }
 
-/// Descriptors of `off..off+len` for an `evs:changed:*` context, from the sorted changed
+/// Descriptors of `off..off+len` for an `x-evs:changed:*` context, from the sorted changed
 /// extents.
 fn changed_descs(changed: &[ChangedExtent], off: u64, len: u64, descs: &mut Vec<proto::Extent>) {
     let end = off + len;

@@ -9,8 +9,9 @@
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
-    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_T_DISCARD,
-    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES,
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -23,8 +24,8 @@ pub const OUT_HDR_LEN: usize = 16;
 pub const SEGMENT_LEN: usize = 16;
 /// WRITE_ZEROES segment flag: the device may deallocate (punch) the range.
 pub const WZ_UNMAP: u32 = 1;
-/// Largest data transfer of one request we accept (the guest is told through seg_max and its
-/// own max_sectors; a larger one gets IOERR).
+/// Largest data transfer of one request we accept (the guest is held to it by seg_max ×
+/// size_max; a larger one gets IOERR).
 pub const MAX_TRANSFER: u64 = 32 << 20;
 /// Largest DISCARD / WRITE_ZEROES range, in sectors (advertised in the config space).
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 23; // 4 GiB
@@ -33,6 +34,10 @@ pub const MAX_DISCARD_SEG: u32 = 1;
 /// Descriptors per request beyond header and status: the guest merges at most this many
 /// segments into one request (seg_max).
 pub const SEG_MAX: u32 = 126;
+/// Largest segment (size_max): with `SEG_MAX` it bounds a guest's request to what we accept,
+/// even when the guest raises its max_sectors_kb.
+pub const SIZE_MAX: u32 = 256 << 10;
+const _: () = assert!(SEG_MAX as u64 * SIZE_MAX as u64 <= MAX_TRANSFER);
 /// Queue size we accept (the frontend chooses up to this).
 pub const MAX_QUEUE_SIZE: usize = 256;
 
@@ -52,6 +57,7 @@ pub fn features(read_only: bool) -> u64 {
         | bit(VIRTIO_RING_F_EVENT_IDX)
         | bit(VIRTIO_RING_F_INDIRECT_DESC)
         | bit(VIRTIO_BLK_F_SEG_MAX)
+        | bit(VIRTIO_BLK_F_SIZE_MAX)
         | bit(VIRTIO_BLK_F_BLK_SIZE)
         | bit(VIRTIO_BLK_F_TOPOLOGY)
         | bit(VIRTIO_BLK_F_FLUSH)
@@ -62,6 +68,13 @@ pub fn features(read_only: bool) -> u64 {
         f |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
     }
     f
+}
+
+/// Whether a driver that acknowledged `acked` takes completed writes as stable: it did not
+/// negotiate FLUSH (nor CONFIG_WCE, which we do not offer), so the device has no volatile
+/// cache as far as it knows (virtio 1.2, 5.2.6.2). A read-only device has no writes.
+pub fn write_through(acked: u64, read_only: bool) -> bool {
+    !read_only && acked & bit(VIRTIO_BLK_F_FLUSH) == 0
 }
 
 /// Length of the configuration space we fill in (`struct virtio_blk_config` up to and
@@ -75,7 +88,7 @@ pub fn config_space(size: u64, num_queues: u16, read_only: bool) -> [u8; CONFIG_
     let mut c = [0u8; CONFIG_LEN];
     let put32 = |c: &mut [u8; CONFIG_LEN], at: usize, v: u32| c[at..at + 4].copy_from_slice(&v.to_le_bytes());
     c[0..8].copy_from_slice(&(size / SECTOR).to_le_bytes()); // capacity
-    put32(&mut c, 8, 0); // size_max (not offered)
+    put32(&mut c, 8, SIZE_MAX); // size_max
     put32(&mut c, 12, SEG_MAX); // seg_max
                                 // geometry (16..20) not offered
     put32(&mut c, 20, SECTOR as u32); // blk_size
@@ -273,6 +286,20 @@ pub enum RequestError {
     Direction,
     #[error("malformed discard/write-zeroes payload: {0}")]
     BadSegments(&'static str),
+    /// Answered UNSUPP, not IOERR, as the specification asks (unknown segment flags, unmap on
+    /// a discard).
+    #[error("unsupported discard/write-zeroes request: {0}")]
+    Unsupported(&'static str),
+}
+
+impl RequestError {
+    /// The status byte this refusal is answered with.
+    pub fn status(&self) -> u8 {
+        match self {
+            RequestError::Unsupported(_) => STATUS_UNSUPP,
+            _ => STATUS_IOERR,
+        }
+    }
 }
 
 /// Checks a request against the volume: range, alignment, size, read-only.
@@ -298,6 +325,17 @@ pub fn validate(req: &BlkRequest, size: u64, read_only: bool) -> Result<(), Requ
         BlkOp::Discard | BlkOp::WriteZeroes if read_only => {
             Err(RequestError::ReadOnly(if req.op == BlkOp::Discard { "discard" } else { "write zeroes" }))
         }
+        // Checked before the payload is copied out of the guest: a guest sets the length.
+        BlkOp::Discard | BlkOp::WriteZeroes => {
+            let len: u64 = req.data.iter().map(|r| r.len as u64).sum();
+            if len > MAX_DISCARD_SEG as u64 * SEGMENT_LEN as u64 {
+                Err(RequestError::BadSegments("more segments than max_discard_seg"))
+            } else if len == 0 || !len.is_multiple_of(SEGMENT_LEN as u64) {
+                Err(RequestError::BadSegments("not a whole number of 16-byte segments"))
+            } else {
+                Ok(())
+            }
+        }
         _ => Ok(()),
     }
 }
@@ -311,9 +349,9 @@ pub struct ZeroSegment {
     pub unmap: bool,
 }
 
-/// Parses a DISCARD / WRITE_ZEROES payload (16-byte segments: sector, number of sectors,
-/// flags) and checks each segment against the volume.
-pub fn parse_segments(payload: &[u8], size: u64) -> Result<Vec<ZeroSegment>, RequestError> {
+/// Parses a DISCARD (`discard`) or WRITE_ZEROES payload (16-byte segments: sector, number of
+/// sectors, flags) and checks each segment against the volume.
+pub fn parse_segments(payload: &[u8], size: u64, discard: bool) -> Result<Vec<ZeroSegment>, RequestError> {
     if payload.is_empty() || !payload.len().is_multiple_of(SEGMENT_LEN) {
         return Err(RequestError::BadSegments("not a whole number of 16-byte segments"));
     }
@@ -326,7 +364,10 @@ pub fn parse_segments(payload: &[u8], size: u64) -> Result<Vec<ZeroSegment>, Req
         let sectors = u32::from_le_bytes(s[8..12].try_into().expect("4 bytes"));
         let flags = u32::from_le_bytes(s[12..16].try_into().expect("4 bytes"));
         if flags & !WZ_UNMAP != 0 {
-            return Err(RequestError::BadSegments("unknown flags"));
+            return Err(RequestError::Unsupported("unknown segment flags"));
+        }
+        if discard && flags & WZ_UNMAP != 0 {
+            return Err(RequestError::Unsupported("the unmap flag on a discard"));
         }
         if sectors > MAX_DISCARD_SECTORS {
             return Err(RequestError::BadSegments("more sectors than max_discard_sectors"));
@@ -476,7 +517,11 @@ mod tests {
                         let write_on_ro = read_only && matches!(req.op, BlkOp::Write { .. });
                         proptest::prop_assert!(!write_on_ro);
                     }
-                    BlkOp::Discard | BlkOp::WriteZeroes => proptest::prop_assert!(!read_only),
+                    BlkOp::Discard | BlkOp::WriteZeroes => {
+                        proptest::prop_assert!(!read_only);
+                        let len: u64 = req.data.iter().map(|r| r.len as u64).sum();
+                        proptest::prop_assert!(len <= MAX_DISCARD_SEG as u64 * SEGMENT_LEN as u64);
+                    }
                     _ => {}
                 }
             }
@@ -488,7 +533,7 @@ mod tests {
             payload in proptest::collection::vec(proptest::num::u8::ANY, 0..80),
             size in 0u64..(1 << 34),
         ) {
-            if let Ok(segs) = parse_segments(&payload, size) {
+            if let Ok(segs) = parse_segments(&payload, size, false) {
                 for s in segs {
                     proptest::prop_assert!(s.offset.checked_add(s.len).is_some_and(|e| e <= size));
                 }
@@ -501,21 +546,47 @@ mod tests {
         let mut seg = [0u8; 16];
         seg[0..8].copy_from_slice(&8u64.to_le_bytes());
         seg[8..12].copy_from_slice(&16u32.to_le_bytes());
-        assert_eq!(parse_segments(&seg, 1 << 20).unwrap(), vec![ZeroSegment { offset: 4096, len: 8192, unmap: false }]);
+        let want = vec![ZeroSegment { offset: 4096, len: 8192, unmap: false }];
+        assert_eq!(parse_segments(&seg, 1 << 20, true).unwrap(), want);
+        assert_eq!(parse_segments(&seg, 1 << 20, false).unwrap(), want);
         seg[12..16].copy_from_slice(&1u32.to_le_bytes());
-        assert!(parse_segments(&seg, 1 << 20).unwrap()[0].unmap);
+        assert!(parse_segments(&seg, 1 << 20, false).unwrap()[0].unmap);
+        // The specification: UNSUPP for unmap on a discard and for unknown flags.
+        let e = parse_segments(&seg, 1 << 20, true).unwrap_err();
+        assert_eq!((e.status(), e), (STATUS_UNSUPP, RequestError::Unsupported("the unmap flag on a discard")));
         seg[12..16].copy_from_slice(&2u32.to_le_bytes());
-        assert!(parse_segments(&seg, 1 << 20).is_err());
+        let e = parse_segments(&seg, 1 << 20, false).unwrap_err();
+        assert_eq!((e.status(), e), (STATUS_UNSUPP, RequestError::Unsupported("unknown segment flags")));
         seg[12..16].copy_from_slice(&0u32.to_le_bytes());
-        assert!(matches!(parse_segments(&seg, 8192), Err(RequestError::OutOfRange { .. })));
-        assert!(parse_segments(&seg[..15], 1 << 20).is_err());
-        assert!(parse_segments(&[seg, seg].concat(), 1 << 20).is_err());
+        let e = parse_segments(&seg, 8192, false).unwrap_err();
+        assert!(matches!(e, RequestError::OutOfRange { .. }) && e.status() == STATUS_IOERR, "{e}");
+        assert!(parse_segments(&seg[..15], 1 << 20, false).is_err());
+        assert!(parse_segments(&[seg, seg].concat(), 1 << 20, false).is_err());
+    }
+
+    /// The payload's length is checked before anything is copied from the guest: a guest can
+    /// make a chain of many large readable descriptors.
+    #[test]
+    fn a_discard_payload_longer_than_its_segments_is_refused_unread() {
+        let descs = [d(0x1000, 16, false), d(0x10_0000, u32::MAX, false), d(0x2000, 1, true)];
+        for ty in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+            let r = parse(&descs, &hdr(ty, 0)).unwrap();
+            let e = validate(&r, 1 << 40, false).unwrap_err();
+            assert_eq!(e, RequestError::BadSegments("more segments than max_discard_seg"));
+            let r = parse(&[d(0x1000, 16 + 15, false), d(0x2000, 1, true)], &hdr(ty, 0)).unwrap();
+            assert!(matches!(validate(&r, 1 << 40, false), Err(RequestError::BadSegments(_))));
+            let r = parse(&[d(0x1000, 32, false), d(0x2000, 1, true)], &hdr(ty, 0)).unwrap();
+            assert_eq!(validate(&r, 1 << 40, false), Ok(()));
+        }
     }
 
     #[test]
     fn config_space_fields() {
         let c = config_space(10 << 30, 4, false);
         assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), (10u64 << 30) / 512);
+        assert_eq!(u32::from_le_bytes(c[8..12].try_into().unwrap()), SIZE_MAX);
+        assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), SEG_MAX);
+        assert_ne!(features(false) & bit(VIRTIO_BLK_F_SIZE_MAX), 0);
         assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
         assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 4);
         assert_eq!(u32::from_le_bytes(c[36..40].try_into().unwrap()), MAX_DISCARD_SECTORS);
@@ -529,5 +600,8 @@ mod tests {
         assert_ne!(features(true) & bit(VIRTIO_BLK_F_RO), 0);
         assert_ne!(features(false) & bit(VIRTIO_BLK_F_WRITE_ZEROES), 0);
         assert_eq!(&device_id(42)[..7], b"evs-42\0");
+        assert!(!write_through(features(false), false), "all we offer, FLUSH included");
+        assert!(write_through(bit(VIRTIO_F_VERSION_1), false), "a driver without FLUSH");
+        assert!(!write_through(bit(VIRTIO_F_VERSION_1), true), "read-only: nothing to write");
     }
 }

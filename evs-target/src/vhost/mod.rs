@@ -91,16 +91,35 @@ struct ListenerState {
 
 /// A connected frontend.
 struct LiveConn {
-    /// Ends the handler's side (its vring threads finish what they popped first).
+    /// Ends the handler's side.
     daemon: Option<vhost_user_backend::ShutdownHandle>,
     /// A clone of the frontend's socket, to end its side too.
     frontend: UnixStream,
     /// The backend-to-frontend channel, once the frontend sent it.
     channel: BackendChannel,
+    /// Its queues, quiesced before the sockets are shut.
+    backend: Arc<BlkBackend>,
+    ending: AtomicBool,
 }
 
 impl LiveConn {
-    fn end(&self) {
+    /// Ends the connection without waiting (callers may hold the export registry's lock): a
+    /// thread quiesces the queues — what they popped completes, nothing more is popped — and
+    /// only then shuts the sockets, so the frontend (QEMU, reconnecting to the next daemon)
+    /// resubmits exactly the requests that were never taken.
+    fn end(self: &Arc<Self>) {
+        if self.ending.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let c = self.clone();
+        if let Err(e) = std::thread::Builder::new().name("vhost-end".into()).spawn(move || c.finish()) {
+            tracing::warn!(error = %e, "cannot start a thread to end the vhost-user connection; ending it here");
+            self.finish();
+        }
+    }
+
+    fn finish(&self) {
+        self.backend.quiesce();
         if let Some(d) = &self.daemon {
             d.shutdown();
         }
@@ -257,7 +276,7 @@ impl VhostUserServer {
     ) -> io::Result<()> {
         let mem: GuestMem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let backend = Arc::new(BlkBackend::new(export, self.engine, self.num_queues, mem.clone()));
-        let mut daemon = VhostUserDaemon::new("vhost-user-blk".to_string(), backend, mem)
+        let mut daemon = VhostUserDaemon::new("vhost-user-blk".to_string(), backend.clone(), mem)
             .map_err(|e| io::Error::other(format!("cannot create a vhost-user daemon: {e}")))?;
         // The handler accepts on a private socket in our 0700 directory, unlinked as soon as
         // the relay's end has connected.
@@ -275,6 +294,8 @@ impl VhostUserServer {
             daemon: daemon.shutdown_handle(),
             frontend: frontend.try_clone()?,
             channel: channel.clone(),
+            backend,
+            ending: AtomicBool::new(false),
         });
         let relay = match Relay::start(frontend, relay_end, channel) {
             Ok(r) => r,
@@ -344,15 +365,28 @@ fn bind(path: &Path) -> io::Result<UnixListener> {
 struct BlkBackend {
     export: Export,
     num_queues: usize,
-    /// One worker per queue; the mutex is taken by the queue's vring thread and by
-    /// `stop_vring` (which waits for the queue to be idle).
+    /// One worker per queue; the mutex is taken by the queue's vring thread, by
+    /// `stop_vring` and by `quiesce` (both wait for the queue to be idle).
     workers: Vec<Mutex<QueueWorker>>,
+    /// The connection is ending: the workers pop nothing more.
+    stopping: Arc<AtomicBool>,
 }
 
 impl BlkBackend {
     fn new(export: &Export, engine: EngineKind, num_queues: usize, mem: GuestMem) -> BlkBackend {
-        let workers = (0..num_queues).map(|_| Mutex::new(QueueWorker::new(export, engine, mem.clone()))).collect();
-        BlkBackend { export: export.clone(), num_queues, workers }
+        let stopping = Arc::new(AtomicBool::new(false));
+        let workers = (0..num_queues)
+            .map(|_| Mutex::new(QueueWorker::new(export, engine, mem.clone(), stopping.clone())))
+            .collect();
+        BlkBackend { export: export.clone(), num_queues, workers, stopping }
+    }
+
+    /// Stops every queue from popping requests and waits until what they popped completed.
+    fn quiesce(&self) {
+        self.stopping.store(true, Ordering::Release);
+        for w in &self.workers {
+            drop(w.lock());
+        }
     }
 }
 
@@ -378,6 +412,17 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::REPLY_ACK
             // The channel for config-change notices (see `relay`).
             | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    fn acked_features(&self, features: u64) {
+        // Without FLUSH the driver takes a completed write as stable (no volatile cache).
+        let write_through = blk::write_through(features, self.export.read_only);
+        if write_through {
+            tracing::info!("vhost-user driver without VIRTIO_BLK_F_FLUSH: writes complete once stable");
+        }
+        for w in &self.workers {
+            w.lock().set_write_through(write_through);
+        }
     }
 
     fn set_event_idx(&self, _enabled: bool) {

@@ -20,7 +20,7 @@
 //! FLUSH is [`Volume::flush`].
 
 use std::io;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -43,6 +43,10 @@ pub(crate) type Vring = VringRwLock<GuestMem>;
 
 /// While writes completed early are in flight, the ring is looked at again this often.
 const EARLY_RECHECK: std::time::Duration = std::time::Duration::from_micros(20);
+/// While a request is held by QoS with nothing in flight, whether the queue is being stopped
+/// is looked at this often: `stop_vring` (the frontend waiting on GET_VRING_BASE) waits for
+/// the worker, and must not wait for a whole QoS delay.
+const HELD_RECHECK: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Recycled lists kept per kind, and the longest one kept: a guest decides how long a chain
 /// is (up to 65535 descriptors through an indirect table), and one huge request must not leave
@@ -82,8 +86,10 @@ struct Held {
 }
 
 /// The state of one queue's worker (owned by its vring thread; the mutex around it is only
-/// taken by that thread and by `stop_vring`).
+/// taken by that thread, by `stop_vring` and by the connection's quiesce).
 pub(crate) struct QueueWorker {
+    /// Set when the connection ends: pop nothing more, finish what was popped.
+    stopping: Arc<AtomicBool>,
     volume: Arc<Volume>,
     io: Arc<VolumeIo>,
     volume_id: u64,
@@ -111,6 +117,9 @@ pub(crate) struct QueueWorker {
     /// Registers this queue with the volume (early completions need a single writer), from
     /// its first kick: queues a guest never uses do not count.
     writer: Option<WriterGuard>,
+    /// The driver did not negotiate VIRTIO_BLK_F_FLUSH: a write is stable when it completes
+    /// (virtio 1.2, 5.2.6.2), so none completes early and each is flushed before it completes.
+    write_through: bool,
 }
 
 /// How a request that finished without an engine op went, for the counters.
@@ -122,8 +131,9 @@ enum Outcome {
 }
 
 impl QueueWorker {
-    pub(crate) fn new(export: &Export, kind: EngineKind, mem: GuestMem) -> QueueWorker {
+    pub(crate) fn new(export: &Export, kind: EngineKind, mem: GuestMem, stopping: Arc<AtomicBool>) -> QueueWorker {
         QueueWorker {
+            stopping,
             volume: export.volume.clone(),
             io: export.io.clone(),
             volume_id: export.volume_id,
@@ -143,6 +153,23 @@ impl QueueWorker {
             unsignalled: false,
             early: EarlyWrites::default(),
             writer: None,
+            write_through: false,
+        }
+    }
+
+    /// See `write_through`; set from the features the driver acknowledged.
+    pub(crate) fn set_write_through(&mut self, on: bool) {
+        self.write_through = on;
+    }
+
+    /// The status of a write-type request that succeeded: OK, once stable if it must be.
+    fn stable(&self, what: &str) -> u8 {
+        if !self.write_through {
+            return blk::STATUS_OK;
+        }
+        match self.volume.flush() {
+            Ok(()) => blk::STATUS_OK,
+            Err(e) => self.store_error(what, &e).0,
         }
     }
 
@@ -166,7 +193,7 @@ impl QueueWorker {
     fn serve(&mut self, vring: &Vring, done: &mut Vec<Completion>) -> io::Result<()> {
         vring.disable_notification().map_err(io::Error::other)?;
         loop {
-            let ready = {
+            let ready = !self.stopping.load(Ordering::Acquire) && {
                 let state = vring.get_ref();
                 state.is_enabled() && state.get_queue().ready()
             };
@@ -182,7 +209,7 @@ impl QueueWorker {
                 if let Some(h) = &self.held {
                     let now = Instant::now();
                     if h.deadline > now {
-                        std::thread::sleep(h.deadline - now);
+                        std::thread::sleep((h.deadline - now).min(HELD_RECHECK));
                     }
                     continue;
                 }
@@ -309,7 +336,7 @@ impl QueueWorker {
         };
         if let Err(e) = checked {
             tracing::debug!(error = %e, "vhost-user request refused");
-            self.finish_inline(vring, head, req.status, blk::STATUS_IOERR, 0, Outcome::Error, since);
+            self.finish_inline(vring, head, req.status, e.status(), 0, Outcome::Error, since);
             return;
         }
         // A request that could see or reorder the blocks of a write completed early waits for
@@ -345,10 +372,13 @@ impl QueueWorker {
                 }
             }
             BlkOp::Discard | BlkOp::WriteZeroes => match self.zero_segments(vring, &req) {
-                Ok(()) => (blk::STATUS_OK, 0, Outcome::Other),
-                Err(msg) => {
+                Ok(()) => match self.stable("discard/write-zeroes") {
+                    blk::STATUS_OK => (blk::STATUS_OK, 0, Outcome::Other),
+                    st => (st, 0, Outcome::Error),
+                },
+                Err((status, msg)) => {
                     tracing::debug!(error = %msg, "vhost-user discard/write-zeroes failed");
-                    (blk::STATUS_IOERR, 0, Outcome::Error)
+                    (status, 0, Outcome::Error)
                 }
             },
             BlkOp::Unsupported(ty) => {
@@ -364,17 +394,21 @@ impl QueueWorker {
         (blk::STATUS_IOERR, 0, Outcome::Error)
     }
 
-    /// Runs the segments of a DISCARD / WRITE_ZEROES request.
-    fn zero_segments(&mut self, vring: &Vring, req: &BlkRequest) -> Result<(), String> {
-        let payload = self.gather_data(&req.data).map_err(|e| e.to_string())?;
-        let segs = blk::parse_segments(&payload, self.volume.size()).map_err(|e| e.to_string())?;
+    /// Runs the segments of a DISCARD / WRITE_ZEROES request (its payload's length was
+    /// checked by `blk::validate`). Err: the status to answer and why.
+    fn zero_segments(&mut self, vring: &Vring, req: &BlkRequest) -> Result<(), (u8, String)> {
+        let ioerr = |e: &dyn std::fmt::Display| (blk::STATUS_IOERR, e.to_string());
+        let payload = self.gather_data(&req.data).map_err(|e| ioerr(&e))?;
+        let discard = req.op == BlkOp::Discard;
+        let segs =
+            blk::parse_segments(&payload, self.volume.size(), discard).map_err(|e| (e.status(), e.to_string()))?;
         for s in segs {
-            let r = if req.op == BlkOp::Discard {
+            let r = if discard {
                 self.while_frozen(vring, |v| v.trim(s.offset, s.len))
             } else {
                 self.while_frozen(vring, |v| v.write_zeroes(s.offset, s.len, !s.unmap))
             };
-            r.map_err(|e| e.to_string())?;
+            r.map_err(|e| ioerr(&e))?;
         }
         Ok(())
     }
@@ -528,7 +562,7 @@ impl QueueWorker {
         };
         match planned {
             Ok(WritePlan::Submit { op, mut pending }) => {
-                let early = self.early.has_room(len) && self.volume.reply_early(&mut pending);
+                let early = !self.write_through && self.early.has_room(len) && self.volume.reply_early(&mut pending);
                 let slot =
                     self.slots.insert(InFlight::Write { head, status: req.status, pending, len, start: since, early });
                 self.writes_in_flight += 1;
@@ -539,9 +573,12 @@ impl QueueWorker {
                     self.write_status(vring, head, req.status, blk::STATUS_OK, 0);
                 }
             }
-            Ok(WritePlan::Done) => {
-                self.finish_inline(vring, head, req.status, blk::STATUS_OK, 0, Outcome::Write(len as u64), since)
-            }
+            Ok(WritePlan::Done) => match self.stable("write") {
+                blk::STATUS_OK => {
+                    self.finish_inline(vring, head, req.status, blk::STATUS_OK, 0, Outcome::Write(len as u64), since)
+                }
+                st => self.finish_inline(vring, head, req.status, st, 0, Outcome::Error, since),
+            },
             Err(e) => {
                 let (st, w, o) = self.store_error("write", &e);
                 self.finish_inline(vring, head, req.status, st, w, o, since)
@@ -655,10 +692,15 @@ impl QueueWorker {
                     Ok(_) => {
                         // Durability rule: the map bits only after the data is written.
                         self.volume.commit_write(pending);
-                        stats.write_ops.fetch_add(1, Ordering::Relaxed);
-                        stats.write_bytes.fetch_add(len as u64, Ordering::Relaxed);
-                        stats.write_latency.observe(start.elapsed());
-                        blk::STATUS_OK
+                        let st = self.stable("write");
+                        if st == blk::STATUS_OK {
+                            stats.write_ops.fetch_add(1, Ordering::Relaxed);
+                            stats.write_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                            stats.write_latency.observe(start.elapsed());
+                        } else {
+                            stats.errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        st
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "vhost-user write failed");
