@@ -36,6 +36,13 @@ fn cases() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
         ("chunk size not a power of two", "[backups]\nchunk_size = 3000000 # <-\n", &["chunk_size", "power of two"]),
         ("unknown backups key", "[backups]\nchunks = 1 # <-\n", &["chunks"]),
         ("bad delete rate", "delete_bytes_per_second = 10 # <-\n", &["delete_bytes_per_second"]),
+        // What the backup engine would refuse when it opens the store, refused at start.
+        ("s3 store without region", "backup_store = \"s3://evs-b/p\" # <-\n", &["backup_store", "needs region"]),
+        (
+            "obs store with a region",
+            "backup_store = \"obs://evs-b?endpoint=https://obs.example&region=r\" # <-\n",
+            &["backup_store", "takes no region"],
+        ),
     ]
 }
 
@@ -83,6 +90,7 @@ fn a_bad_flag_gets_one_line_and_exit_2() {
         (vec!["--io-backend", "magic"], "magic"),
         (vec!["--nbd-tls", "maybe"], "maybe"),
         (vec!["--data-dir"], "--data-dir"),
+        (vec!["--backup-store", "obs://evs-b"], "needs endpoint"),
     ] {
         let mut cmd = std::process::Command::new(bin_path("evs-target"));
         cmd.current_dir(dir.path()).args(&args).env("NO_COLOR", "1");
