@@ -36,6 +36,9 @@ const DATA: u64 = 0x10_0000;
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Negotiated as a guest's driver does (Linux, with QEMU): without it the device owes stable
+/// writes on completion and flushes after each one.
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -77,7 +80,7 @@ fn main() -> anyhow::Result<()> {
         fe.set_protocol_features(p & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ))?;
     }
     // No EVENT_IDX, no indirect descriptors: the simplest driver.
-    fe.set_features(features & (VIRTIO_F_VERSION_1 | proto))?;
+    fe.set_features(features & (VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH | proto))?;
     fe.set_mem_table(&[info])?;
     fe.set_vring_num(0, QUEUE_SIZE)?;
     fe.set_vring_addr(
