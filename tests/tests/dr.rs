@@ -390,6 +390,26 @@ fn no_cycle_runs_after_dr_disable() {
 /// and the source holds every protect 1.5 s (`FAILPOINTS` `dr-protect-before-record`) between
 /// checking that the server is in no other group and recording it in this one: before, both
 /// passed the check and the server was replicated by both groups.
+/// A group the source cannot save (its catalog write fails: fail point `dr-group-save`) is
+/// taken back on the target: nothing is left on either side, and the name can be used again.
+#[test]
+fn a_group_create_that_fails_at_home_leaves_nothing_on_the_target() {
+    let a = az_with("az1", Some("dr-group-save=1*return->off"));
+    let b = az("az2");
+    let target = format!("http://{}", b.api_addr);
+    let create = ["dr", "group", "create", "g", "--target", &target, "--target-token", b.token(), "--target-az", "az2"];
+    let out = a.evsctl(&create);
+    assert!(!out.status.success(), "the create should have failed\n{}", format_output(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("dr-group-save"), "{}", format_output(&out));
+    let groups = |d: &Daemon| d.evsctl_json(&["dr", "group", "list"])["groups"].as_array().map(Vec::len);
+    assert_eq!(groups(&a), Some(0), "the source kept the group");
+    assert_eq!(groups(&b), Some(0), "the target kept the registration");
+    // The fault was once: the same create succeeds, and each side has the group once.
+    let g = a.create_dr_group("g", &b, &target, &[]);
+    assert_eq!((g["role"].as_str(), g["peer_az"].as_str()), (Some("source"), Some("az2")), "{g}");
+    assert_eq!((groups(&a), groups(&b)), (Some(1), Some(1)));
+}
+
 #[test]
 fn one_server_protected_into_two_groups_at_once_lands_in_one() {
     let (a, b, _) = pair_of_azs_with(None, Some("dr-protect-before-record=sleep(1500)"), None);

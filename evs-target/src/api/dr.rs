@@ -352,6 +352,8 @@ impl ControlPlane {
     }
 
     pub(super) fn put_group(&self, tenant: &str, g: &GroupRecord) -> Result<(), StoreError> {
+        // Test builds: a catalog write that fails (FAILPOINTS="dr-group-save=1*return->off").
+        fail::fail_point!("dr-group-save", |_| Err(StoreError::Catalog("injected fault (dr-group-save)".into())));
         let bytes = serde_json::to_vec(g).map_err(|e| StoreError::Catalog(e.to_string()))?;
         let w = self.store.catalog().begin_write()?;
         w.open_table(DR_GROUPS)?.insert(group_key(tenant, &g.name).as_str(), bytes.as_slice())?;
