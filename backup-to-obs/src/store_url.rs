@@ -37,34 +37,38 @@ impl StoreUrl {
     /// The store's configuration with the given keys (S3 and OBS need both; a file store
     /// none, and its path must be absolute by now).
     pub fn with_keys(&self, access_key: Option<&str>, secret_key: Option<&str>) -> Result<StoreConfig, StoreError> {
-        let bad = |why: String| Err(StoreError::Url { url: self.to_string(), why });
-        let (bucket, prefix) = match self {
-            StoreUrl::File { path } if path.is_absolute() => return Ok(StoreConfig::File { path: path.clone() }),
-            StoreUrl::File { .. } => return bad("the store needs an absolute path here".into()),
-            StoreUrl::S3 { bucket, prefix, .. } | StoreUrl::Obs { bucket, prefix, .. } => {
-                (bucket.clone(), prefix.clone())
-            }
-        };
-        let (Some(access_key), Some(secret_key)) = (access_key, secret_key) else {
-            return bad(format!(
+        let bad = |why: String| StoreError::Url { url: self.to_string(), why };
+        let keys = || match (access_key, secret_key) {
+            (Some(a), Some(s)) => Ok((a.to_string(), s.to_string())),
+            _ => Err(bad(format!(
                 "{} credentials are missing: set {ENV_ACCESS_KEY} and {ENV_SECRET_KEY}",
                 self.scheme()
-            ));
+            ))),
         };
-        let (access_key, secret_key) = (access_key.to_string(), secret_key.to_string());
         Ok(match self {
-            StoreUrl::S3 { endpoint, region, .. } => StoreConfig::S3 {
-                bucket,
-                prefix,
-                endpoint: endpoint.clone().unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com")),
-                region: region.clone(),
-                access_key,
-                secret_key,
-            },
-            StoreUrl::Obs { endpoint, .. } => {
-                StoreConfig::Obs { bucket, prefix, endpoint: endpoint.clone(), access_key, secret_key }
+            StoreUrl::File { path } if path.is_absolute() => StoreConfig::File { path: path.clone() },
+            StoreUrl::File { .. } => return Err(bad("the store needs an absolute path here".into())),
+            StoreUrl::S3 { bucket, prefix, endpoint, region } => {
+                let (access_key, secret_key) = keys()?;
+                StoreConfig::S3 {
+                    bucket: bucket.clone(),
+                    prefix: prefix.clone(),
+                    endpoint: endpoint.clone().unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com")),
+                    region: region.clone(),
+                    access_key,
+                    secret_key,
+                }
             }
-            StoreUrl::File { .. } => unreachable!("returned above"),
+            StoreUrl::Obs { bucket, prefix, endpoint } => {
+                let (access_key, secret_key) = keys()?;
+                StoreConfig::Obs {
+                    bucket: bucket.clone(),
+                    prefix: prefix.clone(),
+                    endpoint: endpoint.clone(),
+                    access_key,
+                    secret_key,
+                }
+            }
         })
     }
 
@@ -102,13 +106,6 @@ impl fmt::Display for StoreUrl {
             StoreUrl::Obs { endpoint, .. } => write!(f, "?endpoint={}", q(endpoint)),
             StoreUrl::File { .. } => Ok(()),
         }
-    }
-}
-
-impl std::str::FromStr for StoreUrl {
-    type Err = StoreError;
-    fn from_str(s: &str) -> Result<Self, StoreError> {
-        StoreUrl::parse(s)
     }
 }
 

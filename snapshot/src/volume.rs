@@ -635,14 +635,23 @@ impl Volume {
         }
         let blocks = self.inner_blocks(offset, len);
         let end = offset + len;
-        let body = (blocks.start * BLOCK_SIZE, (blocks.end - blocks.start) * BLOCK_SIZE);
-        if no_hole && fast_only && !blocks.is_empty() {
-            // The body first: the only part that could be slow.
-            let chain = self.chain();
-            let head = chain.head();
-            head.zero_range_in_place(body.0, body.1)?;
-            head.map.set_data(blocks.clone());
-            head.mark_changed();
+        // The whole blocks first: the only part that could be slow, so a fast-only zeroing
+        // that cannot be quick is refused before anything changed.
+        if !blocks.is_empty() {
+            if no_hole {
+                let chain = self.chain();
+                let head = chain.head();
+                let (at, n) = (blocks.start * BLOCK_SIZE, (blocks.end - blocks.start) * BLOCK_SIZE);
+                if fast_only {
+                    head.zero_range_in_place(at, n)?;
+                } else {
+                    head.zero_range(at, n)?;
+                }
+                head.map.set_data(blocks.clone());
+                head.mark_changed();
+            } else {
+                self.discard_blocks(blocks.clone())?;
+            }
         }
         // Partial blocks at the edges: read-modify-write zeros.
         let head_part = offset..(blocks.start * BLOCK_SIZE).min(end);
@@ -653,21 +662,7 @@ impl Volume {
         if tail_start < end {
             self.write_unaligned(tail_start, &vec![0u8; (end - tail_start) as usize])?;
         }
-        if blocks.is_empty() {
-            return Ok(());
-        }
-        if no_hole && fast_only {
-            Ok(()) // zeroed above
-        } else if no_hole {
-            let chain = self.chain();
-            let head = chain.head();
-            head.zero_range(body.0, body.1)?;
-            head.map.set_data(blocks);
-            head.mark_changed();
-            Ok(())
-        } else {
-            self.discard_blocks(blocks)
-        }
+        Ok(())
     }
 
     /// Makes every completed write durable (data first, then the allocation map), and every
