@@ -1,8 +1,18 @@
 //! What one NBD connection or one vhost-user queue keeps for its requests in flight besides
 //! their [`Slots`](evs_snapshot::Slots): a pool of aligned buffers reused from one request to
-//! the next (fresh memory would page-fault on every large read).
+//! the next (fresh memory would page-fault on every large read), and how long either looks
+//! for more work before it sleeps.
 
 use evs_snapshot::AlignedBuf;
+
+/// How long an NBD connection or a vhost-user queue with nothing at the disk keeps looking
+/// for its client's next requests before it blocks: a client at queue depth usually answers
+/// a batch of replies with new requests within microseconds, and a wake-up from a blocking
+/// wait (the client's socket write or kick, the scheduler switching this thread back in)
+/// costs more than that. QEMU's iothreads poll the same way (`poll-max-ns`, 32 µs by
+/// default). Bounded, and only while no request of the client's is in flight, so an idle
+/// client costs one such spell after its last request.
+pub(crate) const IDLE_POLL: std::time::Duration = std::time::Duration::from_micros(32);
 
 /// Aligned buffers kept for reuse.
 #[derive(Debug, Default)]

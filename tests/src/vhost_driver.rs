@@ -141,6 +141,24 @@ impl VhostDriver {
         (m.read_obj(GuestAddress(STATUS)).unwrap(), len)
     }
 
+    /// What a broken driver does: publishes `ahead` more available entries than it put in the
+    /// ring (more than the ring holds when `ahead` > the queue size) and kicks.
+    pub fn publish_bogus_avail(&mut self, ahead: u16) {
+        let idx = self.avail_idx.wrapping_add(ahead);
+        self.mem.store(idx, GuestAddress(AVAIL + 2), Ordering::Release).unwrap();
+        self.kick.write(1).unwrap();
+    }
+
+    /// Puts the avail index back where the requests really end.
+    pub fn restore_avail(&mut self) {
+        self.mem.store(self.avail_idx, GuestAddress(AVAIL + 2), Ordering::Release).unwrap();
+    }
+
+    /// The queue size (entries of the ring).
+    pub fn queue_size(&self) -> u16 {
+        QUEUE_SIZE
+    }
+
     /// Copies guest memory out (ranges in order).
     pub fn gather(&self, data: &[(u64, u32)]) -> Vec<u8> {
         let mut out = Vec::new();

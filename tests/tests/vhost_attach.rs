@@ -299,3 +299,48 @@ fn without_flush_a_completed_write_is_stable_and_bad_discards_change_nothing() {
         assert!(c.read(*off, bytes.len() as u32).unwrap() == *bytes, "the 64 KiB at {off} after kill -9");
     }
 }
+
+/// CPU time (user + system) the process has used so far, in clock ticks (`/proc/PID/stat`).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name (which may hold spaces) in parentheses.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn a_driver_with_an_impossible_avail_index_gets_no_spinning_queue_and_can_recover() {
+    use evs_tests::vhost_driver::{VhostDriver, FREE_FROM, STATUS_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+    use evs_tests::NbdClient;
+
+    let mut d = Daemon::start();
+    d.evsctl_ok(&["volume", "create", "v", "--size", "16M"]);
+    let sock = PathBuf::from(vhost_attach(&d, "v")["vhost_user_socket"].as_str().unwrap().to_string());
+    let mut drv = VhostDriver::connect(&sock, &[(0, 1 << 20)]);
+    let buf = (FREE_FROM, 4096u32);
+    drv.fill(&[buf], 0xa7);
+    assert_eq!(drv.request(VIRTIO_BLK_T_OUT, 8, &[buf]).0, STATUS_OK);
+
+    // An index more than a ring ahead of what the device has taken: nothing can be popped.
+    // The queue's thread must go back to sleep rather than look again and again.
+    let ahead = drv.queue_size() + 7;
+    drv.publish_bogus_avail(ahead);
+    let pid = d.pid().expect("daemon pid");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let hz = 100; // USER_HZ on Linux
+    let before = cpu_ticks(pid);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let used = cpu_ticks(pid) - before;
+    // A thread spinning on the ring would have used about 2 s (200 ticks) of CPU.
+    assert!(used < hz / 2, "the daemon used {used} ticks of CPU in 2 s after a bogus avail index");
+
+    // The driver fixes its index: the queue serves it again, and the data is the volume's.
+    drv.restore_avail();
+    drv.fill(&[buf], 0);
+    assert_eq!(drv.request(VIRTIO_BLK_T_IN, 8, &[buf]), (STATUS_OK, 4097));
+    assert_eq!(drv.gather(&[buf]), vec![0xa7; 4096]);
+    let mut c = NbdClient::connect(&d.attach("v")).unwrap();
+    assert_eq!(c.read(4096, 4096).unwrap(), vec![0xa7; 4096]);
+    d.assert_running();
+}

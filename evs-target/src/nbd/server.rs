@@ -42,7 +42,7 @@ use super::proto::{self, Command, MetaContext, Request};
 use super::tls;
 use crate::config::NbdTls;
 use crate::exports::{Closer, Export, ExportRegistry};
-use crate::in_flight::BufPool;
+use crate::in_flight::{BufPool, IDLE_POLL};
 use crate::qos::Cost;
 use crate::volume_io::VolumeIo;
 use crate::write_back::EarlyWrites;
@@ -544,7 +544,35 @@ impl<'a> Transmission<'a> {
             // With requests still waiting in the buffer, only submit: the next turn starts them.
             // A held request wakes the loop at its deadline.
             let deadline = if more { None } else { self.held.map(|h| h.deadline) };
+            // Nothing at the disk: the client's next requests are likely microseconds away.
+            if !more && deadline.is_none() && self.slots.is_empty() && self.poll_engine(&mut done)? {
+                continue;
+            }
             self.wait_engine_until(if more { 0 } else { 1 }, deadline, &mut done)?;
+        }
+    }
+
+    /// Looks for completions (the socket's receive above all) for up to [`IDLE_POLL`] without
+    /// blocking; completes them and returns true as soon as there are some.
+    fn poll_engine(&mut self, done: &mut Vec<Completion>) -> io::Result<bool> {
+        let until = Instant::now() + IDLE_POLL;
+        loop {
+            if let Err(e) = self.engine.wait(0) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            self.engine.drain(done);
+            if !done.is_empty() {
+                for c in done.drain(..) {
+                    self.complete(c);
+                }
+                return Ok(true);
+            }
+            if Instant::now() >= until {
+                return Ok(false);
+            }
+            std::hint::spin_loop();
         }
     }
 

@@ -33,7 +33,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 use super::blk::{self, BlkOp, BlkRequest, Desc, GuestRange};
 use super::guest_read;
 use crate::exports::Export;
-use crate::in_flight::BufPool;
+use crate::in_flight::{BufPool, IDLE_POLL};
 use crate::qos::Cost;
 use crate::volume_io::VolumeIo;
 use crate::write_back::EarlyWrites;
@@ -213,9 +213,20 @@ impl QueueWorker {
                     }
                     continue;
                 }
-                // Idle: turn notifications back on; a request that slipped in meanwhile is
+                // Idle: look at the ring a little longer before sleeping (a guest at queue
+                // depth usually answers its completions with new requests within
+                // microseconds; with notifications still off it need not kick either).
+                if ready && self.poll_avail(vring) {
+                    continue;
+                }
+                // Then turn notifications back on; a request that slipped in meanwhile is
                 // served now rather than after a kick that will not come.
                 if !ready || !vring.enable_notification().map_err(io::Error::other)? {
+                    return Ok(());
+                }
+                // Unless the guest's avail index cannot be popped at all: then looking again
+                // would spin this thread until the next kick.
+                if self.avail_pending(vring) != Some(true) {
                     return Ok(());
                 }
                 vring.disable_notification().map_err(io::Error::other)?;
@@ -234,6 +245,43 @@ impl QueueWorker {
                 self.complete(vring, c);
             }
         }
+    }
+
+    /// Spins on the avail ring for up to [`IDLE_POLL`]: true as soon as the guest has made a
+    /// request available, false when the time is up or the queue is being stopped.
+    fn poll_avail(&self, vring: &Vring) -> bool {
+        let until = Instant::now() + IDLE_POLL;
+        loop {
+            if self.stopping.load(Ordering::Acquire) {
+                return false;
+            }
+            match self.avail_pending(vring) {
+                Some(true) => return true,
+                Some(false) => {}
+                None => return false,
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            for _ in 0..32 {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// Whether the guest has made requests available that a pop would return: None when
+    /// there is nothing to look at (the queue is disabled, or its ring is not in guest memory)
+    /// or when its avail index is more than a ring ahead of ours (a broken driver: popping
+    /// fails, and will until the guest writes a sane index and kicks).
+    fn avail_pending(&self, vring: &Vring) -> Option<bool> {
+        let mem = self.mem.memory();
+        let state = vring.get_ref();
+        let queue = state.get_queue();
+        if !state.is_enabled() || !queue.ready() {
+            return None;
+        }
+        let ahead = queue.avail_idx(&*mem, Ordering::Acquire).ok()?.0.wrapping_sub(queue.next_avail());
+        (ahead <= queue.size()).then_some(ahead > 0)
     }
 
     fn wait(&mut self, min: usize, deadline: Option<Instant>, done: &mut Vec<Completion>) {
